@@ -1,0 +1,62 @@
+// Every schema of the library, in one place, and the pybind11 module that
+// reports how the extension was built. Kernels register themselves per
+// backend with TORCH_LIBRARY_IMPL in cpu/ and cuda/; autograd and fake
+// (meta) kernels are registered from Python (infomax_ext/ops.py).
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef INFOMAX_EXT_VERSION
+#define INFOMAX_EXT_VERSION "unknown"
+#endif
+#ifndef INFOMAX_CUDA_ARCHS
+#define INFOMAX_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(infomax_ext, m) {
+  // Streaming reductions of S = scale * a b^T + row_bias + col_bias (K x M, never
+  // stored): (row_lse (K,), col_lse (M,), neg_lse (K,), neg_clamp_lse (K,),
+  // neg_softplus (K,)); unrequested outputs are empty. See score_math.h.
+  m.def(
+      "score_reduce(Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
+      "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients (a, b, scale, row_bias, col_bias) of score_reduce by tile recomputation.
+  m.def(
+      "_score_reduce_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor grad_neg_lse, "
+      "Tensor grad_clamp_lse, Tensor grad_softplus, Tensor a, Tensor b, Tensor scale, "
+      "Tensor? row_bias, Tensor? col_bias, Tensor row_lse, Tensor col_lse, Tensor neg_lse, "
+      "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "infomax_ext compiled kernels; the ops live in torch.ops.infomax_ext";
+  m.def("build_info", []() {
+    py::dict info;
+    py::list backends;
+    backends.append("cpu");
+#ifdef INFOMAX_WITH_CUDA
+    backends.append("cuda");
+#endif
+    info["backends"] = backends;
+    info["cuda_archs"] = std::string(INFOMAX_CUDA_ARCHS);
+    info["version"] = std::string(INFOMAX_EXT_VERSION);
+#ifdef _OPENMP
+    info["openmp"] = true;
+    info["openmp_max_threads"] = omp_get_max_threads();
+#else
+    info["openmp"] = false;
+    info["openmp_max_threads"] = 1;
+#endif
+    info["aten_threads"] = at::get_num_threads();
+    info["aten_parallel"] = at::get_parallel_info();
+    return info;
+  });
+}

@@ -1,0 +1,97 @@
+// Host-side argument checks and output allocation shared by the CPU and CUDA
+// entry points of score_reduce, so both backends reject bad input with the same
+// messages and return tensors of the same shapes and dtypes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "infomax_ext/score_math.h"
+
+namespace infomax_ext {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// NB: float16/bfloat16 inputs are reduced in float32; the statistics (logsumexp
+// values) are always returned in the accumulation dtype.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline void check_bias(const OptTensor& bias, const char* name, int64_t n, const char* n_name,
+                       const Tensor& a) {
+  if (!has(bias)) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "score_reduce: ", name,
+              " must have shape (", n_name, ",) = (", n, ",), got ", bias->sizes());
+  TORCH_CHECK(bias->device() == a.device(), "score_reduce: ", name, " is on ", bias->device(),
+              " but a is on ", a.device());
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "score_reduce: ", name,
+              " must be floating point, got ", bias->scalar_type());
+}
+
+inline void check_score_reduce_args(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                    const OptTensor& row_bias, const OptTensor& col_bias,
+                                    int64_t pos_offset, int64_t reductions, double clamp_tau) {
+  TORCH_CHECK(a.dim() == 2, "score_reduce: a must be 2-D (K, d), got ", a.dim(), "-D");
+  TORCH_CHECK(b.dim() == 2, "score_reduce: b must be 2-D (M, d), got ", b.dim(), "-D");
+  const int64_t K = a.size(0), M = b.size(0);
+  TORCH_CHECK(K > 0 && M > 0 && a.size(1) > 0,
+              "score_reduce: a and b must be non-empty, got a ", a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(1), "score_reduce: feature sizes differ: a has d=", a.size(1),
+              ", b has d=", b.size(1));
+  TORCH_CHECK(M >= K, "score_reduce: need M >= K (every row has a positive column), got K=", K,
+              ", M=", M);
+  TORCH_CHECK(pos_offset >= 0 && pos_offset <= M - K, "score_reduce: pos_offset must be in [0, M-K] = [0, ",
+              M - K, "], got ", pos_offset);
+  TORCH_CHECK(a.device() == b.device() && a.device() == scale.device(),
+              "score_reduce: a, b and scale must be on one device, got ", a.device(), ", ",
+              b.device(), ", ", scale.device());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "score_reduce: a must be floating point, got ",
+              a.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "score_reduce: a and b dtypes differ: ",
+              a.scalar_type(), " vs ", b.scalar_type());
+  TORCH_CHECK(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),
+              "score_reduce: scale must be a floating tensor with one element, got shape ",
+              scale.sizes(), " and dtype ", scale.scalar_type());
+  check_bias(row_bias, "row_bias", K, "K", a);
+  check_bias(col_bias, "col_bias", M, "M", a);
+  TORCH_CHECK(reductions > 0 && reductions <= kAllReductions,
+              "score_reduce: reductions must be a non-zero bit mask below 32, got ", reductions);
+  TORCH_CHECK(!(reductions & kNegClampLse) || clamp_tau > 0,
+              "score_reduce: clamp_tau must be > 0, got ", clamp_tau);
+}
+
+// Contiguous copy of an optional bias in the accumulation dtype (undefined if absent).
+inline Tensor bias_acc(const OptTensor& bias, at::ScalarType acc) {
+  return has(bias) ? bias->detach().to(acc).contiguous() : Tensor();
+}
+
+// The five outputs; those not requested are empty (0,) tensors.
+inline Tensor5 alloc_reductions(const Tensor& a, int64_t K, int64_t M, int64_t reductions) {
+  auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
+  auto make = [&](int64_t bit, int64_t n) { return at::empty({(reductions & bit) ? n : 0}, opts); };
+  return Tensor5{make(kRowLse, K), make(kColLse, M), make(kNegLse, K), make(kNegClampLse, K),
+                 make(kNegSoftplus, K)};
+}
+
+// Which reductions take part in the backward pass: requested and given a gradient.
+inline int64_t active_grads(int64_t reductions, const Tensor& g_row, const Tensor& g_col,
+                            const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp) {
+  int64_t active = 0;
+  if ((reductions & kRowLse) && g_row.numel() > 0) active |= kRowLse;
+  if ((reductions & kColLse) && g_col.numel() > 0) active |= kColLse;
+  if ((reductions & kNegLse) && g_neg.numel() > 0) active |= kNegLse;
+  if ((reductions & kNegClampLse) && g_clamp.numel() > 0) active |= kNegClampLse;
+  if ((reductions & kNegSoftplus) && g_sp.numel() > 0) active |= kNegSoftplus;
+  return active;
+}
+
+}  // namespace infomax_ext

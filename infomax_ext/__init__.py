@@ -1,0 +1,46 @@
+"""infomax_ext: fused C++/CUDA kernels for mutual-information estimators and
+contrastive losses over all K x M pairs of a batch, without materialising the
+score matrix.
+
+Convention (see REFERENCE.md): ``S[i, j] = f(u_i, v_j)`` is K x M, rows are the
+anchors ``u`` (view 1), columns the candidates ``v`` (view 2), M >= K, and the
+positive of row i is column ``i + pos_offset``; every other entry is a negative.
+Estimators return the bound value in nats (to be maximised).
+"""
+__version__ = "0.1.0"
+
+from ._backend import backend, build_info, use_reference  # noqa: E402
+from . import ops, reference  # noqa: E402
+from .estimators import (  # noqa: E402
+    alignment,
+    dv,
+    infonce,
+    infonce_symmetric,
+    js,
+    js_objective,
+    mine,
+    nwj,
+    smile,
+    tuba,
+    uniformity,
+)
+
+__all__ = [
+    "__version__",
+    "backend",
+    "build_info",
+    "use_reference",
+    "ops",
+    "reference",
+    "alignment",
+    "dv",
+    "infonce",
+    "infonce_symmetric",
+    "js",
+    "js_objective",
+    "mine",
+    "nwj",
+    "smile",
+    "tuba",
+    "uniformity",
+]
