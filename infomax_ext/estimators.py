@@ -1,16 +1,18 @@
-"""Mutual-information lower bounds composed on the fused ``score_reduce`` op.
+"""Mutual-information lower bounds composed on the fused reduction ops.
 
-Every estimator takes the fused form of a dot-product critic,
+Every estimator sees the score matrix S (K x M, M >= K) only through a *score
+source*: rows = anchors (view 1), columns = candidates (view 2), positive of row
+i at column ``i + pos_offset``; every other entry is one of ``n_neg = K (M - 1)``
+negatives. A source gives the O(K) positive scores in plain torch and the
+streaming reductions over all K x M pairs from one fused op call, so S is never
+stored. ``DotScores`` is the dot-product form
 
-    S[i, j] = scale * <a_i, b_j> + row_bias[i] + col_bias[j],   a: (K, d), b: (M, d), M >= K,
+    S[i, j] = scale * <a_i, b_j> + row_bias[i] + col_bias[j],   a: (K, d), b: (M, d);
 
-rows = anchors (view 1), columns = candidates (view 2), positive of row i at
-column ``i + pos_offset``; every other entry is one of ``n_neg = K * (M - 1)``
-negatives. Each returns the **bound value in nats** (maximise it; the training
-loss is its negation). The O(K d) positive terms are plain torch; everything
-over all K x M pairs is one call of ``ops.score_reduce``, so S is never stored.
-With the compiled module absent, or ``use_reference(True)``, each call is
-routed to the materialising estimator of the same name in ``reference.py``.
+critics (``critics.py``) provide other sources. Each estimator returns the
+**bound value in nats** (maximise it; the training loss is its negation). With
+the compiled module absent, or ``use_reference(True)``, the source materialises
+S and the estimator of the same name in ``reference.py`` runs instead.
 """
 import math
 
@@ -18,171 +20,268 @@ import torch
 
 from . import _backend, ops
 from . import reference as ref
-from .ops import NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE, COL_LSE
+from .ops import COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE
 
 
-def _check(a, b, pos_offset, need_negatives):
+def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b")):
+    """Validates a (K, d) / (M, d) pair with messages that name the argument."""
+    na, nb = names
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        raise TypeError("a and b must be tensors")
+        raise TypeError(f"{na} and {nb} must be tensors")
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"a and b must be 2-D (K, d) and (M, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"{na} and {nb} must be 2-D (K, d) and (M, d), got {tuple(a.shape)} and {tuple(b.shape)}")
     K, M = a.shape[0], b.shape[0]
-    if K == 0 or M == 0 or a.shape[1] == 0:
-        raise ValueError(f"a and b must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: a has d={a.shape[1]}, b has d={b.shape[1]}")
+    if K == 0 or M == 0 or a.shape[1] == 0 or b.shape[1] == 0:
+        raise ValueError(f"{na} and {nb} must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
     if M < K:
-        raise ValueError(f"need M >= K so every row has a positive, got K={K}, M={M}")
+        raise ValueError(f"need M >= K so every row has a positive, got K={K} ({na}), M={M} ({nb})")
     if not 0 <= pos_offset <= M - K:
         raise ValueError(f"pos_offset must be in [0, M-K] = [0, {M - K}], got {pos_offset}")
     if need_negatives and M < 2:
         raise ValueError("this estimator needs at least one negative per row (M >= 2)")
     if a.device != b.device:
-        raise ValueError(f"a and b are on different devices: {a.device} and {b.device}")
+        raise ValueError(f"{na} and {nb} are on different devices: {a.device} and {b.device}")
     if not (a.is_floating_point() and b.is_floating_point()) or a.dtype != b.dtype:
-        raise ValueError(f"a and b must share one floating dtype, got {a.dtype} and {b.dtype}")
+        raise ValueError(f"{na} and {nb} must share one floating dtype, got {a.dtype} and {b.dtype}")
 
 
-class _Fused:
-    """Positive scores and the requested reductions of one score matrix."""
+class DotScores:
+    """Score source ``S = scale * a b^T + row_bias + col_bias`` for the fused ``score_reduce``.
 
-    def __init__(self, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau=5.0):
-        K, M = a.shape[0], b.shape[0]
-        acc = ops.acc_dtype(a.dtype)
+    Args:
+        a: (K, d) anchors. b: (M, d) candidates, M >= K.
+        scale: float or one-element tensor (a learnable scale gets a gradient).
+        row_bias: (K,) or None. col_bias: (M,) or None.
+        pos_offset: positive of row i at column ``i + pos_offset``.
+    """
+
+    def __init__(self, a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
+        check_pair(a, b, pos_offset)
+        self.a, self.b, self.row_bias, self.col_bias = a, b, row_bias, col_bias
         self.scale = ops.as_scale(scale, a)
-        self.K, self.M, self.log_n_neg = K, M, math.log(K * (M - 1)) if M > 1 else float("nan")
-        bp = b[pos_offset:pos_offset + K]
-        # NB: the O(K d) positive terms accumulate in float32 for low-precision inputs too.
-        pos = self.scale.to(acc) * (a.to(acc) * bp.to(acc)).sum(-1)
-        if row_bias is not None:
-            pos = pos + row_bias.to(acc)
-        if col_bias is not None:
-            pos = pos + col_bias[pos_offset:pos_offset + K].to(acc)
-        self.pos = pos
-        (self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus) = ops.score_reduce(
-            a, b, self.scale, row_bias, col_bias, pos_offset, reductions, clamp_tau
-        )
+        self.K, self.M, self.pos_offset = a.shape[0], b.shape[0], pos_offset
+
+    def positive(self):
+        """(K,) scores of the positive pairs, in the accumulation dtype. O(K d)."""
+        acc = ops.acc_dtype(self.a.dtype)
+        sl = slice(self.pos_offset, self.pos_offset + self.K)
+        # NB: the positive terms accumulate in float32 for low-precision inputs too.
+        pos = self.scale.to(acc) * (self.a.to(acc) * self.b[sl].to(acc)).sum(-1)
+        if self.row_bias is not None:
+            pos = pos + self.row_bias.to(acc)
+        if self.col_bias is not None:
+            pos = pos + self.col_bias[sl].to(acc)
+        return pos
+
+    def reduce(self, reductions, clamp_tau=5.0):
+        return ops.score_reduce(self.a, self.b, self.scale, self.row_bias, self.col_bias,
+                                self.pos_offset, reductions, clamp_tau)
+
+    def materialize(self):
+        return ref.scores_dot(self.a, self.b, self.scale, self.row_bias, self.col_bias)
+
+
+class _Terms:
+    """Positive scores and requested reductions of one source, with the shared epilogues."""
+
+    def __init__(self, src, reductions, clamp_tau=5.0):
+        self.K, self.M = src.K, src.M
+        self.pos = src.positive()
+        self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = src.reduce(
+            reductions, clamp_tau)
+        self.n_neg = src.K * (src.M - 1)
 
     def log_mean_exp_neg(self, lse_rows=None):
-        """log of the mean over all negatives of exp(S), from the per-row log-sum-exps."""
+        """log of the mean over all negatives of exp(S), from per-row log-sum-exps."""
         rows = self.neg_lse if lse_rows is None else lse_rows
-        return torch.logsumexp(rows, 0) - self.log_n_neg
+        return torch.logsumexp(rows, 0) - math.log(self.n_neg)
 
     def js_objective(self):
-        return -torch.nn.functional.softplus(-self.pos).mean() - self.softplus.sum() / math.exp(self.log_n_neg)
+        return -torch.nn.functional.softplus(-self.pos).mean() - self.softplus.sum() / self.n_neg
 
 
-def _route(a, b, scale, row_bias, col_bias, pos_offset, need_negatives):
-    """Validates, and returns S when the reference path runs (None on the fused path)."""
-    _check(a, b, pos_offset, need_negatives)
-    if _backend.fused_enabled():
-        return None
-    return ref.scores_dot(a, b, scale, row_bias, col_bias)
+def _need_negatives(src):
+    if src.M < 2:
+        raise ValueError("this estimator needs at least one negative per row (M >= 2)")
+
+
+def _reference(src):
+    return not _backend.fused_enabled()
+
+
+# Estimators on a score source. Public names below take (a, b, ...) for the dot
+# form; ``mi_lower_bound`` takes any critic.
+
+def infonce_from(src):
+    """InfoNCE ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M)."""
+    if _reference(src):
+        return ref.infonce(src.materialize(), src.pos_offset)
+    t = _Terms(src, ROW_LSE)
+    return (t.pos - t.row_lse).mean() + math.log(t.M)
+
+
+def infonce_symmetric_from(src):
+    """CLIP's symmetric InfoNCE: the mean of the row-wise and column-wise bounds (K == M)."""
+    if src.K != src.M or src.pos_offset != 0:
+        raise ValueError(f"infonce_symmetric needs K == M and pos_offset 0, got K={src.K}, M={src.M}, "
+                         f"pos_offset={src.pos_offset}")
+    if _reference(src):
+        return ref.infonce_symmetric(src.materialize())
+    t = _Terms(src, ROW_LSE | COL_LSE)
+    return (2 * t.pos - t.row_lse - t.col_lse).mean() / 2 + math.log(t.M)
+
+
+def nwj_from(src):
+    """NWJ ``mean_pos S - e^{-1} mean_neg exp(S)``; overflows to -inf (never NaN)."""
+    _need_negatives(src)
+    if _reference(src):
+        return ref.nwj(src.materialize(), src.pos_offset)
+    t = _Terms(src, NEG_LSE)
+    return t.pos.mean() - torch.exp(t.log_mean_exp_neg() - 1)
+
+
+def tuba_from(src, baseline):
+    """TUBA with row baseline (K,): ``1 + mean_i (S_ii - a_i) - mean_neg exp(S_ij - a_i)``."""
+    _need_negatives(src)
+    if not isinstance(baseline, torch.Tensor) or baseline.shape != (src.K,):
+        raise ValueError(f"baseline must be a tensor of shape (K,) = ({src.K},), got "
+                         f"{tuple(getattr(baseline, 'shape', ()))}")
+    if _reference(src):
+        return ref.tuba(src.materialize(), baseline, src.pos_offset)
+    t = _Terms(src, NEG_LSE)
+    base = baseline.to(t.pos.dtype)
+    return 1 + (t.pos - base).mean() - torch.exp(t.log_mean_exp_neg(t.neg_lse - base))
+
+
+def dv_from(src):
+    """Donsker-Varadhan ``mean_pos S - log mean_neg exp(S)`` (biased in mini-batches)."""
+    _need_negatives(src)
+    if _reference(src):
+        return ref.dv(src.materialize(), src.pos_offset)
+    t = _Terms(src, NEG_LSE)
+    return t.pos.mean() - t.log_mean_exp_neg()
+
+
+def mine_from(src, ema=None, momentum=0.9):
+    """MINE: DV value, log-partition gradient divided by a moving average. Returns (bound, new_ema)."""
+    _need_negatives(src)
+    if _reference(src):
+        return ref.mine(src.materialize(), ema, momentum, src.pos_offset)
+    t = _Terms(src, NEG_LSE)
+    return ref.mine_from_terms(t.pos.mean(), t.log_mean_exp_neg(), ema, momentum)
+
+
+def js_objective_from(src):
+    """Jensen-Shannon objective ``-mean_pos softplus(-S) - mean_neg softplus(S)`` (not a bound)."""
+    _need_negatives(src)
+    if _reference(src):
+        return ref.js_objective(src.materialize(), src.pos_offset)
+    return _Terms(src, NEG_SOFTPLUS).js_objective()
+
+
+def js_from(src):
+    """JS estimator: value NWJ(S + 1), gradient of ``js_objective``."""
+    _need_negatives(src)
+    if _reference(src):
+        return ref.js(src.materialize(), src.pos_offset)
+    t = _Terms(src, NEG_LSE | NEG_SOFTPLUS)
+    obj = t.js_objective()
+    value = t.pos.mean() + 1 - torch.exp(t.log_mean_exp_neg())
+    return obj + (value - obj).detach()
+
+
+def smile_from(src, tau=5.0):
+    """SMILE: value ``mean_pos S - log mean_neg exp(clamp(S, -tau, tau))``, gradient of JS."""
+    if not tau > 0:
+        raise ValueError(f"smile: tau must be > 0, got {tau}")
+    _need_negatives(src)
+    if _reference(src):
+        return ref.smile(src.materialize(), tau, src.pos_offset)
+    t = _Terms(src, NEG_CLAMP_LSE | NEG_SOFTPLUS, tau)
+    obj = t.js_objective()
+    value = t.pos.mean() - t.log_mean_exp_neg(t.clamp_lse)
+    return obj + (value - obj).detach()
+
+
+ESTIMATORS = {
+    "infonce": infonce_from,
+    "infonce_symmetric": infonce_symmetric_from,
+    "nwj": nwj_from,
+    "tuba": tuba_from,
+    "dv": dv_from,
+    "mine": mine_from,
+    "js": js_from,
+    "js_objective": js_objective_from,
+    "smile": smile_from,
+}
+
+
+def estimate_from(src, estimator, **kwargs):
+    """Runs the named estimator (a key of ``ESTIMATORS``) on a score source."""
+    try:
+        fn = ESTIMATORS[estimator]
+    except KeyError:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}") from None
+    return fn(src, **kwargs)
 
 
 def infonce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """InfoNCE: ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M).
+    """InfoNCE on ``S = scale a b^T + biases``: ``mean_i [S_ii - logsumexp_j S_ij] + log M``.
 
-    The cross-entropy loss of contrastive libraries is ``log M - infonce``.
-    Args as in the module docstring. Returns a 0-dim tensor in nats.
+    a: (K, d) anchors (rows), b: (M, d) candidates (columns), positive of row i at
+    column i + pos_offset. The cross-entropy loss of contrastive libraries is
+    ``log M - infonce``. Returns a 0-dim tensor in nats.
     """
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, False)
-    if S is not None:
-        return ref.infonce(S, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, ROW_LSE)
-    return (f.pos - f.row_lse).mean() + math.log(f.M)
+    return infonce_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
 
 
 def infonce_symmetric(a, b, scale=1.0, row_bias=None, col_bias=None):
-    """CLIP's symmetric InfoNCE: the mean of the row-wise and column-wise bounds (K == M)."""
-    if a.dim() == 2 and b.dim() == 2 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"infonce_symmetric needs K == M, got K={a.shape[0]}, M={b.shape[0]}")
-    S = _route(a, b, scale, row_bias, col_bias, 0, False)
-    if S is not None:
-        return ref.infonce_symmetric(S)
-    f = _Fused(a, b, scale, row_bias, col_bias, 0, ROW_LSE | COL_LSE)
-    return (2 * f.pos - f.row_lse - f.col_lse).mean() / 2 + math.log(f.M)
+    """CLIP's symmetric InfoNCE on ``S = scale a b^T + biases`` (K == M, positives on the diagonal)."""
+    return infonce_symmetric_from(DotScores(a, b, scale, row_bias, col_bias))
 
 
 def nwj(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """NWJ: ``mean_pos S - e^{-1} mean_neg exp(S)``; overflows to -inf (never NaN) for huge scores."""
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.nwj(S, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_LSE)
-    return f.pos.mean() - torch.exp(f.log_mean_exp_neg() - 1)
+    """NWJ on ``S = scale a b^T + biases``: ``mean_pos S - e^{-1} mean_neg exp(S)``."""
+    return nwj_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
 
 
 def tuba(a, b, baseline, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """TUBA with row baseline ``baseline`` (K,): ``1 + mean_i (S_ii - a_i) - mean_neg exp(S_ij - a_i)``."""
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if baseline.shape != (a.shape[0],):
-        raise ValueError(f"baseline must have shape (K,) = ({a.shape[0]},), got {tuple(baseline.shape)}")
-    if S is not None:
-        return ref.tuba(S, baseline, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_LSE)
-    base = baseline.to(f.pos.dtype)
-    return 1 + (f.pos - base).mean() - torch.exp(f.log_mean_exp_neg(f.neg_lse - base))
+    """TUBA on ``S = scale a b^T + biases`` with row baseline ``baseline`` (K,)."""
+    return tuba_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), baseline)
 
 
 def dv(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """Donsker-Varadhan: ``mean_pos S - log mean_neg exp(S)`` (biased in mini-batches)."""
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.dv(S, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_LSE)
-    return f.pos.mean() - f.log_mean_exp_neg()
+    """Donsker-Varadhan on ``S = scale a b^T + biases``."""
+    return dv_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
 
 
 def mine(a, b, ema=None, momentum=0.9, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """MINE: the DV value, with the log-partition's gradient divided by a moving average.
+    """MINE on ``S = scale a b^T + biases``.
 
     Args:
-        ema: 0-dim tensor, the running log of the moving average of ``mean_neg exp(S)``
+        ema: 0-dim tensor, the running *log* of the moving average of ``mean_neg exp(S)``
             (log space so it cannot overflow), or None on the first step.
         momentum: weight of the old average (0.9).
     Returns:
-        ``(bound, new_ema)``: bound has the DV value and MINE's bias-corrected gradient.
+        ``(bound, new_ema)``: the DV value with MINE's bias-corrected gradient.
     """
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.mine(S, ema, momentum, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_LSE)
-    return ref.mine_from_terms(f.pos.mean(), f.log_mean_exp_neg(), ema, momentum)
+    return mine_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), ema, momentum)
 
 
 def js_objective(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """Jensen-Shannon training objective ``-mean_pos softplus(-S) - mean_neg softplus(S)``."""
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.js_objective(S, pos_offset)
-    return _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_SOFTPLUS).js_objective()
+    """Jensen-Shannon training objective on ``S = scale a b^T + biases``."""
+    return js_objective_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
 
 
 def js(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """JS estimator: value NWJ(S + 1) (tight at the JS-optimal critic, log of the density
-    ratio), gradient of ``js_objective``."""
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.js(S, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_LSE | NEG_SOFTPLUS)
-    obj = f.js_objective()
-    value = f.pos.mean() + 1 - torch.exp(f.log_mean_exp_neg())
-    return obj + (value - obj).detach()
+    """JS estimator on ``S = scale a b^T + biases``: value NWJ(S + 1) (tight at the JS-optimal
+    critic, the log density ratio), gradient of ``js_objective``."""
+    return js_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
 
 
 def smile(a, b, tau=5.0, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
-    """SMILE: value ``mean_pos S - log mean_neg exp(clamp(S, -tau, tau))`` (positives not
-    clipped), gradient of ``js_objective``."""
-    if not tau > 0:
-        raise ValueError(f"smile: tau must be > 0, got {tau}")
-    S = _route(a, b, scale, row_bias, col_bias, pos_offset, True)
-    if S is not None:
-        return ref.smile(S, tau, pos_offset)
-    f = _Fused(a, b, scale, row_bias, col_bias, pos_offset, NEG_CLAMP_LSE | NEG_SOFTPLUS, tau)
-    obj = f.js_objective()
-    value = f.pos.mean() - f.log_mean_exp_neg(f.clamp_lse)
-    return obj + (value - obj).detach()
+    """SMILE on ``S = scale a b^T + biases``: clipped DV value (positives unclipped), JS gradient."""
+    return smile_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), tau)
 
 
 def alignment(x, y, alpha=2.0):
@@ -194,13 +293,14 @@ def uniformity(x, t=2.0):
     """Wang & Isola's uniformity ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (minimise it).
 
     Fused as S with scale 2t, row and column bias ``-t |x|^2`` and the diagonal
-    excluded, so it stays finite where ``log(mean(exp(.)))`` underflows to -inf.
+    excluded (the negatives' log-sum-exp), so it stays finite where
+    ``log(mean(exp(.)))`` underflows to -inf. x: (K, d), K >= 2.
     """
-    if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
     if not _backend.fused_enabled():
         return ref.uniformity(x, t)
-    _check(x, x, 0, True)
+    check_pair(x, x, 0, True, names=("x", "x"))
     bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
     neg_lse = ops.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
     K = x.shape[0]
