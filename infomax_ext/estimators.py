@@ -23,7 +23,7 @@ from . import reference as ref
 from .ops import COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE
 
 
-def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b")):
+def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_dim=True):
     """Validates a (K, d) / (M, d) pair with messages that name the argument."""
     na, nb = names
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
@@ -33,6 +33,8 @@ def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b")):
     K, M = a.shape[0], b.shape[0]
     if K == 0 or M == 0 or a.shape[1] == 0 or b.shape[1] == 0:
         raise ValueError(f"{na} and {nb} must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if same_dim and a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {na} has d={a.shape[1]}, {nb} has d={b.shape[1]}")
     if M < K:
         raise ValueError(f"need M >= K so every row has a positive, got K={K} ({na}), M={M} ({nb})")
     if not 0 <= pos_offset <= M - K:

@@ -1,0 +1,62 @@
+"""Shared test inputs: devices, dtypes and awkward sample cases for the fused ops."""
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+# (K, M, d, pos_offset, scale): K=1 and 2, tile edges (64 rows, 512 columns), M > K,
+# sizes that are not tile multiples, large scales.
+CASES = [
+    (1, 1, 3, 0, 1.0),
+    (1, 4, 2, 3, 0.5),
+    (2, 2, 5, 0, 2.0),
+    (2, 7, 3, 4, 1.0),
+    (7, 20, 4, 13, 3.0),
+    (64, 512, 8, 0, 1.0),
+    (65, 513, 5, 1, 0.7),
+    (63, 1030, 3, 500, 1.5),
+    (300, 301, 6, 1, 0.2),
+]
+
+
+def make_pair(K, M, d, device="cpu", dtype=torch.float64, seed=0, noncontig=False,
+              requires_grad=False):
+    """Random (K, d) and (M, d) inputs; noncontig gives strided views of the same values."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(K, d, generator=g, dtype=torch.float64)
+    b = torch.randn(M, d, generator=g, dtype=torch.float64)
+    a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+    if noncontig:
+        a = a.t().contiguous().t()  # column-major: same values, strides (1, K)
+        b = torch.cat([b, b], 1)[:, ::2]  # every other column of a wider tensor
+        assert not a.is_contiguous() or K == 1
+        assert not b.is_contiguous()
+    return a.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
+
+
+def make_bias(n, device="cpu", dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return torch.randn(n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+def sample_inputs(device="cpu", dtype=torch.float64, requires_grad=False, seed=0):
+    """Yields dicts of score_reduce arguments covering CASES, with and without biases,
+    contiguous and not."""
+    for n, (K, M, d, off, scale) in enumerate(CASES):
+        s = seed * 100 + n
+        a, b = make_pair(K, M, d, device, dtype, s, noncontig=(n % 2 == 1), requires_grad=requires_grad)
+        with_bias = n % 3 != 0
+        yield dict(
+            a=a,
+            b=b,
+            scale=torch.tensor(scale, dtype=dtype if dtype == torch.float64 else torch.float32,
+                               device=device).requires_grad_(requires_grad),
+            row_bias=make_bias(K, device, dtype, s, requires_grad) if with_bias else None,
+            col_bias=make_bias(M, device, dtype, s + 7, requires_grad) if with_bias else None,
+            pos_offset=off,
+        )
+
+
+def case_id(kw):
+    return f"K{kw['a'].shape[0]}-M{kw['b'].shape[0]}-off{kw['pos_offset']}"
