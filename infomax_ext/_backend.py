@@ -7,6 +7,8 @@ warns once and computes everything with ``reference.py``. ``INFOMAX_EXT_USE_REFE
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch before the extension links to them)
+
 try:
     from . import _C  # noqa: F401  (loads the library: registers torch.ops.infomax_ext.*)
 
