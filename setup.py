@@ -90,7 +90,8 @@ def main():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         define_archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         extra["nvcc"] = opt[:1] + ["--expt-relaxed-constexpr", "-lineinfo"]
-        cxx.append("-DINFOMAX_WITH_CUDA")
+        if cuda_sources:  # build_info reports "cuda" only when kernels are compiled in
+            cxx.append("-DINFOMAX_WITH_CUDA")
         sources += cuda_sources
     cxx.append(f'-DINFOMAX_CUDA_ARCHS="{define_archs}"')
     if use_cuda:
