@@ -39,18 +39,50 @@ inline Tensor tile_buffer(const at::TensorOptions& opts) {
   return at::empty({kTileRows * kTileCols}, opts);
 }
 
-// Log-sum-exp state of f(x[k]) for k in [0, n) except k == skip (-1: none).
+// The loops below are written branch-free over a tile row (selects, vexp) so
+// that GCC vectorises them; a row's positive is handled by splitting the row
+// into the two ranges around it.
+
+// max of x[lo, hi). NB: eight independent lanes, because GCC will not
+// vectorise a single floating max reduction without -ffast-math.
+template <typename T>
+T range_max(const T* x, int64_t lo, int64_t hi, T m) {
+  T lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = m;
+  int64_t k = lo;
+  for (; k + 8 <= hi; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = x[k + l] > lanes[l] ? x[k + l] : lanes[l];
+  for (; k < hi; ++k) m = x[k] > m ? x[k] : m;
+  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+// sum of f(x[k]) over k in [lo, hi).
 template <typename T, typename F>
-LseState<T> row_lse_state(const T* x, int64_t n, int64_t skip, F f) {
-  T m = neg_infinity<T>();
-  for (int64_t k = 0; k < n; ++k)
-    if (k != skip) m = std::max(m, f(x[k]));
+T range_sum(const T* x, int64_t lo, int64_t hi, F f) {
+  T s = T(0);
+  for (int64_t k = lo; k < hi; ++k) s += f(x[k]);
+  return s;
+}
+
+// Log-sum-exp state of x[0, n) without x[skip] (-1: none).
+template <typename T>
+LseState<T> row_state(const T* x, int64_t n, int64_t skip) {
+  const int64_t a = skip < 0 ? n : skip;
+  const T m = range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>()));
   // NB: all entries -inf (masked) or none at all: the state stays empty.
   if (m == neg_infinity<T>()) return lse_empty<T>();
-  T s = T(0);
-  for (int64_t k = 0; k < n; ++k)
-    if (k != skip) s += exp(f(x[k]) - m);
-  return LseState<T>{m, s};
+  const auto f = [m](T v) { return vexp(v - m); };
+  return LseState<T>{m, range_sum(x, 0, a, f) + range_sum(x, a + 1, n, f)};
+}
+
+// The same for clamp(x, -tau, tau); the clamp is monotone, so its max is clamp(max).
+template <typename T>
+LseState<T> clamped_row_state(const T* x, int64_t n, int64_t skip, T tau) {
+  const int64_t a = skip < 0 ? n : skip;
+  const T m = clamp_tau(range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>())), tau);
+  const auto f = [m, tau](T v) { return vexp(clamp_tau(v, tau) - m); };
+  return LseState<T>{m, range_sum(x, 0, a, f) + range_sum(x, a + 1, n, f)};
 }
 
 // Fold a tile's columns into per-column states (row-major passes over the tile).
@@ -59,13 +91,39 @@ void fold_columns(const T* s, int64_t tk, int64_t tm, LseState<T>* col, std::vec
                   std::vector<T>& sm) {
   mx.assign(tm, neg_infinity<T>());
   sm.assign(tm, T(0));
+  T* mxp = mx.data();
+  T* smp = sm.data();
   for (int64_t r = 0; r < tk; ++r)
-    for (int64_t c = 0; c < tm; ++c) mx[c] = std::max(mx[c], s[r * tm + c]);
+    for (int64_t c = 0; c < tm; ++c) mxp[c] = s[r * tm + c] > mxp[c] ? s[r * tm + c] : mxp[c];
   for (int64_t r = 0; r < tk; ++r)
-    for (int64_t c = 0; c < tm; ++c)
-      // NB: a column whose tile entries are all -inf contributes nothing (no -inf - -inf).
-      if (mx[c] != neg_infinity<T>()) sm[c] += exp(s[r * tm + c] - mx[c]);
-  for (int64_t c = 0; c < tm; ++c) col[c] = lse_merge(col[c], LseState<T>{mx[c], sm[c]});
+    // NB: a column whose tile entries are all -inf contributes nothing (softmax_weight's guard).
+    for (int64_t c = 0; c < tm; ++c) smp[c] += softmax_weight(s[r * tm + c], mxp[c]);
+  for (int64_t c = 0; c < tm; ++c) col[c] = lse_merge(col[c], LseState<T>{mxp[c], smp[c]});
+}
+
+// One row of G = dL/dS from one row of S: the sum over the reductions with a
+// gradient of (upstream gradient) x (derivative of the reduction), the same sum
+// as score_grad in score_math.h, as one vectorisable pass per reduction.
+// pc: the positive's column in this tile (-1: none); negatives-only terms skip it.
+template <typename T>
+void grad_row(const T* s, T* g, int64_t tm, int64_t pc, const RowGrad<T>& rg, const T* g_col,
+              const T* col_lse, T tau, int64_t red) {
+  for (int64_t c = 0; c < tm; ++c) g[c] = T(0);
+  if ((red & kRowLse) && rg.g_row != T(0))
+    for (int64_t c = 0; c < tm; ++c) g[c] += rg.g_row * softmax_weight(s[c], rg.row_lse);
+  if (red & kColLse)
+    for (int64_t c = 0; c < tm; ++c) g[c] += g_col[c] * softmax_weight(s[c], col_lse[c]);
+  // NB: the negatives' terms are added over the whole row, then the positive's
+  // entry is put back: its weight there may be inf * 0 (a row whose negatives
+  // are all masked has neg_lse = -inf).
+  const T keep = pc >= 0 ? g[pc] : T(0);
+  if ((red & kNegLse) && rg.g_neg != T(0))
+    for (int64_t c = 0; c < tm; ++c) g[c] += rg.g_neg * softmax_weight(s[c], rg.neg_lse);
+  if ((red & kNegClampLse) && rg.g_clamp != T(0))
+    for (int64_t c = 0; c < tm; ++c) g[c] += rg.g_clamp * clamped_softmax_weight(s[c], tau, rg.clamp_lse);
+  if ((red & kNegSoftplus) && rg.g_softplus != T(0))
+    for (int64_t c = 0; c < tm; ++c) g[c] += rg.g_softplus * sigmoid(s[c]);
+  if (pc >= 0) g[pc] = keep;
 }
 
 // Forward walk. tile(buf, i0, tk, j0, tm) returns a pointer to the tk x tm
@@ -89,8 +147,6 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
     LseState<T>* col = (red & kColLse) ? col_states.data() + at::get_thread_num() * M : nullptr;
     std::vector<LseState<T>> neg(kTileRows), clamp(kTileRows);
     std::vector<T> pos(kTileRows), sp(kTileRows), mx, sm;
-    const auto clamp_fn = [tau](T x) { return clamp_tau(x, tau); };
-    const auto id = [](T x) { return x; };
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
       std::fill(neg.begin(), neg.end(), lse_empty<T>());
@@ -104,13 +160,12 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
           const int64_t pc = i0 + r + w.pos_offset - j0;  // positive's column in this tile
           const int64_t skip = (pc >= 0 && pc < tm) ? pc : -1;
           if (skip >= 0) pos[r] = row[skip];
-          if (need_neg) neg[r] = lse_merge(neg[r], row_lse_state(row, tm, skip, id));
-          if (red & kNegClampLse) clamp[r] = lse_merge(clamp[r], row_lse_state(row, tm, skip, clamp_fn));
+          if (need_neg) neg[r] = lse_merge(neg[r], row_state(row, tm, skip));
+          if (red & kNegClampLse) clamp[r] = lse_merge(clamp[r], clamped_row_state(row, tm, skip, tau));
           if (red & kNegSoftplus) {
-            T acc = T(0);
-            for (int64_t c = 0; c < tm; ++c)
-              if (c != skip) acc += softplus(row[c]);
-            sp[r] += acc;
+            const auto f = [](T v) { return softplus(v); };
+            const int64_t a = skip < 0 ? tm : skip;
+            sp[r] += range_sum(row, 0, a, f) + range_sum(row, a + 1, tm, f);
           }
         }
         if (col) fold_columns(s, tk, tm, col + j0, mx, sm);
@@ -159,10 +214,11 @@ inline int64_t active_grads(int64_t reductions, const GradInputs& g) {
   return infomax_ext::active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);
 }
 
-// Backward walk: recomputes each tile of S with tile(...), overwrites it with
-// G = dL/dS (score_grad), accumulates drow (K,) and dcol (M,), and hands the G
-// tile to consume(tid, G, i0, tk, j0, tm) -- G a (tk, tm) tensor view -- for the
-// op's own accumulations; finish(tid, i0, tk) runs after each row block.
+// Backward walk: recomputes each tile of S with tile(...), turns it into
+// G = dL/dS in a second thread-local buffer (grad_row), accumulates drow (K,)
+// and dcol (M,), and hands the G tile to consume(tid, G, i0, tk, j0, tm) -- G
+// a (tk, tm) tensor view -- for the op's own accumulations; finish(tid, i0, tk)
+// runs after each row block.
 template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
 void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInputs& g,
                      Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
@@ -181,13 +237,14 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
 
   at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    Tensor buf = tile_buffer(opts);
+    Tensor buf = tile_buffer(opts), gbuf = tile_buffer(opts);
     T* dcol_t = dcol_part[tid].data_ptr<T>();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
       for (int64_t j0 = 0; j0 < M; j0 += kTileCols) {
         const int64_t tm = std::min(kTileCols, M - j0);
-        T* s = tile(buf, i0, tk, j0, tm);
+        const T* s = tile(buf, i0, tk, j0, tm);
+        T* G = gbuf.data_ptr<T>();
         for (int64_t r = 0; r < tk; ++r) {
           const int64_t i = i0 + r;
           const RowGrad<T> rg{g_row ? g_row[i] : T(0),     r_lse ? r_lse[i] : T(0),
@@ -195,19 +252,13 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
                               g_clamp ? g_clamp[i] : T(0), cl_lse ? cl_lse[i] : T(0),
                               g_sp ? g_sp[i] : T(0)};
           const int64_t pc = i + w.pos_offset - j0;
-          T* row = s + r * tm;
-          T row_sum = T(0);
-          for (int64_t c = 0; c < tm; ++c) {
-            const int64_t j = j0 + c;
-            const T gij = score_grad(row[c], c == pc, rg, g_col ? g_col[j] : T(0),
-                                     c_lse ? c_lse[j] : T(0), tau, red);
-            row[c] = gij;  // the tile now holds G
-            row_sum += gij;
-            dcol_t[j] += gij;
-          }
-          drow_p[i] += row_sum;
+          T* g_r = G + r * tm;
+          grad_row(s + r * tm, g_r, tm, (pc >= 0 && pc < tm) ? pc : -1, rg,
+                   g_col ? g_col + j0 : nullptr, c_lse ? c_lse + j0 : nullptr, tau, red);
+          drow_p[i] += range_sum(g_r, 0, tm, [](T v) { return v; });
+          for (int64_t c = 0; c < tm; ++c) dcol_t[j0 + c] += g_r[c];
         }
-        consume(tid, buf.narrow(0, 0, tk * tm).view({tk, tm}), i0, tk, j0, tm);
+        consume(tid, gbuf.narrow(0, 0, tk * tm).view({tk, tm}), i0, tk, j0, tm);
       }
       finish(tid, i0, tk);
     }
