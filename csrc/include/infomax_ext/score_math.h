@@ -66,6 +66,26 @@ INFOMAX_HOST_DEVICE float vexp(float x) {
 
 INFOMAX_HOST_DEVICE double vexp(double x) { return exp(x); }
 
+// log(1 + e) for e in [0, 1] (softplus takes it of exp(-|x|)). On the host, float
+// uses log(1 + e) = 2 atanh(z), z = e / (2 + e) <= 1/3, summed to z^13: relative
+// error below 1e-7 and no libm call, so it vectorises; exact for tiny e too.
+INFOMAX_HOST_DEVICE float vlog1p_unit(float e) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return ::log1pf(e);
+#else
+  const float z = e / (2.0f + e), z2 = z * z;
+  float p = 1.0f / 13.0f;
+  p = p * z2 + 1.0f / 11.0f;
+  p = p * z2 + 1.0f / 9.0f;
+  p = p * z2 + 1.0f / 7.0f;
+  p = p * z2 + 1.0f / 5.0f;
+  p = p * z2 + 1.0f / 3.0f;
+  return 2.0f * z * (p * z2 + 1.0f);
+#endif
+}
+
+INFOMAX_HOST_DEVICE double vlog1p_unit(double e) { return log1p(e); }
+
 // A running log-sum-exp as (max, sum of exp(x - max)).
 template <typename T>
 struct LseState {
@@ -118,7 +138,7 @@ INFOMAX_HOST_DEVICE T softmax_weight(T x, T lse) {
 template <typename T>
 INFOMAX_HOST_DEVICE T softplus(T x) {
   const T pos = x > T(0) ? x : T(0);
-  return pos + log1p(vexp(x > T(0) ? -x : x));
+  return pos + vlog1p_unit(vexp(x > T(0) ? -x : x));
 }
 
 template <typename T>
