@@ -43,6 +43,13 @@ inline Tensor tile_buffer(const at::TensorOptions& opts) {
 // that GCC vectorises them; a row's positive is handled by splitting the row
 // into the two ranges around it.
 
+// max(x, m) that propagates NaN: a NaN score must give a NaN statistic, never
+// be skipped into a wrong finite (or -inf) one.
+template <typename T>
+inline T nan_max(T x, T m) {
+  return (x > m || x != x) ? x : m;
+}
+
 // max of x[lo, hi). NB: eight independent lanes, because GCC will not
 // vectorise a single floating max reduction without -ffast-math.
 template <typename T>
@@ -51,9 +58,9 @@ T range_max(const T* x, int64_t lo, int64_t hi, T m) {
   for (int l = 0; l < 8; ++l) lanes[l] = m;
   int64_t k = lo;
   for (; k + 8 <= hi; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] = x[k + l] > lanes[l] ? x[k + l] : lanes[l];
-  for (; k < hi; ++k) m = x[k] > m ? x[k] : m;
-  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+    for (int l = 0; l < 8; ++l) lanes[l] = nan_max(x[k + l], lanes[l]);
+  for (; k < hi; ++k) m = nan_max(x[k], m);
+  for (int l = 0; l < 8; ++l) m = nan_max(lanes[l], m);
   return m;
 }
 
@@ -94,7 +101,7 @@ void fold_columns(const T* s, int64_t tk, int64_t tm, LseState<T>* col, std::vec
   T* mxp = mx.data();
   T* smp = sm.data();
   for (int64_t r = 0; r < tk; ++r)
-    for (int64_t c = 0; c < tm; ++c) mxp[c] = s[r * tm + c] > mxp[c] ? s[r * tm + c] : mxp[c];
+    for (int64_t c = 0; c < tm; ++c) mxp[c] = nan_max(s[r * tm + c], mxp[c]);
   for (int64_t r = 0; r < tk; ++r)
     // NB: a column whose tile entries are all -inf contributes nothing (softmax_weight's guard).
     for (int64_t c = 0; c < tm; ++c) smp[c] += softmax_weight(s[r * tm + c], mxp[c]);

@@ -103,7 +103,8 @@ INFOMAX_HOST_DEVICE LseState<T> lse_empty() {
 // be exp(-inf - -inf) = exp(NaN); the guard keeps the state empty instead.
 template <typename T>
 INFOMAX_HOST_DEVICE LseState<T> lse_merge(LseState<T> x, LseState<T> y) {
-  const T m = x.max > y.max ? x.max : y.max;
+  // NB: a NaN maximum wins, so NaN scores propagate instead of being dropped.
+  const T m = (x.max > y.max || x.max != x.max) ? x.max : y.max;
   if (m == neg_infinity<T>()) return lse_empty<T>();
   return LseState<T>{m, x.sum * vexp(x.max - m) + y.sum * vexp(y.max - m)};
 }

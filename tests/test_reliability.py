@@ -1,0 +1,148 @@
+"""Fuzzing against the reference, NaN policy, int64 indexing, memory stability."""
+import math
+import os
+import resource
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import infomax_ext as ie
+from infomax_ext import ops, reference as ref
+
+pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
+
+
+@st.composite
+def problems(draw):
+    K = draw(st.sampled_from([1, 2, 3, 5, 31, 63, 64, 65, 97]))
+    M = K + draw(st.sampled_from([0, 1, 2, 446, 447, 448, 511, 512, 513, 600]))
+    d = draw(st.integers(1, 9))
+    return dict(
+        K=K, M=M, d=d,
+        pos_offset=draw(st.integers(0, M - K)),
+        scale=draw(st.sampled_from([-3.0, 0.0, 0.01, 1.0, 7.5, 40.0])),
+        biases=draw(st.booleans()),
+        masked=draw(st.booleans()),
+        reductions=draw(st.integers(1, 31)),
+        tau=draw(st.sampled_from([0.5, 1.0, 5.0])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_fuzz_fused_matches_reference(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    dt = p["dtype"]
+    a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    scale = torch.tensor(p["scale"], dtype=dt, requires_grad=True)
+    rb = cb = None
+    if p["biases"]:
+        rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(dt)
+        cb = torch.randn(p["M"], generator=g, dtype=torch.float64).to(dt)
+        if p["masked"]:  # mask about a fifth of the columns
+            cb = torch.where(torch.rand(p["M"], generator=g) < 0.2, -math.inf, cb.double()).to(dt)
+        rb.requires_grad_()
+        cb.requires_grad_()
+    args = (a, b, scale, rb, cb, p["pos_offset"], p["reductions"], p["tau"])
+    fused = ops.score_reduce(*args)
+    oracle = ref.score_reduce(*args)
+    tol = {} if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for f, o in zip(fused, oracle):
+        torch.testing.assert_close(f, o, **tol)
+    # gradients through the finite outputs only (masked rows may be -inf)
+    w = [torch.where(torch.isfinite(o), torch.rand(o.shape, generator=g, dtype=torch.float64).to(dt), 0)
+         for o in oracle]
+    inputs = [t for t in (a, b, scale, rb, cb) if t is not None]
+    lf = sum((wi * torch.where(torch.isfinite(f), f, 0)).sum() for wi, f in zip(w, fused))
+    lo = sum((wi * torch.where(torch.isfinite(o), o, 0)).sum() for wi, o in zip(w, oracle))
+    for x, y in zip(torch.autograd.grad(lf, inputs, allow_unused=True),
+                    torch.autograd.grad(lo, inputs, allow_unused=True)):
+        if y is None:
+            continue
+        assert torch.isfinite(x).all()
+        # NB: torch's logsumexp backward of an all -inf row is NaN (exp(-inf - -inf));
+        # the fused op gives 0 there, so only entries the reference gets finite are compared.
+        ok = torch.isfinite(y)
+        torch.testing.assert_close(x[ok], y[ok], **tol)
+
+
+def test_nan_inputs_propagate_to_nan_not_a_wrong_number():
+    a = torch.randn(4, 3)
+    b = torch.randn(9, 3)
+    a[1, 0] = math.nan
+    row, col, neg, clamp, sp = ops.score_reduce(a, b, 1.0)
+    assert torch.isnan(row[1]) and torch.isnan(neg[1]) and torch.isnan(clamp[1]) and torch.isnan(sp[1])
+    assert torch.isfinite(row[[0, 2, 3]]).all()
+    assert torch.isnan(col).all()  # every column has row 1 in it
+    assert torch.isnan(ie.infonce(a, b))
+
+
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_extreme_scores_stay_finite(scale):
+    """Scores of magnitude ~1e4 in float32: InfoNCE and DV finite, gradients match float64."""
+    a = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(70, 8, dtype=torch.float64), dim=1)
+    for fn in (ie.infonce, ie.dv, ie.smile):
+        a32, b32 = a.float().requires_grad_(), b.float().requires_grad_()
+        a64, b64 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        v32, v64 = fn(a32, b32, scale=scale), fn(a64, b64, scale=scale)
+        assert torch.isfinite(v32)
+        torch.testing.assert_close(v32.double(), v64, rtol=1e-4, atol=abs(scale) * 1e-6)
+        g32 = torch.autograd.grad(v32, [a32, b32])
+        g64 = torch.autograd.grad(v64, [a64, b64])
+        for x, y in zip(g32, g64):
+            assert torch.isfinite(x).all()
+            torch.testing.assert_close(x.double(), y, rtol=1e-3, atol=abs(scale) * 1e-5)
+
+
+@pytest.mark.slow
+def test_int64_indexing_beyond_2_pow_31():
+    """K * M = 2^31 + 2^15 pairs (d = 1): a_i = 1 makes every row the same, so the
+    answers follow in O(M) from b alone."""
+    K, M = 1 << 15, (1 << 16) + 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, 1, generator=g)
+    a = torch.ones(K, 1)
+    s = 3.0
+    row, col, neg, _, _ = ops.score_reduce(a, x, s, None, None, 0, ops.ROW_LSE | ops.COL_LSE | ops.NEG_LSE)
+    xs = s * x[:, 0].double()
+    lse = torch.logsumexp(xs, 0)
+    assert K * M > 2**31
+    torch.testing.assert_close(row.double(), lse.expand(K), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(col.double(), xs + math.log(K), rtol=1e-5, atol=1e-4)
+    # row i drops its positive x_i: log(sum exp - exp(x_i))
+    expected_neg = (lse + torch.log1p(-torch.exp(xs - lse)))[:K]
+    torch.testing.assert_close(neg.double(), expected_neg, rtol=1e-5, atol=1e-4)
+    # backward over the same pairs: d/dx_j of sum_i row_lse_i = K * s * softmax_j
+    # (float32 sums over K = 32768 rows: rtol 2e-3)
+    xg = x.clone().requires_grad_()
+    row = ops.score_reduce(a, xg, s, None, None, 0, ops.ROW_LSE)[0]
+    (gx,) = torch.autograd.grad(row.sum(), xg)
+    torch.testing.assert_close(gx[:, 0].double(), K * s * torch.softmax(xs, 0), rtol=2e-3, atol=1e-6)
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_no_memory_growth_over_many_calls():
+    a = torch.randn(70, 8, requires_grad=True)
+    b = torch.randn(300, 8, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+
+    def step():
+        (ie.infonce(a, b, scale, pos_offset=5) + ie.smile(a, b, 5.0, scale) + ie.uniformity(a)).backward()
+
+    for _ in range(100):
+        step()
+    before = rss_bytes()
+    for _ in range(1000):
+        step()
+    grown = rss_bytes() - before
+    assert grown < 8 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 1000 steps"
