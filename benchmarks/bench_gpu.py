@@ -1,0 +1,252 @@
+"""GPU benchmark: InfoNCE forward + backward, fused vs plain torch, with the GEMM floor.
+
+For K = M in --sizes, d = --dim and each dtype, times one forward + backward of
+
+  fused     infomax_ext.infonce(a, b, scale)                       (S never stored)
+  eager     reference.infonce(reference.scores_dot(a, b, scale))   (S materialised)
+  compile   torch.compile of the same reference function
+  floor     the 4 plain GEMMs of K x M x d the op needs (S, S again in backward,
+            G B, G^T A) in the input dtype: no implementation can beat it by much
+
+and prints the median time (CUDA events, after warm-up), the peak memory above
+what was allocated before the call (inputs and their gradients' owners excluded),
+and fused / floor. A case that does not fit prints OOM. The run stops starting
+new cases once --time-budget seconds have passed.
+
+Run from the repository root on a GPU machine after building the extension:
+
+    python benchmarks/bench_gpu.py                 # K = M in 8192 32768 65536, d = 512
+    python benchmarks/bench_gpu.py --sizes 4096 --dtypes fp32 --no-compile
+
+Exit status: 0 after a run, 2 when there is no CUDA device or no CUDA build.
+"""
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+# Run as `python benchmarks/bench_gpu.py` from a source tree built in place: import that tree.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 65536], help="K = M values")
+    p.add_argument("--dim", type=int, default=512, help="feature size d")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument("--scale", type=float, default=1 / 0.07, help="logit scale (CLIP's 1 / 0.07)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--max-reps", type=int, default=20)
+    p.add_argument("--target-s", type=float, default=1.5, help="timed seconds per case (sets reps)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--no-reference", action="store_true", help="skip the eager and compiled references")
+    p.add_argument("--time-budget", type=float, default=300.0,
+                   help="seconds after which no new case starts")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default); cpu only smoke-tests this script (no memory numbers)")
+    return p.parse_args(argv)
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def is_oom(exc):
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory(cuda=True):
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def time_fn(fn, args, cuda=True):
+    """(median ms, peak bytes above the allocation before the call, first call s) of fn()."""
+    import torch
+
+    free_memory(cuda)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()  # first call: cuBLAS heuristics, allocator, compilation
+    sync()
+    first = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base if cuda else None
+    for _ in range(max(0, args.warmup - 1)):
+        fn()
+    sync()
+    reps = int(min(args.max_reps, max(args.min_reps, args.target_s / max(first, 1e-4))))
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), peak, first
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device visible (torch.cuda.is_available() is False); "
+              "this benchmark needs a GPU. Nothing was run.", file=sys.stderr)
+        return 2
+    import infomax_ext
+    from infomax_ext import reference as ref
+
+    info = infomax_ext.build_info()
+    if cuda and "cuda" not in info.get("backends", []):
+        print(f"bench_gpu.py: infomax_ext has no CUDA kernels (build_info: {info}); build it with "
+              "nvcc first (pip install --no-build-isolation -e .).", file=sys.stderr)
+        return 2
+
+    t_start = time.perf_counter()
+    if cuda:
+        props = torch.cuda.get_device_properties(dev)
+        where = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
+    else:
+        where = "CPU (smoke test of this script only)"
+    log(f"{where}; torch {torch.__version__}; infomax_ext {info.get('version')} archs {info.get('cuda_archs')}; "
+        f"fp32 matmul TF32: {torch.backends.cuda.matmul.allow_tf32}")
+    scale = args.scale
+    d = args.dim
+
+    def fused_loss(a, b):
+        return -infomax_ext.infonce(a, b, scale=scale)
+
+    def ref_loss(a, b):
+        return -ref.infonce(ref.scores_dot(a, b, scale))
+
+    def fwd_bwd(loss_fn, a, b):
+        def run():
+            loss = loss_fn(a, b)
+            torch.autograd.grad(loss, (a, b))
+        return run
+
+    # Correctness once, before any timing, on a small case of each dtype.
+    for name in args.dtypes:
+        dt = getattr(torch, DTYPES[name])
+        g = torch.Generator(device=dev).manual_seed(0)
+        a0 = torch.nn.functional.normalize(torch.randn(1024, d, device=dev, generator=g), dim=1)
+        b0 = torch.nn.functional.normalize(a0 + 0.5 * torch.randn(1024, d, device=dev, generator=g), dim=1)
+        al, bl = a0.to(dt).requires_grad_(True), b0.to(dt).requires_grad_(True)
+        lf = fused_loss(al, bl)
+        gf = torch.autograd.grad(lf, (al, bl))
+        # The oracle: float32 reference on the same (rounded) inputs.
+        a_r, b_r = al.detach().float().requires_grad_(True), bl.detach().float().requires_grad_(True)
+        lr = ref_loss(a_r, b_r)
+        gr = torch.autograd.grad(lr, (a_r, b_r))
+        err_v = abs(lf.item() - lr.item())
+        err_g = max((x.float() - y).abs().max().item() / y.abs().max().item() for x, y in zip(gf, gr))
+        log(f"check {name} K=M=1024: |loss - ref| = {err_v:.2e}, max relative grad error {err_g:.2e}")
+        tol = 1e-4 if name == "fp32" else 2e-2
+        if not (err_v <= tol * max(1.0, abs(lr.item())) and err_g <= tol):
+            log(f"FAILED correctness check for {name}: the timings below are of a wrong result")
+
+    rows = []
+    for name in args.dtypes:
+        dt = getattr(torch, DTYPES[name])
+        for K in args.sizes:
+            M = K
+            if time.perf_counter() - t_start > args.time_budget:
+                log(f"time budget ({args.time_budget:.0f} s) spent: skipping {name} K=M={K}")
+                rows.append((name, K, "all", None, None, "skipped (time budget)"))
+                continue
+            free_memory(cuda)
+            g = torch.Generator(device=dev).manual_seed(K)
+            a = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
+            b = torch.nn.functional.normalize(torch.randn(M, d, device=dev, generator=g), dim=1).to(dt)
+            a.requires_grad_(True)
+            b.requires_grad_(True)
+            case = {}
+
+            def record(impl, fn):
+                if time.perf_counter() - t_start > args.time_budget and impl != "floor":
+                    log(f"{name} K=M={K} {impl}: skipped (time budget)")
+                    rows.append((name, K, impl, None, None, "skipped (time budget)"))
+                    return
+                log(f"{name} K=M={K} {impl} ...")
+                try:
+                    ms, peak, first = time_fn(fn, args, cuda)
+                except Exception as e:  # noqa: BLE001 - report and go on to the next case
+                    free_memory(cuda)
+                    note = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    log(f"{name} K=M={K} {impl}: {note}")
+                    rows.append((name, K, impl, None, None, note))
+                    return
+                case[impl] = ms
+                note = f"first call {first:.1f} s" if impl == "compile" else ""
+                peak_s = f"peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
+                log(f"{name} K=M={K} {impl}: {ms:.2f} ms {peak_s} {note}")
+                rows.append((name, K, impl, ms, peak, note))
+                free_memory(cuda)
+
+            # The floor: the four GEMMs the op needs, in the input dtype, S and G materialised.
+            def floor():
+                with torch.no_grad():
+                    S = a @ b.T  # forward scores
+                    S = a @ b.T  # recomputed in backward
+                    G = S  # stands in for dL/dS (same shape and dtype)
+                    G @ b
+                    G.T @ a
+
+            record("floor", floor)
+            record("fused", fwd_bwd(fused_loss, a, b))
+            if not args.no_reference:
+                record("eager", fwd_bwd(ref_loss, a, b))
+                if not args.no_compile:
+                    compiled = torch.compile(ref_loss, dynamic=False)
+                    record("compile", fwd_bwd(compiled, a, b))
+                    del compiled
+                    torch._dynamo.reset()
+            if "floor" in case and "fused" in case:
+                log(f"{name} K=M={K}: fused / floor = {case['fused'] / case['floor']:.2f}")
+            del a, b
+
+    # The table.
+    floors = {(r[0], r[1]): r[3] for r in rows if r[2] == "floor" and r[3] is not None}
+    print()
+    print(f"InfoNCE forward + backward, K = M, d = {d}, scale = {scale:.3g}; {where}, torch {torch.__version__}")
+    header = f"{'dtype':<6} {'K=M':>6} {'impl':<8} {'median ms':>10} {'peak+ MiB':>10} {'vs floor':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for name, K, impl, ms, peak, note in rows:
+        fl = floors.get((name, K))
+        ratio = f"{ms / fl:.2f}x" if (ms is not None and fl) else ""
+        ms_s = f"{ms:.2f}" if ms is not None else "-"
+        peak_s = f"{peak / 2**20:.0f}" if peak is not None else "-"
+        print(f"{name:<6} {K:>6} {impl:<8} {ms_s:>10} {peak_s:>10} {ratio:>9}  {note}")
+    flops = {K: 4 * 2 * K * K * d for K in args.sizes}
+    print(f"floor = 4 GEMMs of K x M x d ({', '.join(f'K={K}: {flops[K] / 1e12:.3g} TFLOP' for K in args.sizes)}) "
+          "in the input dtype; peak+ = max_memory_allocated during the call minus what was allocated before.")
+    log(f"done in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

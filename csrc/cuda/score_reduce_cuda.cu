@@ -1,0 +1,681 @@
+// CUDA walker of the fused score reductions.
+//
+// S = scale * A B^T + row_bias + col_bias (K x M) is never held whole. The rows
+// are walked in chunks of R rows and, only when M is huge, the columns in
+// chunks of C columns, with R * C bounded (256 MB of float32 scores by default,
+// INFOMAX_EXT_CUDA_TILE_BYTES overrides it so tests can walk many small tiles).
+// Per chunk:
+//   forward:  cuBLAS writes the chunk of dot products <a_i, b_j> (at::mm_out on
+//             the current stream); an epilogue kernel (a block per row) folds each
+//             row into running log-sum-exp states, and a column kernel folds the
+//             chunk's columns into running column states, merged across row chunks
+//             in log space (lse_merge).
+//   backward: cuBLAS recomputes the chunk; a kernel (a block per row) overwrites
+//             it with G = dL/dS (score_grad) and sums its rows; the column kernel
+//             sums its columns; two more cuBLAS calls accumulate dA += G B and
+//             dB += G^T A. dscale = sum_i <(G B)_i, a_i> once at the end.
+// Extra memory: the chunk workspace, O(K + M) statistics and the O((K + M) d)
+// gradients -- never O(K * M) when K * M is large.
+//
+// NB: why a cuBLAS tile plus epilogue kernels, not one kernel holding tiles in
+// shared memory/registers (flash-attention style): the four GEMMs of K x M x d are
+// the floor of this op, and cuBLAS runs them near peak for every dtype, arch and
+// d, with tensor cores for fp16/bf16 (and TF32 when the user enables it); the
+// epilogues are memory-bound passes over a chunk that lives in L2/HBM for a few
+// microseconds. A single fused kernel would save those passes (roughly one read
+// of S per reduction group, and a write + read of G in backward) but needs a
+// hand-written tensor-core GEMM per arch, dtype and d -- much more code to get
+// right, verify and maintain. The math is the same either way (score_math.h), so
+// the kernel can be swapped later without touching semantics.
+//
+// Precision (NB): every score and statistic is in float32 (float64 for float64
+// inputs). float32/float64 inputs are multiplied in their dtype. fp16/bf16 inputs
+// are NOT upcast: their GEMMs run on tensor cores with float32 accumulation and
+// float32 output (at::mm with out_dtype, torch >= 2.8), so S is as exact as with
+// upcast inputs. In backward, bf16 stores G in bf16 for the two G GEMMs (as
+// flash-attention stores dS), with drow computed from the float32 G; fp16 keeps G
+// in float32 and multiplies it with float32 copies of a and b, because entries of G
+// (softmax weights times upstream gradients, down to ~1/(K M)) fall below fp16's
+// normal range (6e-5) already at moderate K * M, while bf16 has float32's range.
+// On torch < 2.8 (no out_dtype GEMM) low-precision inputs are upcast once to
+// float32 (O((K + M) d) memory) and everything runs in float32.
+//
+// The per-element math (log-space merges with the -inf guards, softplus,
+// dL/dS) lives in csrc/include/infomax_ext/score_math.h, shared with the CPU walker.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <type_traits>
+
+#include "../score_reduce_common.h"
+
+// at::mm(self, mat2, out_dtype) (fp16/bf16 in, float32 out) exists from torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define INFOMAX_MM_OUT_DTYPE 1
+#else
+#define INFOMAX_MM_OUT_DTYPE 0
+#endif
+
+namespace infomax_ext {
+namespace {
+
+constexpr int64_t kDefaultTileBytes = int64_t(256) << 20;  // one chunk of float32 scores
+constexpr int64_t kMinTileRows = 1024;  // rows per chunk when M forces column chunks (GEMM height, row-kernel blocks)
+constexpr int kRowThreads = 256;       // block of the per-row kernels (a multiple of 32)
+constexpr int kColX = 32;              // columns per block of the column kernel
+constexpr int kColY = 8;               // threads per column in that block
+constexpr int64_t kColRowsPerBlock = 256;
+constexpr int kUnroll = 4;             // loads in flight per thread in the row kernels
+
+// ---------------------------------------------------------------------------
+// Tiling
+// ---------------------------------------------------------------------------
+
+int64_t tile_bytes() {
+  // NB: read per call (cheap) so a test can shrink the chunk and walk many row
+  // and column chunks on small inputs.
+  if (const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return kDefaultTileBytes;
+}
+
+struct Tiling {
+  int64_t rows, cols;  // chunk extent: rows of S (<= K) x columns of S (<= M)
+};
+
+Tiling choose_tiling(int64_t K, int64_t M, int64_t elem_bytes) {
+  // NB: at most 2^30 elements so grid sizes and int math on chunk extents stay small.
+  const int64_t elems = std::min<int64_t>(int64_t(1) << 30, std::max<int64_t>(1, tile_bytes() / elem_bytes));
+  const int64_t min_rows = std::min(K, kMinTileRows);
+  const int64_t cols = std::min(M, std::max<int64_t>(1, elems / min_rows));
+  const int64_t rows = std::min(K, std::max<int64_t>(1, elems / cols));
+  return {rows, cols};
+}
+
+int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+// out (rows x cols, accumulation dtype) = x @ y. fp16/bf16 x, y: tensor cores,
+// float32 accumulation and output.
+void mm_acc(Tensor& out, const Tensor& x, const Tensor& y) {
+  if (x.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, x, y);
+  } else {
+#if INFOMAX_MM_OUT_DTYPE
+    at::mm_out(out, x, y, out.scalar_type());
+#else
+    TORCH_INTERNAL_ASSERT(false, "score_reduce: mixed-dtype GEMM needs torch >= 2.8");
+#endif
+  }
+}
+
+// acc += x @ y (acc in the accumulation dtype, x and y possibly bf16).
+void addmm_acc(Tensor acc, const Tensor& x, const Tensor& y) {
+  if (x.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(x, y);
+  } else {
+#if INFOMAX_MM_OUT_DTYPE
+    // NB: addmm's out_dtype overload accepts a float32 `self` only on recent
+    // torch; a float32 product plus add_ works on every version >= 2.8.
+    acc.add_(at::mm(x, y, acc.scalar_type()));
+#else
+    TORCH_INTERNAL_ASSERT(false, "score_reduce: mixed-dtype GEMM needs torch >= 2.8");
+#endif
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Block and warp reductions
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ LseState<T> warp_merge(LseState<T> s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const LseState<T> t{__shfl_xor_sync(0xffffffffu, s.max, o), __shfl_xor_sync(0xffffffffu, s.sum, o)};
+    s = lse_merge(s, t);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Merges the states and sums of all threads of the block; the result is valid in thread 0.
+template <typename T>
+__device__ void block_reduce(LseState<T>& x, LseState<T>& y, T& z) {
+  __shared__ LseState<T> sx[kRowThreads / 32], sy[kRowThreads / 32];
+  __shared__ T sz[kRowThreads / 32];
+  x = warp_merge(x);
+  y = warp_merge(y);
+  z = warp_sum(z);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  if (lane == 0) {
+    sx[warp] = x;
+    sy[warp] = y;
+    sz[warp] = z;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // NB: fixed merge order: reruns are bitwise identical.
+    for (int w = 1; w < n_warps; ++w) {
+      x = lse_merge(x, sx[w]);
+      y = lse_merge(y, sy[w]);
+      z += sz[w];
+    }
+  }
+}
+
+template <typename T>
+__device__ T block_sum(T z) {
+  __shared__ T sz[kRowThreads / 32];
+  z = warp_sum(z);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  if (lane == 0) sz[warp] = z;
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 1; w < n_warps; ++w) z += sz[w];
+  return z;
+}
+
+// ---------------------------------------------------------------------------
+// Forward epilogues
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct ScoreArgs {
+  const T* scale;     // one element, on the device (no host sync to read it)
+  const T* row_bias;  // (K,) or nullptr
+  const T* col_bias;  // (M,) or nullptr
+};
+
+template <typename T>
+struct RowForwardArgs {
+  const T* dot;       // chunk of <a_i, b_j>: rows [i0, i0 + gridDim.x), columns [j0, j0 + cols), row-major
+  int64_t cols, i0, j0;
+  ScoreArgs<T> sc;
+  T tau;
+  int64_t pos_offset, reductions;
+  bool first, last;   // first / last column chunk of these rows
+  // Running per-row states across column chunks; nullptr when one chunk spans all M columns.
+  LseState<T>* neg_state;
+  LseState<T>* clamp_state;
+  T* sp_state;
+  T* pos_state;
+  T *row_out, *neg_out, *clamp_out, *sp_out;  // (K,) or nullptr when not requested
+};
+
+// A block per row of the chunk: logsumexp over the negatives (and with the
+// positive, the row logsumexp), over the clamped negatives, and the sum of
+// softplus over the negatives, merged with the states of earlier column chunks.
+template <typename T>
+__global__ void row_forward_kernel(const RowForwardArgs<T> p) {
+  __shared__ T s_pos;
+  const int64_t r = blockIdx.x, i = p.i0 + r;
+  const T* row = p.dot + r * p.cols;
+  const T scale = *p.sc.scale;
+  const T rb = p.sc.row_bias ? p.sc.row_bias[i] : T(0);
+  const int64_t pc = i + p.pos_offset - p.j0;  // the positive's column in this chunk
+  const bool has_pos = pc >= 0 && pc < p.cols;
+  const bool need_neg = p.reductions & (kRowLse | kNegLse);
+  const bool need_clamp = p.reductions & kNegClampLse;
+  const bool need_sp = p.reductions & kNegSoftplus;
+
+  LseState<T> neg = lse_empty<T>(), clamp = lse_empty<T>();
+  T sp = T(0);
+  const int64_t stride = blockDim.x;
+  for (int64_t c0 = threadIdx.x; c0 < p.cols; c0 += kUnroll * stride) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      v[u] = c < p.cols ? row[c] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      if (c >= p.cols) break;
+      const T s = score_from_dot(v[u], scale, rb, p.sc.col_bias ? p.sc.col_bias[p.j0 + c] : T(0));
+      if (c == pc) {
+        s_pos = s;  // NB: the positive is excluded from every neg_* reduction.
+        continue;
+      }
+      if (need_neg) neg = lse_push(neg, s);
+      if (need_clamp) clamp = lse_push(clamp, clamp_tau(s, p.tau));
+      if (need_sp) sp += softplus(s);
+    }
+  }
+  block_reduce(neg, clamp, sp);  // contains the __syncthreads that publishes s_pos
+  if (threadIdx.x != 0) return;
+
+  if (!p.first) {
+    // NB: log-space merge with the states of the earlier column chunks of this row.
+    if (need_neg) neg = lse_merge(p.neg_state[i], neg);
+    if (need_clamp) clamp = lse_merge(p.clamp_state[i], clamp);
+    if (need_sp) sp = p.sp_state[i] + sp;
+  }
+  if (p.last) {
+    if (p.reductions & kNegLse) p.neg_out[i] = lse_finalize(neg);
+    if (p.reductions & kRowLse) {
+      const T pos = has_pos ? s_pos : p.pos_state[i];
+      p.row_out[i] = lse_finalize(lse_push(neg, pos));
+    }
+    if (need_clamp) p.clamp_out[i] = lse_finalize(clamp);
+    if (need_sp) p.sp_out[i] = sp;
+  } else {
+    if (need_neg) p.neg_state[i] = neg;
+    if (need_clamp) p.clamp_state[i] = clamp;
+    if (need_sp) p.sp_state[i] = sp;
+    if (has_pos && p.pos_state) p.pos_state[i] = s_pos;
+  }
+}
+
+// Partial column reductions of a chunk: block (kColX, kColY) covers kColX columns
+// and rows [blockIdx.y * rows_per_block, ...). kSum: plain sums of x (backward: G);
+// otherwise the log-sum-exp state of the scores built from x (forward: dots).
+// Writes part[blockIdx.y * cols + c].
+template <typename T, typename TIn, bool kSum>
+__global__ void col_partial_kernel(const TIn* x, int64_t rows, int64_t cols, int64_t rows_per_block,
+                                   int64_t i0, int64_t j0, ScoreArgs<T> sc, LseState<T>* part) {
+  __shared__ LseState<T> sh[kColY][kColX];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColX + threadIdx.x;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t r_end = std::min(rows, r_begin + rows_per_block);
+  LseState<T> st = kSum ? LseState<T>{T(0), T(0)} : lse_empty<T>();
+  if (c < cols) {
+    const T scale = kSum ? T(0) : *sc.scale;
+    const T cb = (!kSum && sc.col_bias) ? sc.col_bias[j0 + c] : T(0);
+#pragma unroll 4
+    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kColY) {
+      const T v = static_cast<T>(x[r * cols + c]);
+      if constexpr (kSum) {
+        st.sum += v;
+      } else {
+        const T rb = sc.row_bias ? sc.row_bias[i0 + r] : T(0);
+        st = lse_push(st, score_from_dot(v, scale, rb, cb));
+      }
+    }
+  }
+  sh[threadIdx.y][threadIdx.x] = st;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  for (int y = 1; y < kColY; ++y) {
+    if constexpr (kSum) {
+      st.sum += sh[y][threadIdx.x].sum;
+    } else {
+      st = lse_merge(st, sh[y][threadIdx.x]);
+    }
+  }
+  part[static_cast<int64_t>(blockIdx.y) * cols + c] = st;
+}
+
+// Folds the ny partials of each column of the chunk, in a fixed order, into the
+// running column statistics. kSum: out[j] += sum (out zero-initialised).
+// Otherwise: merged in log space with state[j] (unless first), finalised into
+// out[j] on the last row chunk, stored back to state[j] before that.
+template <typename T, bool kSum>
+__global__ void col_finish_kernel(const LseState<T>* part, int64_t ny, int64_t cols, int64_t j0,
+                                  bool first, bool last, LseState<T>* state, T* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const int64_t j = j0 + c;
+  if constexpr (kSum) {
+    T acc = T(0);
+    for (int64_t y = 0; y < ny; ++y) acc += part[y * cols + c].sum;
+    out[j] += acc;
+  } else {
+    LseState<T> st = first ? lse_empty<T>() : state[j];
+    for (int64_t y = 0; y < ny; ++y) st = lse_merge(st, part[y * cols + c]);
+    if (last) {
+      out[j] = lse_finalize(st);
+    } else {
+      state[j] = st;
+    }
+  }
+}
+
+// Launches the column reduction of a rows x cols chunk x (row-major).
+template <typename T, typename TIn, bool kSum>
+void reduce_columns(const TIn* x, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+                    const ScoreArgs<T>& sc, LseState<T>* part, bool first, bool last,
+                    LseState<T>* state, T* out, cudaStream_t stream) {
+  // NB: grid.y <= 65535; a block covers at least kColRowsPerBlock rows.
+  const int64_t rows_per_block = std::max(kColRowsPerBlock, ceil_div(rows, 65535));
+  const int64_t ny = ceil_div(rows, rows_per_block);
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, kColX)), static_cast<unsigned>(ny));
+  col_partial_kernel<T, TIn, kSum><<<grid, dim3(kColX, kColY), 0, stream>>>(x, rows, cols, rows_per_block,
+                                                                             i0, j0, sc, part);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  col_finish_kernel<T, kSum><<<static_cast<unsigned>(ceil_div(cols, 256)), 256, 0, stream>>>(
+      part, ny, cols, j0, first, last, state, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// An upper bound of reduce_columns' ny for every chunk of at most `rows` rows.
+int64_t col_partials(int64_t rows) { return std::min<int64_t>(65535, ceil_div(rows, kColRowsPerBlock)); }
+
+int row_threads(int64_t cols) {
+  // Whole warps, at most kRowThreads, no more than the columns need.
+  return static_cast<int>(std::min<int64_t>(kRowThreads, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
+}
+
+template <typename T>
+LseState<T>* as_states(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<LseState<T>*>(t.data_ptr<T>()) : nullptr;
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr;
+}
+
+// A and B: the GEMM operands (accumulation dtype, or fp16/bf16 for the tensor-core path).
+template <typename T>
+void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau, int64_t pos_offset,
+                  int64_t red, Tensor5& out) {
+  const int64_t K = A.size(0), M = B.size(0);
+  const Tiling t = choose_tiling(K, M, sizeof(T));
+  const int64_t n_row_chunks = ceil_div(K, t.rows), n_col_chunks = ceil_div(M, t.cols);
+  const auto opts = A.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor ws = at::empty({t.rows * t.cols}, opts);
+
+  const bool row_red = red & (kRowLse | kNegLse | kNegClampLse | kNegSoftplus);
+  const bool col_red = red & kColLse;
+  // Running states, only when a row (column) spans several chunks.
+  Tensor neg_state, clamp_state, sp_state, pos_state, col_state, part;
+  if (row_red && n_col_chunks > 1) {
+    if (red & (kRowLse | kNegLse)) neg_state = at::empty({K, 2}, opts);
+    if (red & kNegClampLse) clamp_state = at::empty({K, 2}, opts);
+    if (red & kNegSoftplus) sp_state = at::empty({K}, opts);
+    if (red & kRowLse) pos_state = at::empty({K}, opts);
+  }
+  if (col_red) {
+    if (n_row_chunks > 1) col_state = at::empty({M, 2}, opts);
+    part = at::empty({col_partials(t.rows) * t.cols, 2}, opts);
+  }
+
+  RowForwardArgs<T> p{};
+  p.sc = sc;
+  p.tau = tau;
+  p.pos_offset = pos_offset;
+  p.reductions = red;
+  p.neg_state = as_states<T>(neg_state);
+  p.clamp_state = as_states<T>(clamp_state);
+  p.sp_state = ptr_or_null<T>(sp_state);
+  p.pos_state = ptr_or_null<T>(pos_state);
+  p.row_out = ptr_or_null<T>(std::get<0>(out));
+  p.neg_out = ptr_or_null<T>(std::get<2>(out));
+  p.clamp_out = ptr_or_null<T>(std::get<3>(out));
+  p.sp_out = ptr_or_null<T>(std::get<4>(out));
+  T* col_out = ptr_or_null<T>(std::get<1>(out));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
+    const int64_t rows = std::min(t.rows, K - i0);
+    for (int64_t j0 = 0; j0 < M; j0 += t.cols) {
+      const int64_t cols = std::min(t.cols, M - j0);
+      Tensor S = ws.narrow(0, 0, rows * cols).view({rows, cols});
+      mm_acc(S, A.narrow(0, i0, rows), B.narrow(0, j0, cols).t());
+      const T* dot = S.data_ptr<T>();
+      if (row_red) {
+        p.dot = dot;
+        p.cols = cols;
+        p.i0 = i0;
+        p.j0 = j0;
+        p.first = j0 == 0;
+        p.last = j0 + cols == M;
+        row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (col_red) {
+        reduce_columns<T, T, false>(dot, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                    i0 + rows == K, as_states<T>(col_state), col_out, stream);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename T, typename TG>
+struct GradArgs {
+  const T* dot;  // chunk of <a_i, b_j>, rows [i0, i0 + gridDim.x), columns [j0, j0 + cols)
+  TG* g;         // chunk of G, same layout; may alias dot (then overwritten in place)
+  int64_t cols, i0, j0;
+  ScoreArgs<T> sc;
+  T tau;
+  int64_t pos_offset, reductions;  // reductions: the active ones (requested and given a gradient)
+  // Upstream gradients and saved statistics, nullptr when inactive.
+  const T *g_row, *row_lse, *g_neg, *neg_lse, *g_clamp, *clamp_lse, *g_sp;  // (K,)
+  const T *g_col, *col_lse;                                                 // (M,)
+  T* drow;  // (K,), zero-initialised, accumulated over column chunks
+};
+
+// A block per row of the chunk: G_ij = score_grad(S_ij) written over the chunk,
+// and drow_i += sum_j G_ij.
+template <typename T, typename TG>
+__global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
+  const int64_t r = blockIdx.x, i = p.i0 + r;
+  const T* row = p.dot + r * p.cols;
+  TG* grow = p.g + r * p.cols;
+  const T scale = *p.sc.scale;
+  const T rb = p.sc.row_bias ? p.sc.row_bias[i] : T(0);
+  const RowGrad<T> rg{p.g_row ? p.g_row[i] : T(0),     p.row_lse ? p.row_lse[i] : T(0),
+                      p.g_neg ? p.g_neg[i] : T(0),     p.neg_lse ? p.neg_lse[i] : T(0),
+                      p.g_clamp ? p.g_clamp[i] : T(0), p.clamp_lse ? p.clamp_lse[i] : T(0),
+                      p.g_sp ? p.g_sp[i] : T(0)};
+  const int64_t pc = i + p.pos_offset - p.j0;
+  T sum = T(0);
+  const int64_t stride = blockDim.x;
+  for (int64_t c0 = threadIdx.x; c0 < p.cols; c0 += kUnroll * stride) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      v[u] = c < p.cols ? row[c] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      if (c >= p.cols) break;
+      const int64_t j = p.j0 + c;
+      const T s = score_from_dot(v[u], scale, rb, p.sc.col_bias ? p.sc.col_bias[j] : T(0));
+      const T g = score_grad(s, c == pc, rg, p.g_col ? p.g_col[j] : T(0), p.col_lse ? p.col_lse[j] : T(0),
+                             p.tau, p.reductions);
+      grow[c] = static_cast<TG>(g);  // NB: same thread read this element above: in-place is safe
+      sum += g;                      // NB: drow from the float32 G even when G is stored in bf16
+    }
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) p.drow[i] += sum;
+}
+
+// A_g, B_g: the operands of the G GEMMs, in the dtype of TG (bf16 path) or T.
+template <typename T, typename TG>
+void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Tensor& B_g,
+                   const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t active, const Tensor5& grads,
+                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
+                   const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol) {
+  constexpr bool kInPlace = std::is_same<T, TG>::value;
+  const int64_t K = A.size(0), M = B.size(0);
+  const Tiling t = choose_tiling(K, M, sizeof(T));
+  const auto opts = A.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor ws = at::empty({t.rows * t.cols}, opts);
+  Tensor gws = kInPlace ? ws : at::empty({t.rows * t.cols}, opts.dtype(c10::CppTypeToScalarType<TG>::value));
+  Tensor part = at::empty({col_partials(t.rows) * t.cols, 2}, opts);
+
+  GradArgs<T, TG> p{};
+  p.sc = sc;
+  p.tau = tau;
+  p.pos_offset = pos_offset;
+  p.reductions = active;
+  p.g_row = ptr_or_null<T>(std::get<0>(grads));
+  p.g_col = ptr_or_null<T>(std::get<1>(grads));
+  p.g_neg = ptr_or_null<T>(std::get<2>(grads));
+  p.g_clamp = ptr_or_null<T>(std::get<3>(grads));
+  p.g_sp = ptr_or_null<T>(std::get<4>(grads));
+  p.row_lse = ptr_or_null<T>(row_lse);
+  p.col_lse = ptr_or_null<T>(col_lse);
+  p.neg_lse = ptr_or_null<T>(neg_lse);
+  p.clamp_lse = ptr_or_null<T>(clamp_lse);
+  p.drow = drow.data_ptr<T>();
+  T* dcol_p = dcol.data_ptr<T>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
+    const int64_t rows = std::min(t.rows, K - i0);
+    for (int64_t j0 = 0; j0 < M; j0 += t.cols) {
+      const int64_t cols = std::min(t.cols, M - j0);
+      Tensor S = ws.narrow(0, 0, rows * cols).view({rows, cols});
+      Tensor G = gws.narrow(0, 0, rows * cols).view({rows, cols});
+      mm_acc(S, A.narrow(0, i0, rows), B.narrow(0, j0, cols).t());
+      p.dot = S.data_ptr<T>();
+      p.g = reinterpret_cast<TG*>(G.data_ptr());
+      p.cols = cols;
+      p.i0 = i0;
+      p.j0 = j0;
+      grad_rows_kernel<T, TG><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
+      addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
+      addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------
+
+bool tensor_core_path(at::ScalarType t) {
+  return INFOMAX_MM_OUT_DTYPE && (t == at::kHalf || t == at::kBFloat16);
+}
+
+// The GEMM operand for x: fp16/bf16 kept as is on the tensor-core path, else the
+// accumulation dtype. NB: detach(): the GEMMs here must not record autograd history.
+Tensor gemm_operand(const Tensor& x, at::ScalarType acc) {
+  return tensor_core_path(x.scalar_type()) ? x.detach().contiguous() : x.detach().to(acc).contiguous();
+}
+
+// Picks the dtype of G: bf16 for bf16 inputs on the tensor-core path, else the
+// accumulation dtype (in place over the chunk of scores).
+template <typename T>
+void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau,
+                       int64_t pos_offset, int64_t active, const Tensor5& grads, const Tensor& row_lse,
+                       const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA,
+                       Tensor& dB, Tensor& drow, Tensor& dcol) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (bf16_input && A.scalar_type() == at::kBFloat16) {
+      // NB: G in bf16 (float32's range, 8 bits of mantissa) for the two G GEMMs on tensor cores.
+      backward_impl<float, at::BFloat16>(A, B, A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse,
+                                         neg_lse, clamp_lse, dA, dB, drow, dcol);
+      return;
+    }
+  }
+  // NB: fp16 inputs reach here with A, B in fp16 (tensor-core S GEMM) and G in
+  // float32; the G GEMMs take float32 copies, as G ~ 1/(K M) can underflow fp16.
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const Tensor A_g = A.to(acc), B_g = B.to(acc);
+  backward_impl<T, T>(A, B, A_g, B_g, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse,
+                      dA, dB, drow, dcol);
+}
+
+Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
+                                  const Tensor& b,            // (M, d) candidates
+                                  const Tensor& scale,        // one element
+                                  const OptTensor& row_bias,  // (K,) or None
+                                  const OptTensor& col_bias,  // (M,) or None
+                                  int64_t pos_offset,         // positive of row i at column i + pos_offset
+                                  int64_t reductions,         // bit mask of Reduction
+                                  double clamp_tau) {         // clamp of kNegClampLse
+  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto acc = acc_dtype(a.scalar_type());
+  const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
+  const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
+  // NB: scale stays on the device (kernels read it through a pointer): no .item() sync.
+  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  Tensor5 out = alloc_reductions(a, A.size(0), B.size(0), reductions);
+  AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_forward_cuda", [&] {
+    const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
+    forward_impl<scalar_t>(A, B, args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
+  });
+  return out;
+}
+
+Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,)
+                                   const Tensor& grad_col_lse,    // (M,) or (0,)
+                                   const Tensor& grad_neg_lse,    // (K,) or (0,)
+                                   const Tensor& grad_clamp_lse,  // (K,) or (0,)
+                                   const Tensor& grad_softplus,   // (K,) or (0,)
+                                   const Tensor& a, const Tensor& b, const Tensor& scale,
+                                   const OptTensor& row_bias, const OptTensor& col_bias,
+                                   const Tensor& row_lse,  // saved forward outputs
+                                   const Tensor& col_lse, const Tensor& neg_lse,
+                                   const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
+                                   double clamp_tau) {
+  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto acc = acc_dtype(a.scalar_type());
+  const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
+  const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
+  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const Tensor5 grads{cont(grad_row_lse), cont(grad_col_lse), cont(grad_neg_lse), cont(grad_clamp_lse),
+                      cont(grad_softplus)};
+  const int64_t active = active_grads(reductions, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
+                                      std::get<3>(grads), std::get<4>(grads));
+  const int64_t K = A.size(0), M = B.size(0), d = A.size(1);
+  const auto opts = A.options().dtype(acc);
+  Tensor dA = at::zeros({K, d}, opts), dB = at::zeros({M, d}, opts);
+  Tensor drow = at::zeros({K}, opts), dcol = at::zeros({M}, opts);
+  Tensor dscale = at::zeros({}, opts);
+  if (active) {
+    const Tensor r_lse = cont(row_lse), c_lse = cont(col_lse), n_lse = cont(neg_lse), cl_lse = cont(clamp_lse);
+    AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_backward_cuda", [&] {
+      const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
+      backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
+                                  pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol);
+    });
+    // d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i>, on the device (no
+    // host sync), summed in float64 like the CPU walker.
+    dscale = at::sum(at::mul(dA, A), at::kDouble);
+    dA.mul_(sc);  // NB: sc is a one-element device tensor: broadcast, no sync
+    dB.mul_(sc);
+  }
+  return Tensor5{dA.to(a.scalar_type()), dB.to(b.scalar_type()),
+                 dscale.to(scale.scalar_type()).reshape(scale.sizes()),
+                 drow.to(has(row_bias) ? row_bias->scalar_type() : acc),
+                 dcol.to(has(col_bias) ? col_bias->scalar_type() : acc)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) {
+  m.impl("score_reduce", &score_reduce_forward_cuda);
+  m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
+}
+
+}  // namespace infomax_ext
