@@ -177,14 +177,8 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
         }
         if (col) fold_columns(s, tk, tm, col + j0, mx, sm);
       }
-      for (int64_t r = 0; r < tk; ++r) {
-        const int64_t i = i0 + r;
-        // NB: the row's log-sum-exp is the negatives' state plus the positive.
-        if (red & kNegLse) neg_out[i] = lse_finalize(neg[r]);
-        if (red & kRowLse) row_out[i] = lse_finalize(lse_push(neg[r], pos[r]));
-        if (red & kNegClampLse) clamp_out[i] = lse_finalize(clamp[r]);
-        if (red & kNegSoftplus) sp_out[i] = sp[r];
-      }
+      for (int64_t r = 0; r < tk; ++r)
+        finalize_row(i0 + r, red, neg[r], clamp[r], sp[r], pos[r], row_out, neg_out, clamp_out, sp_out);
     }
   });
 

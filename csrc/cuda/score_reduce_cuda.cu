@@ -274,13 +274,8 @@ __global__ void row_forward_kernel(const RowForwardArgs<T> p) {
     if (need_sp) sp = p.sp_state[i] + sp;
   }
   if (p.last) {
-    if (p.reductions & kNegLse) p.neg_out[i] = lse_finalize(neg);
-    if (p.reductions & kRowLse) {
-      const T pos = has_pos ? s_pos : p.pos_state[i];
-      p.row_out[i] = lse_finalize(lse_push(neg, pos));
-    }
-    if (need_clamp) p.clamp_out[i] = lse_finalize(clamp);
-    if (need_sp) p.sp_out[i] = sp;
+    const T pos = (p.reductions & kRowLse) ? (has_pos ? s_pos : p.pos_state[i]) : T(0);
+    finalize_row(i, p.reductions, neg, clamp, sp, pos, p.row_out, p.neg_out, p.clamp_out, p.sp_out);
   } else {
     if (need_neg) p.neg_state[i] = neg;
     if (need_clamp) p.clamp_state[i] = clamp;

@@ -134,6 +134,19 @@ INFOMAX_HOST_DEVICE T softmax_weight(T x, T lse) {
   return x == neg_infinity<T>() ? T(0) : w;
 }
 
+// Writes row i's requested statistics from its folded states: the negatives'
+// log-sum-exp state, the clamped one, the softplus sum and the positive score.
+// NB: the row's log-sum-exp over all columns is the negatives' state plus the positive.
+template <typename T>
+INFOMAX_HOST_DEVICE void finalize_row(int64_t i, int64_t reductions, LseState<T> neg,
+                                      LseState<T> clamp, T softplus_sum, T pos, T* row_out,
+                                      T* neg_out, T* clamp_out, T* softplus_out) {
+  if (reductions & kNegLse) neg_out[i] = lse_finalize(neg);
+  if (reductions & kRowLse) row_out[i] = lse_finalize(lse_push(neg, pos));
+  if (reductions & kNegClampLse) clamp_out[i] = lse_finalize(clamp);
+  if (reductions & kNegSoftplus) softplus_out[i] = softplus_sum;
+}
+
 // log(1 + exp(x)) without overflow for large x or loss of precision for very negative x.
 // NB: only exp(-|x|) is taken, so it never overflows.
 template <typename T>
