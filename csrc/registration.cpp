@@ -32,6 +32,17 @@ TORCH_LIBRARY(infomax_ext, m) {
       "Tensor? row_bias, Tensor? col_bias, Tensor row_lse, Tensor col_lse, Tensor neg_lse, "
       "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same five reductions of the concat-MLP critic S[i, j] = w2 . act(P_i + Q_j) + b2
+  // (activation: code of concat_math.h); neither S nor the K x M x H hidden tensor is stored.
+  m.def(
+      "concat_score_reduce(Tensor P, Tensor Q, Tensor w2, Tensor b2, int activation, "
+      "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients (P, Q, w2, b2) of concat_score_reduce by tile recomputation.
+  m.def(
+      "_concat_score_reduce_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor grad_neg_lse, "
+      "Tensor grad_clamp_lse, Tensor grad_softplus, Tensor P, Tensor Q, Tensor w2, Tensor b2, "
+      "int activation, Tensor row_lse, Tensor col_lse, Tensor neg_lse, Tensor clamp_lse, "
+      "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

@@ -24,6 +24,23 @@ from .estimators import (  # noqa: E402
     tuba,
     uniformity,
 )
+from .critics import Bilinear, ConcatMLP, Cosine, Critic, Dot, Separable, mi_lower_bound  # noqa: E402
+from .losses import (  # noqa: E402
+    AlignmentLoss,
+    AlignUniformLoss,
+    BoundLoss,
+    ClipLoss,
+    DVLoss,
+    InfoNCELoss,
+    JSLoss,
+    MINELoss,
+    NTXentLoss,
+    NWJLoss,
+    SMILELoss,
+    TUBALoss,
+    UniformityLoss,
+)
+from .mi import MIEstimate, estimate_mi  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -43,4 +60,26 @@ __all__ = [
     "smile",
     "tuba",
     "uniformity",
+    "Critic",
+    "Dot",
+    "Cosine",
+    "Bilinear",
+    "Separable",
+    "ConcatMLP",
+    "mi_lower_bound",
+    "InfoNCELoss",
+    "NTXentLoss",
+    "ClipLoss",
+    "BoundLoss",
+    "NWJLoss",
+    "DVLoss",
+    "MINELoss",
+    "JSLoss",
+    "SMILELoss",
+    "TUBALoss",
+    "AlignmentLoss",
+    "UniformityLoss",
+    "AlignUniformLoss",
+    "estimate_mi",
+    "MIEstimate",
 ]

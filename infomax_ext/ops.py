@@ -102,3 +102,85 @@ if _backend.HAS_C:
     torch.library.register_autograd(
         "infomax_ext::score_reduce", _backward, setup_context=_setup_context
     )
+
+
+# ---------------------------------------------------------------------------
+# concat_score_reduce: the concat-MLP critic
+# ---------------------------------------------------------------------------
+
+# Codes of the activation argument (csrc/include/infomax_ext/concat_math.h).
+ACTIVATION_CODES = {"relu": 0, "elu": 1, "tanh": 2, "softplus": 3, "gelu": 4}
+
+
+def activation_code(activation):
+    """The int code of a concat-critic activation name (or a valid code, returned as is)."""
+    if isinstance(activation, int) and not isinstance(activation, bool):
+        if activation in ACTIVATION_CODES.values():
+            return activation
+    elif activation in ACTIVATION_CODES:
+        return ACTIVATION_CODES[activation]
+    raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATION_CODES)}")
+
+
+def concat_score_reduce(P, Q, w2, b2, activation="relu", pos_offset=0,
+                        reductions=ALL_REDUCTIONS, clamp_tau=5.0):
+    """Streaming reductions of the concat-MLP critic ``S[i, j] = w2 . act(P_i + Q_j) + b2``.
+
+    With ``P = u Wu^T + b1`` and ``Q = v Wv^T`` (plain matmuls; ``W1 = [Wu Wv]`` of the
+    critic's first layer), ``S[i, j] = w2 . act(W1 [u_i; v_j] + b1) + b2``. Neither S
+    (K x M) nor the hidden tensor (K x M x H) is ever stored. Rows of S are anchors
+    (view 1), columns candidates (view 2).
+
+    Args:
+        P: (K, H) first-layer pre-activations of the anchors, bias included.
+        Q: (M, H) those of the candidates, M >= K; same dtype as P.
+        w2: (H,) output weights. b2: float or one-element tensor, the output bias.
+        activation: "relu", "elu" (alpha 1), "tanh", "softplus" (beta 1) or "gelu" (erf form).
+        pos_offset, reductions, clamp_tau: as in :func:`score_reduce`.
+
+    Returns:
+        ``(row_lse (K,), col_lse (M,), neg_lse (K,), neg_clamp_lse (K,), neg_softplus (K,))``
+        in float32 (float64 for float64 inputs); outputs not requested are empty ``(0,)``.
+        Gradients flow to P, Q, w2 and a tensor b2.
+    """
+    return torch.ops.infomax_ext.concat_score_reduce(
+        P, Q, w2, as_scale(b2, P), activation_code(activation), int(pos_offset), int(reductions),
+        float(clamp_tau)
+    )
+
+
+def _concat_setup_context(ctx, inputs, output):
+    P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau = inputs
+    row_lse, col_lse, neg_lse, clamp_lse, _ = output
+    ctx.save_for_backward(P, Q, w2, b2, row_lse, col_lse, neg_lse, clamp_lse)
+    ctx.activation = activation
+    ctx.args = (pos_offset, reductions, clamp_tau)
+
+
+def _concat_backward(ctx, g_row, g_col, g_neg, g_clamp, g_sp):
+    P, Q, w2, b2, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
+    empty = P.new_empty((0,), dtype=acc_dtype(P.dtype))
+    grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
+    dP, dQ, dw2, db2 = torch.ops.infomax_ext._concat_score_reduce_backward(
+        *grads, P, Q, w2, b2, ctx.activation, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args
+    )
+    return dP, dQ, dw2, db2, None, None, None, None
+
+
+if _backend.HAS_C:
+    # NB: as above, only with _C loaded do the op names exist.
+    @torch.library.register_fake("infomax_ext::concat_score_reduce")
+    def _concat_score_reduce_fake(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau):
+        torch._check(P.dim() == 2 and Q.dim() == 2, lambda: "concat_score_reduce: P and Q must be 2-D")
+        torch._check(P.shape[1] == Q.shape[1], lambda: "concat_score_reduce: hidden sizes differ")
+        return _fake_outputs(P, Q, reductions)
+
+    @torch.library.register_fake("infomax_ext::_concat_score_reduce_backward")
+    def _concat_score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, P, Q, w2, b2,
+                                           activation, row_lse, col_lse, neg_lse, clamp_lse,
+                                           pos_offset, reductions, clamp_tau):
+        return torch.empty_like(P), torch.empty_like(Q), torch.empty_like(w2), torch.empty_like(b2)
+
+    torch.library.register_autograd(
+        "infomax_ext::concat_score_reduce", _concat_backward, setup_context=_concat_setup_context
+    )

@@ -1,0 +1,680 @@
+"""Drop-in ``nn.Module`` losses with the conventions users already know.
+
+Every loss here is computed from the fused streaming reductions of ``ops.py``
+(or, with the compiled module absent or ``use_reference(True)``, from
+``reference.py``), so no K x M score matrix is stored. Rows of a score matrix
+are always the anchors (the first argument, view 1), columns the candidates
+(view 2, plus any extra negatives); the positive of anchor i is candidate
+``i + pos_offset``. Which peer each loss reproduces is in ``docs/losses.md``.
+
+All losses are values to **minimise**. Each ``forward`` takes
+``return_diagnostics=False``; with True it returns ``(loss, diagnostics)``, where
+the dict is built from the same fused outputs as the loss (no second pass over
+S) and holds detached tensors:
+
+- ``"bound"``: the MI lower bound in nats that the loss corresponds to (for the
+  contrastive losses ``log_m - loss``, InfoNCE with ``log_m`` candidates);
+- ``"log_m"``: log of the number of candidates per anchor (InfoNCE's ceiling);
+- ``"per_row"``: the per-anchor terms (documented per class).
+
+The alignment/uniformity losses are geometric, not bounds: their dicts carry the
+per-row terms and the parts of the loss instead of ``"bound"``.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _backend, ops
+from . import estimators as est
+from . import reference as ref
+from .critics import Dot
+from .distributed import gather_with_grad
+from .estimators import check_pair
+from .ops import COL_LSE, NEG_LSE, ROW_LSE
+
+__all__ = [
+    "InfoNCELoss",
+    "NTXentLoss",
+    "ClipLoss",
+    "BoundLoss",
+    "NWJLoss",
+    "DVLoss",
+    "MINELoss",
+    "JSLoss",
+    "SMILELoss",
+    "TUBALoss",
+    "AlignmentLoss",
+    "UniformityLoss",
+    "AlignUniformLoss",
+]
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces of the dot-product losses
+# ---------------------------------------------------------------------------
+
+
+def _score_reduce(a, b, scale, row_bias=None, col_bias=None, pos_offset=0, reductions=ROW_LSE,
+                  clamp_tau=5.0):
+    """``ops.score_reduce`` when the fused path is on, else its materialising reference."""
+    fn = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
+    return fn(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau)
+
+
+def _positive(a, b, scale, bias=None):
+    """``scale * <a_i, b_i> (+ bias)`` for paired rows, in the accumulation dtype. O(K d)."""
+    acc = ops.acc_dtype(a.dtype)
+    # NB: like the fused op, positives accumulate in float32 for half inputs.
+    pos = (a.to(acc) * b.to(acc)).sum(-1)
+    pos = pos * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
+    return pos if bias is None else pos + bias.to(acc)
+
+
+def _lse_over(a, bank, scale):
+    """(K,) ``logsumexp_j scale <a_i, bank_j>`` over every row of ``bank`` (N, d), fused.
+
+    The op needs at least as many columns as rows, so a bank smaller than the batch
+    is put on the rows and reduced column-wise instead.
+    """
+    if bank.shape[0] >= a.shape[0]:
+        return _score_reduce(a, bank, scale, reductions=ROW_LSE)[0]
+    return _score_reduce(bank, a, scale, reductions=COL_LSE)[1]
+
+
+def _check_bank(negatives, like, name="negatives"):
+    if negatives is None:
+        return
+    if not isinstance(negatives, torch.Tensor) or negatives.dim() != 2 or negatives.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, d) tensor, got "
+                         f"{tuple(getattr(negatives, 'shape', ()))}")
+    if negatives.shape[1] != like.shape[1]:
+        raise ValueError(f"feature sizes differ: {name} has d={negatives.shape[1]}, "
+                         f"the views have d={like.shape[1]}")
+    if negatives.dtype != like.dtype or negatives.device != like.device:
+        raise ValueError(f"{name} must match the views' dtype and device, got {negatives.dtype} on "
+                         f"{negatives.device}, views {like.dtype} on {like.device}")
+
+
+def _check_temperature(temperature):
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def _contrastive_result(per_row, log_m, return_diagnostics, **extra):
+    """Loss = mean of the per-anchor cross entropies; bound = log_m - loss (nats)."""
+    loss = per_row.mean()
+    if not return_diagnostics:
+        return loss
+    d = loss.detach()
+    diag = {"bound": log_m - d, "log_m": log_m, "per_row": per_row.detach()}
+    diag.update(extra)
+    return loss, diag
+
+
+# ---------------------------------------------------------------------------
+# Contrastive losses (cross entropy over candidates)
+# ---------------------------------------------------------------------------
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE / contrastive cross entropy on a pair of views, with optional extra negatives.
+
+    ``S[i, j] = <z1_i, c_j> / temperature`` with anchors ``z1`` (K, d) on the rows and
+    candidates ``c = [z2; negatives]`` on the columns; the positive of anchor i is
+    ``z2[i + pos_offset]``. The loss is ``mean_i [logsumexp_j S_ij - S_i,pos]``, i.e.
+    ``F.cross_entropy`` with labels ``i + pos_offset``, and ``log M - loss`` is the InfoNCE
+    bound in nats (``M`` candidates per anchor).
+
+    Conventions (``docs/losses.md``): with ``negatives=None`` it is info-nce-pytorch's
+    ``InfoNCE`` without negative keys, open_clip's one-directional CLIP loss and, with
+    ``symmetric=True``, the CLIP loss at a fixed temperature. With a bank and
+    ``bank_only=True`` the candidates are the positive plus the bank only (MoCo,
+    lightly's ``NTXentLoss`` with a memory bank, info-nce-pytorch with ``negative_keys``).
+
+    Args:
+        temperature: ``S = cos / temperature`` (``normalize=True``) or ``dot / temperature``.
+        symmetric: also score ``z2`` anchors against ``z1`` candidates (plus the bank) and
+            average the two directions (CLIP); needs K == M and ``pos_offset = 0``.
+        normalize: L2-normalise z1, z2 and the negatives first (cosine similarity).
+        bank_only: with ``negatives``, drop the in-batch negatives (MoCo's queue convention).
+        gather_distributed: score the local anchors against every rank's ``z2`` (and ``z1``
+            when symmetric) via ``distributed.gather_with_grad``; positives sit at
+            ``rank * M_local + i + pos_offset``. A no-op outside a process group.
+
+    Forward:
+        ``z1`` (K, d), ``z2`` (M, d) with M >= K, ``negatives`` (N, d) or None,
+        ``pos_offset`` in [0, M - K]. ``per_row`` of the diagnostics: the K per-anchor cross
+        entropies (2K when symmetric: the z1 anchors, then the z2 anchors).
+    """
+
+    def __init__(self, temperature=0.1, symmetric=False, normalize=True, bank_only=False,
+                 gather_distributed=False):
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        self.symmetric, self.normalize = bool(symmetric), bool(normalize)
+        self.bank_only, self.gather_distributed = bool(bank_only), bool(gather_distributed)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
+                f"bank_only={self.bank_only}, gather_distributed={self.gather_distributed}")
+
+    def forward(self, z1, z2, negatives=None, pos_offset=0, return_diagnostics=False):
+        check_pair(z1, z2, pos_offset, names=("z1", "z2"))
+        _check_bank(negatives, z1)
+        K, M = z1.shape[0], z2.shape[0]
+        if self.symmetric and (K != M or pos_offset != 0):
+            raise ValueError(f"symmetric InfoNCE needs K == M and pos_offset 0, got K={K}, M={M}, "
+                             f"pos_offset={pos_offset}")
+        if self.bank_only and negatives is None:
+            raise ValueError("bank_only=True needs negatives= (the bank / queue)")
+        if self.normalize:
+            z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+            negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+        scale = 1.0 / self.temperature
+        pos = _positive(z1, z2[pos_offset:pos_offset + K], scale)
+
+        if self.bank_only:
+            # Candidates: the positive and the bank (MoCo); no in-batch negatives.
+            lse1 = torch.logaddexp(pos, _lse_over(z1, negatives, scale))
+            lse2 = torch.logaddexp(pos, _lse_over(z2, negatives, scale)) if self.symmetric else None
+            n_cand = 1 + negatives.shape[0]
+        else:
+            gathered = self.gather_distributed
+            if gathered:
+                z2_all, rank, world = gather_with_grad(z2, name="z2")
+                gathered = world > 1
+            if gathered:
+                off = rank * M + pos_offset
+                lse1 = _score_reduce(z1, z2_all, scale, pos_offset=off, reductions=ROW_LSE)[0]
+                lse2 = None
+                if self.symmetric:
+                    z1_all = gather_with_grad(z1, name="z1")[0]
+                    lse2 = _score_reduce(z2, z1_all, scale, pos_offset=off, reductions=ROW_LSE)[0]
+                n_cand = z2_all.shape[0]
+            else:
+                red = ROW_LSE | (COL_LSE if self.symmetric else 0)
+                row_lse, col_lse = _score_reduce(z1, z2, scale, pos_offset=pos_offset, reductions=red)[:2]
+                lse1, lse2 = row_lse, (col_lse if self.symmetric else None)
+                n_cand = M
+            if negatives is not None:
+                lse1 = torch.logaddexp(lse1, _lse_over(z1, negatives, scale))
+                if self.symmetric:
+                    lse2 = torch.logaddexp(lse2, _lse_over(z2, negatives, scale))
+                n_cand += negatives.shape[0]
+
+        per_row = lse1 - pos if lse2 is None else torch.cat([lse1 - pos, lse2 - pos])
+        return _contrastive_result(per_row, math.log(n_cand), return_diagnostics)
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent: each of the 2N views against the other 2N - 1 views.
+
+    With ``z = [z1; z2]`` (2N, d), L2-normalised, and ``S = z z^T / temperature``, anchor
+    k's positive is its other view (k +- N) and its candidates are all 2N - 1 rows but
+    itself; the loss is the mean over the 2N anchors of ``logsumexp_{j != k} S_kj - S_k,pos``.
+    Fused as **one** ``score_reduce(z, z)`` whose negatives' log-sum-exp excludes exactly
+    the self-similarity (the "positive" of the op is the diagonal), plus the O(N d)
+    positive scores, so S (2N x 2N) is never stored.
+
+    Matches lightly's ``NTXentLoss(temperature)`` (memory bank off) and
+    pytorch-metric-learning's ``NTXentLoss(temperature)`` on ``cat([z1, z2])`` with labels
+    ``cat([arange(N), arange(N)])``. For a memory bank use ``InfoNCELoss(bank_only=True)``.
+
+    Args:
+        temperature: 0.5 is lightly's default (pytorch-metric-learning uses 0.07).
+        normalize: L2-normalise first (both peers do).
+        gather_distributed: every local anchor against the 2N * world_size views of all
+            ranks (lightly's ``gather_distributed``); a no-op outside a process group.
+
+    Forward:
+        ``z1``, ``z2``: (N, d) the two views, row i of each from the same sample.
+        ``per_row``: the 2N per-anchor cross entropies (z1 anchors, then z2 anchors);
+        ``log_m = log(2N - 1)`` (times the world size when gathered).
+    """
+
+    def __init__(self, temperature=0.5, normalize=True, gather_distributed=False):
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        self.normalize, self.gather_distributed = bool(normalize), bool(gather_distributed)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, normalize={self.normalize}, "
+                f"gather_distributed={self.gather_distributed}")
+
+    def forward(self, z1, z2, return_diagnostics=False):
+        check_pair(z1, z2, names=("z1", "z2"))
+        if z1.shape[0] != z2.shape[0]:
+            raise ValueError(f"NT-Xent needs two views of the same N samples, got {z1.shape[0]} and {z2.shape[0]}")
+        if self.normalize:
+            z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+        scale = 1.0 / self.temperature
+        z = torch.cat([z1, z2])  # (2N, d)
+        z_all, off = z, 0
+        if self.gather_distributed:
+            # NB: gather [z1; z2] per rank, so rank r's rows sit at [2N r, 2N (r + 1)) and
+            # the self-similarity of local row k is column k + 2N r: one constant offset.
+            z_all, rank, _ = gather_with_grad(z, name="[z1; z2]")
+            off = rank * z.shape[0]
+        lse = _score_reduce(z, z_all, scale, pos_offset=off, reductions=NEG_LSE)[2]
+        pos = _positive(z1, z2, scale)
+        per_row = lse - torch.cat([pos, pos])
+        return _contrastive_result(per_row, math.log(z_all.shape[0] - 1), return_diagnostics)
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric cross entropy with a learnable ``logit_scale`` (open_clip's ``ClipLoss``).
+
+    ``S = exp(logit_scale) * image @ text^T (+ logit_bias)`` with images on the rows, texts
+    on the columns and pairs on the diagonal; the loss is
+    ``(CE(S, arange) + CE(S^T, arange)) / 2``. The scale (and bias) get gradients from the
+    fused op. A bias added to every logit cancels in both softmaxes: it is accepted for
+    open_clip's signature and gets a zero gradient.
+
+    Args:
+        init_logit_scale: initial ``log scale``, ``log(1 / 0.07)`` as in CLIP.
+        learnable: the scale (and bias) are ``nn.Parameter``s; else buffers.
+        bias: None for no bias, or the initial value of a bias added to every logit.
+        normalize: L2-normalise the features first. False by default: open_clip's loss
+            takes features its model already normalised.
+        gather_distributed: local anchors against every rank's candidates in both
+            directions (open_clip's ``local_loss=True, gather_with_grad=True``).
+
+    Forward:
+        ``image_features``, ``text_features``: (N, d). ``logit_scale``, ``logit_bias``:
+        optional overrides with open_clip's meaning (``logit_scale`` already exponentiated,
+        as open_clip's model returns it); None uses the module's own.
+        ``per_row``: 2N per-anchor cross entropies (images, then texts); the diagnostics
+        also hold ``"logit_scale"`` (the scale used, exponentiated).
+    """
+
+    def __init__(self, init_logit_scale=math.log(1 / 0.07), learnable=True, bias=None,
+                 normalize=False, gather_distributed=False):
+        super().__init__()
+        scale = torch.tensor(float(init_logit_scale))
+        if learnable:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        if bias is None:
+            self.logit_bias = None
+        elif learnable:
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+        else:
+            self.register_buffer("logit_bias", torch.tensor(float(bias)))
+        self.normalize, self.gather_distributed = bool(normalize), bool(gather_distributed)
+
+    def extra_repr(self):
+        return f"normalize={self.normalize}, gather_distributed={self.gather_distributed}"
+
+    def forward(self, image_features, text_features, logit_scale=None, logit_bias=None,
+                return_diagnostics=False):
+        img, txt = image_features, text_features
+        check_pair(img, txt, names=("image_features", "text_features"))
+        if img.shape[0] != txt.shape[0]:
+            raise ValueError(f"ClipLoss needs as many texts as images, got {img.shape[0]} and {txt.shape[0]}")
+        if self.normalize:
+            img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        acc = ops.acc_dtype(img.dtype)
+        scale = self.logit_scale.exp() if logit_scale is None else torch.as_tensor(logit_scale)
+        scale = scale.to(device=img.device, dtype=acc).reshape(())
+        bias = self.logit_bias if logit_bias is None else torch.as_tensor(logit_bias)
+        K = img.shape[0]
+        row_bias = None if bias is None else bias.to(device=img.device, dtype=acc).reshape(()).expand(K)
+        pos = _positive(img, txt, scale, row_bias)
+
+        gathered = False
+        if self.gather_distributed:
+            txt_all, rank, world = gather_with_grad(txt, name="text_features")
+            gathered = world > 1
+        if gathered:
+            img_all = gather_with_grad(img, name="image_features")[0]
+            off = rank * K
+            lse_i = _score_reduce(img, txt_all, scale, row_bias, None, off, ROW_LSE)[0]
+            lse_t = _score_reduce(txt, img_all, scale, row_bias, None, off, ROW_LSE)[0]
+            n_cand = txt_all.shape[0]
+        else:
+            lse_i, lse_t = _score_reduce(img, txt, scale, row_bias, None, 0, ROW_LSE | COL_LSE)[:2]
+            n_cand = K
+        per_row = torch.cat([lse_i - pos, lse_t - pos])
+        return _contrastive_result(per_row, math.log(n_cand), return_diagnostics,
+                                   logit_scale=scale.detach())
+
+
+# ---------------------------------------------------------------------------
+# Negated MI bounds on a critic
+# ---------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Wraps a score source and keeps what the estimator asked of it: the positives and
+    the one fused reduction call (or the materialised S on the reference path), so the
+    diagnostics reuse them instead of a second pass over S."""
+
+    def __init__(self, src):
+        self.src, self.K, self.M, self.pos_offset = src, src.K, src.M, src.pos_offset
+        self.pos = self.out = self.S = None
+
+    def positive(self):
+        self.pos = self.src.positive()
+        return self.pos
+
+    def reduce(self, reductions, clamp_tau=5.0):
+        self.out = self.src.reduce(reductions, clamp_tau)
+        return self.out
+
+    def materialize(self):
+        self.S = self.src.materialize()
+        return self.S
+
+    def terms(self, clamp_tau):
+        """``(pos, row_lse, neg_lse, neg_clamp_lse)`` (K,) each (None where not computed)."""
+        if self.out is not None:
+            row_lse, _, neg_lse, clamp_lse, _ = self.out
+            empty = lambda t: t if t.numel() else None  # noqa: E731
+            return self.pos, empty(row_lse), empty(neg_lse), empty(clamp_lse)
+        # Reference path: the same terms from the materialised S (already built).
+        S = self.S
+        S = S.to(ops.acc_dtype(S.dtype))
+        mask = ref.negative_mask(self.K, self.M, self.pos_offset, device=S.device)
+        return (ref.positive_scores(S, self.pos_offset), torch.logsumexp(S, 1),
+                ref._masked_lse(S, mask, 1), ref._masked_lse(S.clamp(-clamp_tau, clamp_tau), mask, 1))
+
+
+class BoundLoss(nn.Module):
+    """The negated MI lower bound ``-estimator(critic(u, v))``; the base of the bound losses.
+
+    Rows of the critic's S are the anchors ``u`` (K, du), columns the candidates ``v``
+    (M, dv), M >= K, positive of row i at column ``i + pos_offset``. The bound comes from
+    ``estimators.py`` on ``critic.source(u, v, pos_offset)``, so it is fused for every
+    critic with a fused form and identical to :func:`infomax_ext.mi_lower_bound`.
+
+    Args:
+        estimator: ``"infonce"``, ``"nwj"``, ``"dv"``, ``"js"``, ``"smile"`` or ``"tuba"``
+            (``"mine"``: use :class:`MINELoss`, which keeps the moving average).
+        critic: a critic from ``critics.py``; default ``Dot()`` (``S = <u_i, v_j>``).
+        **options: the estimator's keyword options (``tau`` for SMILE).
+
+    Forward:
+        ``(u, v, pos_offset=0, return_diagnostics=False)``. ``per_row`` (K,): the
+        per-anchor terms of the bound (see each subclass); ``log_m = log M``.
+    """
+
+    _per_row_doc = ""
+
+    def __init__(self, estimator, critic=None, **options):
+        super().__init__()
+        if estimator not in _PER_ROW:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(_PER_ROW)}")
+        if estimator == "mine" and not isinstance(self, MINELoss):
+            raise ValueError("use MINELoss for 'mine': it keeps the moving average in a buffer")
+        self.estimator = estimator
+        self.critic = Dot() if critic is None else critic
+        self.options = options
+
+    def extra_repr(self):
+        return f"estimator={self.estimator!r}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
+
+    def _bound(self, src, u):
+        return est.estimate_from(src, self.estimator, **self.options), {}
+
+    def forward(self, u, v, pos_offset=0, return_diagnostics=False):
+        rec = _Recorder(self.critic.source(u, v, pos_offset))
+        bound, extra = self._bound(rec, u)
+        if not return_diagnostics:
+            return -bound
+        tau = float(self.options.get("tau", 5.0))
+        per_row = _PER_ROW[self.estimator](rec.terms(tau), rec.M, extra)
+        diag = {"bound": bound.detach(), "log_m": math.log(rec.M), "per_row": per_row.detach()}
+        diag.update({k: v.detach() for k, v in extra.items()})
+        return -bound, diag
+
+
+def _row_log_mean_neg(lse, M):
+    return lse - math.log(M - 1)
+
+
+# Per-anchor terms from (pos, row_lse, neg_lse, neg_clamp_lse); M columns; extra terms.
+_PER_ROW = {
+    # mean = the bound
+    "infonce": lambda t, M, x: t[0] - t[1] + math.log(M),
+    "nwj": lambda t, M, x: t[0] - torch.exp(_row_log_mean_neg(t[2], M) - 1),
+    "js": lambda t, M, x: t[0] + 1 - torch.exp(_row_log_mean_neg(t[2], M)),
+    "tuba": lambda t, M, x: 1 + t[0] - x["baseline"] - torch.exp(_row_log_mean_neg(t[2], M) - x["baseline"]),
+    # the per-anchor DV; by Jensen their mean is >= the batch bound
+    "dv": lambda t, M, x: t[0] - _row_log_mean_neg(t[2], M),
+    "mine": lambda t, M, x: t[0] - _row_log_mean_neg(t[2], M),
+    "smile": lambda t, M, x: t[0] - _row_log_mean_neg(t[3], M),
+}
+
+
+class NWJLoss(BoundLoss):
+    """``-NWJ``: ``-(mean_pos S - e^{-1} mean_neg exp(S))`` on a critic (Nguyen et al.; Poole's
+    ``nwj_lower_bound``). ``per_row``: ``S_ii - e^{-1} mean_{j != i} exp(S_ij)`` (mean = bound)."""
+
+    def __init__(self, critic=None):
+        super().__init__("nwj", critic)
+
+
+class DVLoss(BoundLoss):
+    """``-DV``: ``-(mean_pos S - log mean_neg exp(S))`` on a critic (Donsker-Varadhan; biased in
+    mini-batches). ``per_row``: the per-anchor DV ``S_ii - log mean_{j != i} exp(S_ij)``."""
+
+    def __init__(self, critic=None):
+        super().__init__("dv", critic)
+
+
+class JSLoss(BoundLoss):
+    """``-JS``: the loss's **gradient** is that of the Jensen-Shannon objective
+    ``-mean_pos softplus(-S) - mean_neg softplus(S)`` (f-GAN / Deep InfoMax); its **value**
+    is ``-NWJ(S + 1)``, the MI estimate of a JS-trained critic (Poole). ``per_row``:
+    ``S_ii + 1 - mean_{j != i} exp(S_ij)`` (mean = bound)."""
+
+    def __init__(self, critic=None):
+        super().__init__("js", critic)
+
+
+class SMILELoss(BoundLoss):
+    """``-SMILE`` (Song & Ermon): value ``-(mean_pos S - log mean_neg exp(clamp(S, -tau, tau)))``,
+    gradient of the JS objective. ``per_row``: ``S_ii - log mean_{j != i} exp(clamp(S_ij))``.
+
+    Args:
+        tau: the clip (1 or 5 in the paper; 5 is the common default).
+        critic: as in :class:`BoundLoss`.
+    """
+
+    def __init__(self, tau=5.0, critic=None):
+        if not tau > 0:
+            raise ValueError(f"SMILE: tau must be > 0, got {tau}")
+        super().__init__("smile", critic, tau=float(tau))
+
+
+class TUBALoss(BoundLoss):
+    """``-TUBA``: ``-(1 + mean_i (S_ii - a_i) - mean_neg exp(S_ij - a_i))`` with a row baseline
+    ``a_i`` (Poole's ``tuba_lower_bound``; NWJ is TUBA with ``a = 1``).
+
+    Args:
+        baseline: None (``a = 0``), a float (constant ``a``), or a module mapping the
+            anchors ``u`` (K, du) to (K,) or (K, 1) log-baselines ``a_i`` (Poole's ``a(y)``,
+            learnable; it gets gradients).
+        critic: as in :class:`BoundLoss`.
+
+    ``per_row``: ``1 + S_ii - a_i - mean_{j != i} exp(S_ij - a_i)`` (mean = bound).
+    """
+
+    def __init__(self, baseline=None, critic=None):
+        super().__init__("tuba", critic)
+        self.baseline = baseline if isinstance(baseline, nn.Module) else None
+        self.constant = 0.0 if baseline is None or self.baseline is not None else float(baseline)
+
+    def _bound(self, src, u):
+        acc = ops.acc_dtype(u.dtype)
+        if self.baseline is not None:
+            a = self.baseline(u).reshape(-1).to(acc)
+            if a.shape[0] != src.K:
+                raise ValueError(f"TUBA baseline must give one value per anchor ({src.K}), got {a.shape[0]}")
+        else:
+            a = torch.full((src.K,), self.constant, dtype=acc, device=u.device)
+        return est.tuba_from(src, a), {"baseline": a}
+
+
+class MINELoss(BoundLoss):
+    """``-MINE`` (Belghazi et al.): value ``-DV``; the log-partition gradient is divided by an
+    exponential moving average of ``mean_neg exp(S)`` (bias correction).
+
+    The moving average is kept **in log space** in the buffer ``log_ema`` (NaN until the
+    first training step; saved in the state dict, moved by ``.to``). It is updated in
+    training mode only, with ``momentum`` the weight of the old value (0.9), and equals the
+    ``ema`` threaded through :func:`infomax_ext.mine` / ``reference.mine`` step by step.
+    ``per_row``: the per-anchor DV. The diagnostics add ``"log_ema"``.
+    """
+
+    def __init__(self, momentum=0.9, critic=None):
+        super().__init__("mine", critic)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("log_ema", torch.tensor(math.nan, dtype=torch.float64))
+
+    def _bound(self, src, u):
+        if not _backend.fused_enabled():
+            S = src.materialize()
+            pos_mean = ref.positive_scores(S, src.pos_offset).mean()
+            lme = ref._neg_log_mean_exp(S, src.pos_offset)
+        else:
+            t = est._Terms(src, NEG_LSE)
+            pos_mean, lme = t.pos.mean(), t.log_mean_exp_neg()
+        lme_d = lme.detach()
+        old = self.log_ema.to(lme.dtype)
+        m = self.momentum
+        log_m = math.log(m) if m > 0 else -math.inf
+        log_1m = math.log1p(-m) if m < 1 else -math.inf
+        # NB: branch-free first step (NaN sentinel) so torch.compile needs no graph break;
+        # the log-space merge cannot overflow.
+        new = torch.where(torch.isnan(old), lme_d, torch.logaddexp(old + log_m, lme_d + log_1m))
+        if self.training:
+            self.log_ema.copy_(new)
+        surrogate = pos_mean - torch.exp(lme - new)
+        bound = surrogate + (pos_mean - lme - surrogate).detach()
+        return bound, {"log_ema": new}
+
+
+# ---------------------------------------------------------------------------
+# Alignment and uniformity (Wang & Isola 2020)
+# ---------------------------------------------------------------------------
+
+
+def _alignment_rows(x, y, alpha):
+    acc = ops.acc_dtype(x.dtype)
+    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha)
+
+
+def _uniformity(x, t):
+    """(value, per_row): ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` and the per-point
+    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``, from one fused call."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
+    check_pair(x, x, 0, True, names=("x", "x"))
+    K = x.shape[0]
+    # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>: scale 2t, row and column
+    # bias -t |x|^2, the diagonal excluded as the op's "positive"; log-sum-exp keeps it
+    # finite where Wang & Isola's log(mean(exp(.))) underflows to -inf.
+    bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
+    neg_lse = _score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+    return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
+
+
+class AlignmentLoss(nn.Module):
+    """Wang & Isola's ``align_loss``: ``mean_i |x_i - y_i|_2^alpha`` (x, y: (K, d) paired rows).
+
+    Args:
+        alpha: the exponent (2).
+        normalize: L2-normalise x and y first. False: the reference function takes
+            features the model already normalised.
+
+    ``per_row``: ``|x_i - y_i|^alpha``; no ``"bound"``.
+    """
+
+    def __init__(self, alpha=2.0, normalize=False):
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha, self.normalize = float(alpha), bool(normalize)
+
+    def forward(self, x, y, return_diagnostics=False):
+        check_pair(x, y, names=("x", "y"))
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if self.normalize:
+            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        rows = _alignment_rows(x, y, self.alpha)
+        loss = rows.mean()
+        return (loss, {"per_row": rows.detach()}) if return_diagnostics else loss
+
+
+class UniformityLoss(nn.Module):
+    """Wang & Isola's ``uniform_loss``: ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (x: (K, d)).
+
+    Same value as the reference ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()`` where
+    that is finite, and finite where it underflows to -inf (fused log-sum-exp).
+
+    Args:
+        t: the temperature (2).
+        normalize: L2-normalise x first (False, as the reference function).
+
+    ``per_row``: ``log mean_{j != i} exp(-t |x_i - x_j|^2)``; ``log_m = log(K (K - 1))``.
+    """
+
+    def __init__(self, t=2.0, normalize=False):
+        super().__init__()
+        if not t > 0:
+            raise ValueError(f"t must be > 0, got {t}")
+        self.t, self.normalize = float(t), bool(normalize)
+
+    def forward(self, x, return_diagnostics=False):
+        if self.normalize:
+            x = F.normalize(x, dim=-1)
+        loss, rows = _uniformity(x, self.t)
+        if not return_diagnostics:
+            return loss
+        K = x.shape[0]
+        return loss, {"per_row": rows.detach(), "log_m": math.log(K * (K - 1))}
+
+
+class AlignUniformLoss(nn.Module):
+    """Wang & Isola's recipe ``align(x, y) + lam * (uniform(x) + uniform(y)) / 2``.
+
+    Args:
+        lam: weight of the uniformity term (``unif_w`` in the reference, 1).
+        alpha, t: as in :class:`AlignmentLoss` and :class:`UniformityLoss`.
+        normalize: L2-normalise x and y first (True: the recipe's features are normalised).
+
+    Diagnostics: ``"align"``, ``"uniform_x"``, ``"uniform_y"`` and ``per_row`` (the
+    alignment rows).
+    """
+
+    def __init__(self, lam=1.0, alpha=2.0, t=2.0, normalize=True):
+        super().__init__()
+        if not alpha > 0 or not t > 0:
+            raise ValueError(f"alpha and t must be > 0, got alpha={alpha}, t={t}")
+        self.lam, self.alpha, self.t, self.normalize = float(lam), float(alpha), float(t), bool(normalize)
+
+    def extra_repr(self):
+        return f"lam={self.lam}, alpha={self.alpha}, t={self.t}, normalize={self.normalize}"
+
+    def forward(self, x, y, return_diagnostics=False):
+        check_pair(x, y, names=("x", "y"))
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if self.normalize:
+            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        rows = _alignment_rows(x, y, self.alpha)
+        align = rows.mean()
+        ux, uy = _uniformity(x, self.t)[0], _uniformity(y, self.t)[0]
+        loss = align + self.lam * (ux + uy) / 2
+        if not return_diagnostics:
+            return loss
+        return loss, {"align": align.detach(), "uniform_x": ux.detach(), "uniform_y": uy.detach(),
+                      "per_row": rows.detach()}
