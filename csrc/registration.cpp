@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_isa.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -66,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = false;
     info["openmp_max_threads"] = 1;
 #endif
+    info["cpu_avx2"] = infomax_ext::cpu::use_avx2();  // which clone of the CPU hot loops runs
     info["aten_threads"] = at::get_num_threads();
     info["aten_parallel"] = at::get_parallel_info();
     return info;

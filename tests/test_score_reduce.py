@@ -203,3 +203,18 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_baseline_isa_clone_matches_reference():
+    """The CPU epilogues exist for the baseline ISA and for AVX2 + FMA (picked at run
+    time); INFOMAX_EXT_NO_AVX2=1 forces the baseline: rerun the float32 and float64
+    comparisons in a fresh process on that path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, INFOMAX_EXT_NO_AVX2="1", PYTHONPATH=root)
+    check = subprocess.run([sys.executable, "-c", "import infomax_ext; print(infomax_ext.build_info()['cpu_avx2'])"],
+                           capture_output=True, text=True, env=env, cwd=root)
+    assert check.stdout.strip() == "False", check.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_score_reduce.py", "-k", "values_and_gradients and cpu or large_logits"],
+                         capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:]

@@ -211,32 +211,20 @@ void grad_tile_base(const ConcatData<T>& d, const T* G, int64_t i0, int64_t tk, 
   grad_tile_body<A>(d, G, i0, tk, j0, tm, dP, dQ, dw);
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define INFOMAX_CONCAT_AVX2 1
+#ifdef INFOMAX_HAVE_AVX2_CLONES
 template <int64_t A, typename T>
-__attribute__((target("avx2"))) void scores_tile_avx2(const ConcatData<T>& d, T* s, int64_t i0,
+INFOMAX_TARGET_AVX2 void scores_tile_avx2(const ConcatData<T>& d, T* s, int64_t i0,
                                                        int64_t tk, int64_t j0, int64_t tm) {
   scores_tile_body<A>(d, s, i0, tk, j0, tm);
 }
 template <int64_t A, typename T>
-__attribute__((target("avx2"))) void grad_tile_avx2(const ConcatData<T>& d, const T* G, int64_t i0,
+INFOMAX_TARGET_AVX2 void grad_tile_avx2(const ConcatData<T>& d, const T* G, int64_t i0,
                                                      int64_t tk, int64_t j0, int64_t tm, T* dP, T* dQ,
                                                      T* dw) {
   grad_tile_body<A>(d, G, i0, tk, j0, tm, dP, dQ, dw);
 }
 #endif
 
-bool use_avx2() {
-#ifdef INFOMAX_CONCAT_AVX2
-  static const bool on = [] {
-    const char* off = std::getenv("INFOMAX_EXT_NO_AVX2");
-    return __builtin_cpu_supports("avx2") && !(off && off[0] && std::strcmp(off, "0") != 0);
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
 
 // The tile functions of one activation and dtype for this CPU.
 template <int64_t A, typename T>
@@ -245,8 +233,8 @@ struct ConcatKernels {
   decltype(&grad_tile_base<A, T>) grad = &grad_tile_base<A, T>;
 
   ConcatKernels() {
-#ifdef INFOMAX_CONCAT_AVX2
-    if (use_avx2()) scores = &scores_tile_avx2<A, T>, grad = &grad_tile_avx2<A, T>;
+#ifdef INFOMAX_HAVE_AVX2_CLONES
+    if (cpu::use_avx2()) scores = &scores_tile_avx2<A, T>, grad = &grad_tile_avx2<A, T>;
 #endif
   }
 };

@@ -47,70 +47,13 @@ inline bool valid_activation(int64_t code) { return code >= 0 && code < kNumActi
 
 namespace fmath {
 
-INFOMAX_HOST_DEVICE float int_bits_as_float(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  return __builtin_bit_cast(float, i);
-#endif
-}
-
-INFOMAX_HOST_DEVICE int32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(f);
-#else
-  return __builtin_bit_cast(int32_t, f);
-#endif
-}
-
-// c ? a : b.
-// NB: on the host a bit blend, not a ternary: GCC threads a ternary's constant
-// arm (e.g. a clamp bound) through the math that follows, turns the rest into
-// conditional code and then, under the default -ftrapping-math, may not
-// if-convert it: the loop over h stays scalar. The blend keeps it straight-line.
-INFOMAX_HOST_DEVICE float select(bool c, float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return c ? a : b;
-#else
-  const int32_t m = -static_cast<int32_t>(c);
-  return int_bits_as_float((float_bits(a) & m) | (float_bits(b) & ~m));
-#endif
-}
-
 // -|x|: sets the sign bit.
 INFOMAX_HOST_DEVICE float neg_abs(float x) {
   return int_bits_as_float(float_bits(x) | static_cast<int32_t>(0x80000000u));
 }
 
-// score_math.h's vexp (same reduction, polynomial and edge cases: 0 below
-// -87.3, +inf above 88.7, NaN stays NaN) with its ternaries written as blends.
-// NB: vexp itself cannot be used here yet: GCC threads its constant arms (0,
-// INFINITY) through the activation math that follows and then, under
-// -ftrapping-math, cannot if-convert the loops over h that store (the backward
-// ones), which stay scalar. Once vexp uses `select`, this copy should go.
-INFOMAX_HOST_DEVICE float exp(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-  return ::expf(x);
-#else
-  float xc = select(x < -87.0f, -87.0f, x);
-  xc = select(xc > 88.0f, 88.0f, xc);
-  // NB: n = round(x / ln 2) by the 1.5 * 2^23 trick (plain adds, vectorises).
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 split in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float y = p * int_bits_as_float((static_cast<int32_t>(n) + 127) << 23);  // p 2^n
-  return select(x < -87.3f, 0.0f, select(x > 88.7f, INFINITY, select(x != x, x, y)));
-#endif
-}
-
 // expm1(x) for x <= 0: the Taylor series to x^9 / 9! on (-0.5, 0] (error below
-// 1e-9 relative), exp(x) - 1 below (no cancellation there: |result| > 0.39).
+// 1e-9 relative), vexp(x) - 1 below (no cancellation there: |result| > 0.39).
 INFOMAX_HOST_DEVICE float expm1_nonpos(float x) {
   float p = 1.f / 362880.f;
   p = p * x + 1.f / 40320.f;
@@ -121,16 +64,16 @@ INFOMAX_HOST_DEVICE float expm1_nonpos(float x) {
   p = p * x + 1.f / 6.f;
   p = p * x + 0.5f;
   const float series = p * x * x + x;
-  return select(x > -0.5f, series, exp(x) - 1.f);
+  return select(x > -0.5f, series, vexp(x) - 1.f);
 }
 
 // tanh: |x| < 0.625: Cephes' odd polynomial; else sign(x) (1 - e) / (1 + e) with
-// e = exp(-2|x|) in (0, 0.29] (no overflow, no cancellation).
+// e = vexp(-2|x|) in (0, 0.29] (no overflow, no cancellation).
 INFOMAX_HOST_DEVICE float tanh(float x) {
   const float z = x * x;
   const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
                         1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-  const float e = exp(2.f * neg_abs(x));
+  const float e = vexp(2.f * neg_abs(x));
   const float big = (1.f - e) / (1.f + e);
   return select(z < 0.390625f, small, select(x < 0.f, -big, big));
 }
@@ -147,7 +90,7 @@ INFOMAX_HOST_DEVICE float erfc_nonneg(float z) {
                 t * (0.09678418f +
                      t * (-0.18628806f +
                           t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
-  return t * exp(poly - z * z);
+  return t * vexp(poly - z * z);
 }
 
 }  // namespace fmath
@@ -156,7 +99,7 @@ INFOMAX_HOST_DEVICE float erfc_nonneg(float z) {
 // (log1p on [0, 1] is score_math.h's vlog1p_unit, for both).
 template <typename T>
 INFOMAX_HOST_DEVICE T act_select(bool c, T a, T b) {
-  if constexpr (std::is_same<T, float>::value) return fmath::select(c, a, b); else return c ? a : b;
+  return select(c, a, b);
 }
 template <typename T>
 INFOMAX_HOST_DEVICE T act_neg_abs(T x) {
@@ -164,7 +107,7 @@ INFOMAX_HOST_DEVICE T act_neg_abs(T x) {
 }
 template <typename T>
 INFOMAX_HOST_DEVICE T act_exp(T x) {
-  if constexpr (std::is_same<T, float>::value) return fmath::exp(x); else return exp(x);
+  return vexp(x);
 }
 template <typename T>
 INFOMAX_HOST_DEVICE T act_expm1_nonpos(T x) {
@@ -179,7 +122,7 @@ template <typename T>
 INFOMAX_HOST_DEVICE T act_normal_cdf(T x) {
   if constexpr (std::is_same<T, float>::value) {
     const float e = 0.5f * fmath::erfc_nonneg(-0.70710678118654752f * fmath::neg_abs(x));
-    return fmath::select(x < 0.f, e, 1.f - e);
+    return select(x < 0.f, e, 1.f - e);
   } else {
     return T(0.5) * erfc(x * T(-0.70710678118654752440));
   }

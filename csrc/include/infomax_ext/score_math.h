@@ -8,6 +8,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define INFOMAX_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// NB: always_inline: a call to vexp left out of line stops GCC from vectorising
+// the loop around it ("statement clobbers memory").
+#define INFOMAX_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define INFOMAX_HOST_DEVICE inline
 #endif
@@ -33,18 +37,52 @@ INFOMAX_HOST_DEVICE T neg_infinity() {
   return -INFINITY;
 }
 
+INFOMAX_HOST_DEVICE float int_bits_as_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  return __builtin_bit_cast(float, i);
+#endif
+}
+
+INFOMAX_HOST_DEVICE int32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  return __builtin_bit_cast(int32_t, f);
+#endif
+}
+
+// c ? a : b.
+// NB: on the host a bit blend, not a ternary: GCC threads a ternary's constant
+// arm (a clamp bound, 0, inf) through the math that follows, turns the rest into
+// conditional code and then, under the default -ftrapping-math, may not
+// if-convert it, so the loop over a tile stays scalar. The blend is straight-line.
+INFOMAX_HOST_DEVICE float select(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const int32_t m = -static_cast<int32_t>(c);
+  return int_bits_as_float((float_bits(a) & m) | (float_bits(b) & ~m));
+#endif
+}
+
+// double is used for exactness (gradcheck), not speed: a plain ternary.
+INFOMAX_HOST_DEVICE double select(bool c, double a, double b) { return c ? a : b; }
+
 // exp for the reductions' arguments, which are never positive (x - max,
 // x - lse, -|x|). On the device it is the hardware exp. On the host, float uses
-// a branch-free Cody-Waite reduction plus a degree-6 polynomial (about 2 ulp on
-// x <= 0) so that loops over a tile vectorise, where std::exp would stay a
-// scalar libm call; double keeps std::exp (gradcheck precision).
+// a branch-free Cody-Waite reduction plus a degree-6 polynomial (relative error
+// below 1e-7 on x <= 0) so that loops over a tile vectorise, where std::exp would
+// stay a scalar libm call; double keeps std::exp (gradcheck precision).
 // NB: x < -87.3 gives exactly 0 (no denormals); -inf gives 0; NaN stays NaN;
 // x > 88.7 overflows to +inf like std::exp.
 INFOMAX_HOST_DEVICE float vexp(float x) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return ::expf(x);
 #else
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float xc = select(x < -87.0f, -87.0f, x);
+  xc = select(xc > 88.0f, 88.0f, xc);
   // NB: n = round(x / ln 2) by the 1.5 * 2^23 trick: plain adds, so it vectorises
   // even where the ISA has no rounding instruction (needs no -ffast-math).
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -56,11 +94,8 @@ INFOMAX_HOST_DEVICE float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float pow2n;
-  __builtin_memcpy(&pow2n, &bits, sizeof(float));
-  const float y = p * pow2n;
-  return x < -87.3f ? 0.0f : (x > 88.7f ? INFINITY : (x != x ? x : y));
+  const float y = p * int_bits_as_float((static_cast<int32_t>(n) + 127) << 23);  // p 2^n
+  return select(x < -87.3f, 0.0f, select(x > 88.7f, INFINITY, select(x != x, x, y)));
 #endif
 }
 
@@ -130,8 +165,7 @@ INFOMAX_HOST_DEVICE T lse_finalize(LseState<T> s) {
 // NB: x = -inf (a masked entry) has weight 0 even when lse is -inf too.
 template <typename T>
 INFOMAX_HOST_DEVICE T softmax_weight(T x, T lse) {
-  const T w = vexp(x - lse);
-  return x == neg_infinity<T>() ? T(0) : w;
+  return select(x == neg_infinity<T>(), T(0), vexp(x - lse));
 }
 
 // Writes row i's requested statistics from its folded states: the negatives'
@@ -151,29 +185,29 @@ INFOMAX_HOST_DEVICE void finalize_row(int64_t i, int64_t reductions, LseState<T>
 // NB: only exp(-|x|) is taken, so it never overflows.
 template <typename T>
 INFOMAX_HOST_DEVICE T softplus(T x) {
-  const T pos = x > T(0) ? x : T(0);
-  return pos + vlog1p_unit(vexp(x > T(0) ? -x : x));
+  const bool p = x > T(0);
+  return select(p, x, T(0)) + vlog1p_unit(vexp(select(p, -x, x)));
 }
 
 template <typename T>
 INFOMAX_HOST_DEVICE T sigmoid(T x) {
   // NB: exp(-|x|) only, and no branch: both sides are selects.
-  const T e = vexp(x >= T(0) ? -x : x);
+  const bool p = x >= T(0);
+  const T e = vexp(select(p, -x, x));
   const T inv = T(1) / (T(1) + e);
-  return x >= T(0) ? inv : e * inv;
+  return select(p, inv, e * inv);
 }
 
 // d clamp(x, -tau, tau) / dx * exp(clamp(x) - lse): the clamped softmax weight.
 // NB: like torch.clamp, the gradient passes on the closed interval [-tau, tau].
 template <typename T>
 INFOMAX_HOST_DEVICE T clamped_softmax_weight(T x, T tau, T lse) {
-  const T w = vexp(x - lse);
-  return (x >= -tau && x <= tau) ? w : T(0);
+  return select(x >= -tau && x <= tau, vexp(x - lse), T(0));
 }
 
 template <typename T>
 INFOMAX_HOST_DEVICE T clamp_tau(T x, T tau) {
-  return x < -tau ? -tau : (x > tau ? tau : x);
+  return select(x < -tau, -tau, select(x > tau, tau, x));
 }
 
 // The score of one pair from its dot product.
