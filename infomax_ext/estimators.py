@@ -291,19 +291,34 @@ def alignment(x, y, alpha=2.0):
     return ref.alignment(x, y, alpha)
 
 
-def uniformity(x, t=2.0):
-    """Wang & Isola's uniformity ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (minimise it).
+def uniformity_terms(x, t=2.0):
+    """``(value, per_row)`` of Wang & Isola's uniformity from one fused call.
 
-    Fused as S with scale 2t, row and column bias ``-t |x|^2`` and the diagonal
-    excluded (the negatives' log-sum-exp), so it stays finite where
-    ``log(mean(exp(.)))`` underflows to -inf. x: (K, d), K >= 2.
+    value = ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; per_row[i] =
+    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as S with scale 2t, row and
+    column bias ``-t |x|^2`` and the diagonal excluded (the negatives' log-sum-exp),
+    so it stays finite where ``log(mean(exp(.)))`` underflows to -inf. With the
+    fused path off, the same reductions come from ``reference.score_reduce``.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
-    if not _backend.fused_enabled():
-        return ref.uniformity(x, t)
     check_pair(x, x, 0, True, names=("x", "x"))
+    # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>.
     bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
-    neg_lse = ops.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+    reduce = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
+    neg_lse = reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
     K = x.shape[0]
-    return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1))
+    return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
+
+
+def uniformity(x, t=2.0):
+    """Wang & Isola's uniformity ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (minimise it).
+
+    x: (K, d), K >= 2. Fused (see ``uniformity_terms``); the reference path runs
+    ``reference.uniformity``.
+    """
+    if not _backend.fused_enabled():
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
+            raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
+        return ref.uniformity(x, t)
+    return uniformity_terms(x, t)[0]

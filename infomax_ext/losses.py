@@ -571,19 +571,7 @@ def _alignment_rows(x, y, alpha):
     return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha)
 
 
-def _uniformity(x, t):
-    """(value, per_row): ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` and the per-point
-    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``, from one fused call."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
-    check_pair(x, x, 0, True, names=("x", "x"))
-    K = x.shape[0]
-    # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>: scale 2t, row and column
-    # bias -t |x|^2, the diagonal excluded as the op's "positive"; log-sum-exp keeps it
-    # finite where Wang & Isola's log(mean(exp(.))) underflows to -inf.
-    bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
-    neg_lse = _score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
-    return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
+_uniformity = est.uniformity_terms
 
 
 class AlignmentLoss(nn.Module):
