@@ -24,6 +24,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "concat_common.h"
 #include "infomax_ext/concat_math.h"
 #include "reduce_walker.h"
 
@@ -31,42 +32,6 @@ namespace infomax_ext {
 namespace {
 
 using cpu::Walk;
-using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-
-void check_concat_args(const Tensor& P, const Tensor& Q, const Tensor& w2, const Tensor& b2,
-                       int64_t activation, int64_t pos_offset, int64_t reductions, double clamp_tau) {
-  TORCH_CHECK(P.dim() == 2, "concat_score_reduce: P must be 2-D (K, H), got ", P.dim(), "-D");
-  TORCH_CHECK(Q.dim() == 2, "concat_score_reduce: Q must be 2-D (M, H), got ", Q.dim(), "-D");
-  const int64_t K = P.size(0), M = Q.size(0), H = P.size(1);
-  TORCH_CHECK(K > 0 && M > 0 && H > 0, "concat_score_reduce: P and Q must be non-empty, got P ",
-              P.sizes(), " and Q ", Q.sizes());
-  TORCH_CHECK(Q.size(1) == H, "concat_score_reduce: hidden sizes differ: P has H=", H, ", Q has H=",
-              Q.size(1));
-  TORCH_CHECK(M >= K, "concat_score_reduce: need M >= K (every row has a positive column), got K=", K,
-              " (P), M=", M, " (Q)");
-  TORCH_CHECK(pos_offset >= 0 && pos_offset <= M - K,
-              "concat_score_reduce: pos_offset must be in [0, M-K] = [0, ", M - K, "], got ", pos_offset);
-  TORCH_CHECK(w2.dim() == 1 && w2.size(0) == H, "concat_score_reduce: w2 must have shape (H,) = (", H,
-              ",), got ", w2.sizes());
-  TORCH_CHECK(b2.numel() == 1, "concat_score_reduce: b2 must have one element, got shape ", b2.sizes());
-  TORCH_CHECK(P.device() == Q.device() && P.device() == w2.device() && P.device() == b2.device(),
-              "concat_score_reduce: P, Q, w2 and b2 must be on one device, got ", P.device(), ", ",
-              Q.device(), ", ", w2.device(), ", ", b2.device());
-  TORCH_CHECK(at::isFloatingType(P.scalar_type()), "concat_score_reduce: P must be floating point, got ",
-              P.scalar_type());
-  TORCH_CHECK(P.scalar_type() == Q.scalar_type(), "concat_score_reduce: P and Q dtypes differ: ",
-              P.scalar_type(), " vs ", Q.scalar_type());
-  TORCH_CHECK(at::isFloatingType(w2.scalar_type()), "concat_score_reduce: w2 must be floating point, got ",
-              w2.scalar_type());
-  TORCH_CHECK(at::isFloatingType(b2.scalar_type()), "concat_score_reduce: b2 must be floating point, got ",
-              b2.scalar_type());
-  TORCH_CHECK(valid_activation(activation), "concat_score_reduce: activation must be a code in [0, ",
-              int64_t(kNumActivations), ") (relu, elu, tanh, softplus, gelu), got ", activation);
-  TORCH_CHECK(reductions > 0 && reductions <= kAllReductions,
-              "concat_score_reduce: reductions must be a non-zero bit mask below 32, got ", reductions);
-  TORCH_CHECK(!(reductions & kNegClampLse) || clamp_tau > 0,
-              "concat_score_reduce: clamp_tau must be > 0, got ", clamp_tau);
-}
 
 struct ConcatInputs {
   Tensor P, Q, w2;  // contiguous, accumulation dtype
