@@ -59,6 +59,9 @@ class DotScores:
 
     def __init__(self, a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
         check_pair(a, b, pos_offset)
+        for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
+            if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+                raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
         self.a, self.b, self.row_bias, self.col_bias = a, b, row_bias, col_bias
         self.scale = ops.as_scale(scale, a)
         self.K, self.M, self.pos_offset = a.shape[0], b.shape[0], pos_offset

@@ -98,8 +98,8 @@ def _check_bank(negatives, like, name="negatives"):
 
 
 def _check_temperature(temperature):
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
 
@@ -293,6 +293,8 @@ class ClipLoss(nn.Module):
     def __init__(self, init_logit_scale=math.log(1 / 0.07), learnable=True, bias=None,
                  normalize=False, gather_distributed=False):
         super().__init__()
+        if not math.isfinite(float(init_logit_scale)):
+            raise ValueError(f"init_logit_scale must be finite, got {init_logit_scale!r}")
         scale = torch.tensor(float(init_logit_scale))
         if learnable:
             self.logit_scale = nn.Parameter(scale)

@@ -150,6 +150,18 @@ def test_estimator_input_errors_name_the_argument():
         ie.tuba(a, b, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="K >= 2"):
         ie.uniformity(a[:1])
+    with pytest.raises(ValueError, match="row_bias"):
+        ie.infonce(a, b, row_bias=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="col_bias"):
+        ie.dv(a, b, col_bias=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype"):
+        ie.dv(a.int(), b.int())
+    with pytest.raises(ValueError, match="temperature"):
+        ie.InfoNCELoss(temperature=float("inf"))
+    with pytest.raises(ValueError, match="temperature"):
+        ie.InfoNCELoss(temperature=0.0)
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        ie.ClipLoss(init_logit_scale=float("nan"))
 
 
 @pytest.mark.parametrize("name", ["infonce", "dv"])
