@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # peak.py, and the package without an install
 
 import infomax_ext as ie  # noqa: E402
 from infomax_ext import reference as ref  # noqa: E402
