@@ -189,3 +189,24 @@ def test_fuzz_critics_fused_matches_reference(critic, estimator, K, extra, seed)
             assert x is None and y is None
             continue
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["infonce", "dv", "nwj", "smile", "js"])
+def test_low_precision_losses_and_gradients_match_float64(dtype, name):
+    """fp16/bf16 inputs: finite value and gradients, within the input precision of a
+    float64 reference on the same (rounded) inputs."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.nn.functional.normalize(torch.randn(70, 16, generator=g), dim=1).to(dtype)
+    b = torch.nn.functional.normalize(torch.randn(600, 16, generator=g), dim=1).to(dtype)
+    fn = getattr(ie, name)
+    a_lp, b_lp = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    v_lp, v64 = fn(a_lp, b_lp, scale=5.0, pos_offset=3), fn(a64, b64, scale=5.0, pos_offset=3)
+    assert v_lp.dtype == torch.float32 and torch.isfinite(v_lp)
+    torch.testing.assert_close(v_lp.double(), v64, rtol=1e-4, atol=1e-4)
+    for x, y in zip(torch.autograd.grad(v_lp, [a_lp, b_lp]), torch.autograd.grad(v64, [a64, b64])):
+        assert x.dtype == dtype and torch.isfinite(x).all()
+        # gradients are returned in the input dtype: compare within its resolution
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(x.double(), y, rtol=4 * eps, atol=4 * eps * y.abs().max().item())
