@@ -61,50 +61,38 @@
 #include <cstdlib>
 
 #include "../concat_common.h"
+#include "cuda_common.cuh"
 #include "infomax_ext/concat_math.h"
 #include "infomax_ext/score_math.h"
 
 namespace infomax_ext {
 namespace {
 
+using cuda::as_states;
+using cuda::ceil_div;
+using cuda::ptr_or_null;
+using cuda::warp_sum;
+
 constexpr int kTile = 32;     // rows and columns of S per tile
 constexpr int kHC = 32;       // hidden units staged in shared memory per step
 constexpr int kHalf = 16;     // the tile kernels' block is kHalf x kHalf threads, 2 x 2 pairs each
 constexpr int kThreads = 256; // every kernel's block
 constexpr int kHPerThread = kHC * kTile / kThreads;  // 4: outputs (h values) per thread in dP/dQ
-constexpr int64_t kDefaultBudget = int64_t(256) << 20;
 
 static_assert(kHalf * kHalf == kThreads && 2 * kHalf == kTile, "tile kernel shape");
 static_assert(kThreads / 32 * kHPerThread == kHC, "dP/dQ kernels: 8 warps x 4 h = kHC");
 
-int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-int64_t workspace_budget() {
-  // NB: read per call so a test can shrink it and walk several row chunks.
-  if (const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return kDefaultBudget;
-}
 
 // Rows per chunk: all K if they fit the budget, else a multiple of kTile (at least one tile).
 int64_t chunk_rows(int64_t K, int64_t bytes_per_row) {
-  int64_t r = workspace_budget() / std::max<int64_t>(1, bytes_per_row);
+  int64_t r = cuda::workspace_bytes() / std::max<int64_t>(1, bytes_per_row);
   r = std::min<int64_t>(r, int64_t(65535) * kTile);  // grid.y of the tile kernels
   if (r >= K) return K;
   return std::max<int64_t>(kTile, r / kTile * kTile);
 }
 
-template <typename T>
-T* ptr_or_null(const Tensor& t) {
-  return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr;
-}
 
-template <typename T>
-LseState<T>* as_states(const Tensor& t) {
-  return t.defined() ? reinterpret_cast<LseState<T>*>(t.data_ptr<T>()) : nullptr;
-}
 
 // The critic's parameters in the accumulation dtype (contiguous, on the device).
 template <typename T>
@@ -116,12 +104,6 @@ struct ConcatParams {
   int64_t K, M, H;
 };
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Loads rows [x0, x0 + kTile) (those below n) of X (n x H), hidden units
 // [h0, h0 + hc), transposed into s[h][r]; zeros elsewhere. t: the thread's index.

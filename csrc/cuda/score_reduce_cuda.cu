@@ -62,6 +62,7 @@
 #include <type_traits>
 
 #include "../score_reduce_common.h"
+#include "cuda_common.cuh"
 
 // at::mm(self, mat2, out_dtype) (fp16/bf16 in, float32 out) exists from torch 2.8.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
@@ -73,7 +74,11 @@
 namespace infomax_ext {
 namespace {
 
-constexpr int64_t kDefaultTileBytes = int64_t(256) << 20;  // one chunk of float32 scores
+using cuda::as_states;
+using cuda::ceil_div;
+using cuda::ptr_or_null;
+using cuda::warp_sum;
+
 constexpr int64_t kMinTileRows = 1024;  // rows per chunk when M forces column chunks (GEMM height, row-kernel blocks)
 constexpr int kRowThreads = 256;       // block of the per-row kernels (a multiple of 32)
 constexpr int kColX = 32;              // columns per block of the column kernel
@@ -85,15 +90,6 @@ constexpr int kUnroll = 4;             // loads in flight per thread in the row 
 // Tiling
 // ---------------------------------------------------------------------------
 
-int64_t tile_bytes() {
-  // NB: read per call (cheap) so a test can shrink the chunk and walk many row
-  // and column chunks on small inputs.
-  if (const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return kDefaultTileBytes;
-}
 
 struct Tiling {
   int64_t rows, cols;  // chunk extent: rows of S (<= K) x columns of S (<= M)
@@ -101,14 +97,13 @@ struct Tiling {
 
 Tiling choose_tiling(int64_t K, int64_t M, int64_t elem_bytes) {
   // NB: at most 2^30 elements so grid sizes and int math on chunk extents stay small.
-  const int64_t elems = std::min<int64_t>(int64_t(1) << 30, std::max<int64_t>(1, tile_bytes() / elem_bytes));
+  const int64_t elems = std::min<int64_t>(int64_t(1) << 30, std::max<int64_t>(1, cuda::workspace_bytes() / elem_bytes));
   const int64_t min_rows = std::min(K, kMinTileRows);
   const int64_t cols = std::min(M, std::max<int64_t>(1, elems / min_rows));
   const int64_t rows = std::min(K, std::max<int64_t>(1, elems / cols));
   return {rows, cols};
 }
 
-int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 // out (rows x cols, accumulation dtype) = x @ y. fp16/bf16 x, y: tensor cores,
 // float32 accumulation and output.
@@ -153,12 +148,6 @@ __device__ __forceinline__ LseState<T> warp_merge(LseState<T> s) {
   return s;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Merges the states and sums of all threads of the block; the result is valid in thread 0.
 template <typename T>
@@ -373,15 +362,7 @@ int row_threads(int64_t cols) {
   return static_cast<int>(std::min<int64_t>(kRowThreads, std::max<int64_t>(32, ceil_div(cols, 32) * 32)));
 }
 
-template <typename T>
-LseState<T>* as_states(const Tensor& t) {
-  return t.defined() ? reinterpret_cast<LseState<T>*>(t.data_ptr<T>()) : nullptr;
-}
 
-template <typename T>
-T* ptr_or_null(const Tensor& t) {
-  return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr;
-}
 
 // A and B: the GEMM operands (accumulation dtype, or fp16/bf16 for the tensor-core path).
 template <typename T>
