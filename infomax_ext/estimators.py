@@ -294,6 +294,28 @@ def alignment(x, y, alpha=2.0):
     return ref.alignment(x, y, alpha)
 
 
+_SYMMETRIC_LEAF = 1024
+
+
+def _symmetric_neg_lse(x, bias, scale):
+    """(K,) ``logsumexp_{j != i} S_ij`` of the symmetric ``S = scale x x^T + bias_i + bias_j``
+    from about half of S.
+
+    NB: split x = [x1; x2]. The off-diagonal block S12 (= S21^T) is computed once:
+    its row log-sum-exps serve the rows of x1 and its column log-sum-exps the rows of
+    x2; the diagonal blocks recurse. Work K^2 / 2 + O(K * leaf) pairs instead of K^2,
+    every piece one fused call (autograd composes their backward passes).
+    """
+    K = x.shape[0]
+    if K <= _SYMMETRIC_LEAF:
+        return ops.score_reduce(x, x, scale, bias, bias, 0, NEG_LSE)[2]
+    h = K // 2  # x1 has h <= K - h rows, as the op's M >= K needs
+    x1, x2, b1, b2 = x[:h], x[h:], bias[:h], bias[h:]
+    row12, col12 = ops.score_reduce(x1, x2, scale, b1, b2, 0, ROW_LSE | COL_LSE)[:2]
+    return torch.cat([torch.logaddexp(_symmetric_neg_lse(x1, b1, scale), row12),
+                      torch.logaddexp(_symmetric_neg_lse(x2, b2, scale), col12)])
+
+
 def uniformity_terms(x, t=2.0):
     """``(value, per_row)`` of Wang & Isola's uniformity from one fused call.
 
@@ -308,8 +330,10 @@ def uniformity_terms(x, t=2.0):
     check_pair(x, x, 0, True, names=("x", "x"))
     # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>.
     bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
-    reduce = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
-    neg_lse = reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+    if _backend.fused_enabled():
+        neg_lse = _symmetric_neg_lse(x, bias, 2.0 * t)
+    else:
+        neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
     K = x.shape[0]
     return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
 
