@@ -8,11 +8,13 @@ Commands (``--help`` after any of them lists its options):
 - ``estimate``: the MI staircase of Poole et al. / Song & Ermon (d=20, 2..10 nats):
   estimate per step against the truth, and bias / variance / MSE per estimator (CSV).
 - ``represent``: Tschannen et al.'s two-view experiment on 8x8 digits with a linear probe.
+- ``experiments NAME``: the seed slides' other experiments (issue 9): ``alignuniform``,
+  ``jacobian``, ``threshold``, ``invertible`` (``infomax_ext/experiments/seed.py``).
 - ``bench``: the benchmark suite (``infomax_ext.bench.main(args)``).
 """
 import sys
 
-COMMANDS = ("tour", "estimate", "represent", "bench")
+COMMANDS = ("tour", "estimate", "represent", "experiments", "bench")
 
 
 def _usage():
@@ -55,6 +57,10 @@ def main(argv=None):
         from .experiments import represent
 
         return represent.main(rest)
+    if cmd == "experiments":
+        from .experiments import seed
+
+        return seed.main(rest)
     from .experiments import tour
 
     return tour.main(rest)
