@@ -60,7 +60,8 @@ class MIEstimate:
                 "curve": self.curve, "estimator": self.estimator, "batch_size": self.batch_size}
 
 
-def _mlp(d_in, hidden, layers, d_out, activation):
+def mlp(d_in, hidden, layers, d_out, activation="relu"):
+    """``layers`` hidden layers of width ``hidden`` and a linear output (Poole's ``mlp``)."""
     act = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU}
     if activation not in act:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(act)}")
@@ -78,8 +79,8 @@ def _make_critic(critic, dx, dy, hidden, layers, embed_dim, activation):
             raise TypeError("a critic module needs .source(u, v, pos_offset) (see critics.Critic)")
         return critic
     if critic == "separable":
-        return C.Separable(_mlp(dx, hidden, layers, embed_dim, activation),
-                           _mlp(dy, hidden, layers, embed_dim, activation))
+        return C.Separable(mlp(dx, hidden, layers, embed_dim, activation),
+                           mlp(dy, hidden, layers, embed_dim, activation))
     if critic == "concat":
         # NB: one hidden layer is the fused concat critic; deeper ones materialise K x M x H.
         return C.ConcatMLP(dx, dy, hidden, layers if layers is not None else 1, activation)
@@ -99,7 +100,7 @@ def _make_loss(estimator, critic, tau, dx, hidden, activation):
         return MINELoss(critic=critic)
     if estimator == "tuba":
         # Poole's TUBA with a learned log-baseline a(x) of the anchor.
-        return TUBALoss(_mlp(dx, hidden, 1, 1, activation), critic)
+        return TUBALoss(mlp(dx, hidden, 1, 1, activation), critic)
     if estimator in ESTIMATORS:
         return BoundLoss(estimator, critic)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")

@@ -4,7 +4,8 @@ import os
 import time
 
 import torch
-from torch import nn
+
+from .. import mi as _mi
 
 DEFAULT_OUT = "infomax_out"
 
@@ -32,17 +33,7 @@ def out_dir(path):
     return path
 
 
-def mlp(d_in, hidden, layers, d_out, activation="relu"):
-    """``layers`` hidden layers of width ``hidden`` and a linear output (Poole's ``mlp``)."""
-    act = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU}
-    if activation not in act:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(act)}")
-    mods, d = [], d_in
-    for _ in range(layers):
-        mods += [nn.Linear(d, hidden), act[activation]()]
-        d = hidden
-    mods.append(nn.Linear(d, d_out))
-    return nn.Sequential(*mods)
+mlp = _mi.mlp  # one definition, shared with estimate_mi
 
 
 class Timer:
