@@ -41,7 +41,10 @@ INFOMAX_HOST_DEVICE float int_bits_as_float(int32_t i) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(i);
 #else
-  return __builtin_bit_cast(float, i);
+  // NB: memcpy, not __builtin_bit_cast (GCC >= 11 only): compiles to a register move.
+  float f;
+  __builtin_memcpy(&f, &i, sizeof(f));
+  return f;
 #endif
 }
 
@@ -49,7 +52,9 @@ INFOMAX_HOST_DEVICE int32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_int(f);
 #else
-  return __builtin_bit_cast(int32_t, f);
+  int32_t i;
+  __builtin_memcpy(&i, &f, sizeof(i));
+  return i;
 #endif
 }
 
