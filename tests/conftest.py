@@ -1,5 +1,21 @@
 import os
 import sys
 
+import pytest
+import torch
+
 # helpers.py sits beside the tests; make it importable whatever the rootdir.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (modules opt in with ``usefixtures("one_thread")``).
+
+    NB: tiny matmuls and MLPs: on the shared 2-core machines one thread is several
+    times faster than two.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

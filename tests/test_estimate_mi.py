@@ -12,16 +12,8 @@ import infomax_ext as ie
 from infomax_ext import critics as C
 from infomax_ext.mi import MIEstimate, estimate_mi
 
-pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # NB: tiny matmuls; on the shared 2-core machines one thread is several times faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def correlated_gaussian(n, d, mi, seed, cubic=False):

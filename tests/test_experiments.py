@@ -18,16 +18,8 @@ import infomax_ext as ie
 from infomax_ext import __main__ as cli
 from infomax_ext.experiments import gaussian as G
 
-pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # NB: tiny MLPs; on the shared 2-core machines one thread is several times faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------

@@ -15,17 +15,9 @@ from infomax_ext import losses as L
 from infomax_ext import ops
 from infomax_ext import reference as ref
 
-pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
+pytestmark = [pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built"),
+              pytest.mark.usefixtures("one_thread")]
 f64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # NB: the shared 2-core machines are oversubscribed; one thread is faster there.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rand(*shape, seed, dtype=f64, grad=True):

@@ -15,16 +15,9 @@ import torch.nn.functional as F
 import infomax_ext as ie
 from infomax_ext import losses as L
 
-pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
+pytestmark = [pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built"),
+              pytest.mark.usefixtures("one_thread")]
 F32 = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rand(*shape, seed, dtype=torch.float64):

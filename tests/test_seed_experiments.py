@@ -19,12 +19,7 @@ from infomax_ext.experiments.represent import load_views
 from infomax_ext.losses import AlignmentLoss, UniformityLoss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
