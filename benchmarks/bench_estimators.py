@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import _common  # noqa: E402
 import infomax_ext as ie  # noqa: E402
+from infomax_ext import bench  # noqa: E402
 from infomax_ext import reference as ref  # noqa: E402
 from infomax_ext.bench import uniformity_matmul  # noqa: E402
 
@@ -122,19 +123,11 @@ def make_case(estimator, impl, K, d=128, dtype="float32", backward=True, seed=0)
     fn = implementation(estimator, impl)
     ie.use_reference(False)
 
-    def run():
-        for x in inputs:
-            x.grad = None
-        out = fn(*inputs)
-        if backward:
-            out.backward()
-        _common.sync()
-        return out.detach()
+    run = bench.step(fn, inputs, backward, after=_common.sync)
 
     def check(out):
         exp, grads = expected(estimator, K, d, dtype, backward, seed)
         got = [x.grad for x in inputs] if backward else []
-        from infomax_ext import bench
 
         return bench.compare(out, got, exp, grads, bench.tolerance(dtype))
 

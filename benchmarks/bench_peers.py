@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 import _common  # noqa: E402
 import infomax_ext as ie  # noqa: E402
+from infomax_ext import bench  # noqa: E402
 
 PEERS = {"ntxent": ("pytorch-metric-learning", "pytorch_metric_learning"),
          "infonce": ("info-nce-pytorch", "info_nce"),
@@ -131,17 +132,9 @@ def make_case(loss, impl, K, d=128, dtype="float32", backward=True, bank=4096, s
     inputs = make_inputs(loss, K, d, dtype, backward, bank, seed)
     fn = implementation(loss, impl)
 
-    def run():
-        for x in inputs:
-            x.grad = None
-        out = fn(*inputs)
-        if backward:
-            out.backward()
-        _common.sync()
-        return out.detach()
+    run = bench.step(fn, inputs, backward, after=_common.sync)
 
     def check(out):
-        from infomax_ext import bench
 
         exp, grads = _common.oracle(_with_reference(_ours(loss), True), inputs, backward)
         got = [x.grad for x in inputs] if backward else []

@@ -104,6 +104,21 @@ def _device_of(device):
     return str(device)
 
 
+def step(fn, inputs, backward=True, after=None):
+    """A benchmark step: clear the inputs' gradients, ``out = fn(*inputs)``, backward if
+    asked, then ``after()`` (e.g. a CUDA synchronise); returns ``out.detach()``."""
+    def run():
+        for x in inputs:
+            x.grad = None
+        out = fn(*inputs)
+        if backward:
+            out.backward()
+        if after is not None:
+            after()
+        return out.detach()
+    return run
+
+
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -389,15 +404,7 @@ def make_case(op, impl, K, d=128, dtype="float32", backward=True, H=256, seed=0,
             matmul_floor(*inputs)
         return run
 
-    fn = fns[impl]
-
-    def run():
-        for x in inputs:
-            x.grad = None
-        out = fn(*inputs)
-        if backward:
-            out.backward()
-        return out.detach()
+    run = step(fns[impl], inputs, backward)
 
     run.check = _oracle_check(oracle, inputs, dtype, backward)
     run.inputs = inputs
