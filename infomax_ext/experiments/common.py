@@ -82,3 +82,23 @@ def progress(total, desc, disable=False, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, **kw)
+
+
+def batches(n, batch_size, gen):
+    """Shuffled full batches of indices in [0, n) (the last partial batch dropped)."""
+    perm = torch.randperm(n, generator=gen)
+    return perm[: n // batch_size * batch_size].split(batch_size)
+
+
+def train_epoch(loss_fn, g1, g2, x1, x2, opt, batch_size, gen, skip_nonfinite=True):
+    """One epoch of ``loss_fn(g1(x1), g2(x2))`` over shuffled batches; returns the mean
+    training bound (-loss). ``skip_nonfinite`` skips the update of a non-finite loss."""
+    vals = []
+    for idx in batches(len(x1), batch_size, gen):
+        loss = loss_fn(g1(x1[idx]), g2(x2[idx]))
+        if not skip_nonfinite or torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        vals.append(-loss.item())
+    return sum(vals) / len(vals)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .common import Timer, format_table, markdown_table, mlp, num_threads, out_dir
 from .represent import load_views, make_critic
+from .common import train_epoch
 from .seed import add_common, batches, bound_loss, probe
 
 
@@ -97,16 +98,8 @@ def train_bound(data, estimator="infonce", critic="separable", epochs=60, batch_
     x1, x2 = data["x1_train"], data["x2_train"]
     hist = dict(epoch=[], bound=[], probe_epoch=[0], probe_acc=[probe(g1, data, probe_iter, seed)])
     for epoch in range(1, epochs + 1):
-        vals = []
-        for idx in batches(len(x1), batch_size, gen):
-            loss = loss_fn(g1(x1[idx]), g2(x2[idx]))
-            if torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            vals.append(-loss.item())
         hist["epoch"].append(epoch)
-        hist["bound"].append(sum(vals) / len(vals))
+        hist["bound"].append(train_epoch(loss_fn, g1, g2, x1, x2, opt, batch_size, gen))
         if epoch % probe_every == 0 or epoch == epochs:
             hist["probe_epoch"].append(epoch)
             hist["probe_acc"].append(probe(g1, data, probe_iter, seed))

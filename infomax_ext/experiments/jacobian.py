@@ -17,7 +17,8 @@ from torch import nn
 from .. import critics as C
 from .common import Timer, format_table, markdown_table, num_threads, out_dir
 from .represent import load_views
-from .seed import add_common, batches, bound_loss, probe
+from .common import train_epoch
+from .seed import add_common, bound_loss, probe
 
 
 class ResidualBlock(nn.Module):
@@ -74,15 +75,8 @@ def train(data, epochs=60, batch_size=128, lr=1e-3, hidden=128, blocks=2, estima
 
     record(0)
     for epoch in range(1, epochs + 1):
-        vals = []
-        for idx in batches(len(x1), batch_size, gen):
-            loss = loss_fn(g1(x1[idx]), g2(x2[idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            vals.append(-loss.item())
         hist["epoch"].append(epoch)
-        hist["bound"].append(sum(vals) / len(vals))
+        hist["bound"].append(train_epoch(loss_fn, g1, g2, x1, x2, opt, batch_size, gen, skip_nonfinite=False))
         if epoch % probe_every == 0 or epoch == epochs:
             record(epoch)
     return hist

@@ -28,7 +28,7 @@ import torch
 
 from .. import critics as C
 from ..losses import BoundLoss, NWJLoss
-from .common import Timer, format_table, markdown_table, mlp, num_threads, out_dir, progress
+from .common import Timer, format_table, markdown_table, mlp, num_threads, out_dir, progress, train_epoch
 
 __all__ = ["load_views", "make_critic", "linear_probe", "train_two_view", "run", "main"]
 
@@ -111,22 +111,12 @@ def train_two_view(data, critic="bilinear", estimator="infonce", epochs=40, batc
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     x1, x2 = data["x1_train"], data["x2_train"]
-    n = len(x1)
     probe = lambda: linear_probe(_features(g1, x1), data["y_train"].numpy(),  # noqa: E731
                                  _features(g1, data["x1_test"]), data["y_test"].numpy(), probe_iter, seed)
     hist = dict(epoch=[], bound=[], probe_epoch=[0], probe_acc=[probe()], log_k=math.log(batch_size))
     for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=gen)
-        vals = []
-        for idx in perm[: n // batch_size * batch_size].split(batch_size):
-            loss = loss_fn(g1(x1[idx]), g2(x2[idx]))
-            if torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            vals.append(-loss.item())
         hist["epoch"].append(epoch)
-        hist["bound"].append(sum(vals) / len(vals))
+        hist["bound"].append(train_epoch(loss_fn, g1, g2, x1, x2, opt, batch_size, gen))
         if epoch % probe_every == 0 or epoch == epochs:
             hist["probe_epoch"].append(epoch)
             hist["probe_acc"].append(probe())

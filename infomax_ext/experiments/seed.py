@@ -20,6 +20,7 @@ import sys
 import torch
 
 from ..losses import BoundLoss, NWJLoss
+from .common import batches  # noqa: F401  (re-exported for the experiments)
 from .represent import linear_probe
 
 NAMES = ("alignuniform", "jacobian", "threshold", "invertible")
@@ -46,11 +47,6 @@ def bound_loss(estimator, critic):
     if estimator == "nwj":
         return NWJLoss(critic)
     raise ValueError(f"unknown estimator {estimator!r}")
-
-
-def batches(n, batch_size, gen):
-    perm = torch.randperm(n, generator=gen)
-    return perm[: n // batch_size * batch_size].split(batch_size)
 
 
 def add_common(p, epochs, out="infomax_out"):
