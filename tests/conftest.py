@@ -19,3 +19,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def default_cuda_tiles(monkeypatch):
+    """Clear any INFOMAX_EXT_CUDA_TILE_BYTES from the environment (tests set their own)."""
+    monkeypatch.delenv("INFOMAX_EXT_CUDA_TILE_BYTES", raising=False)

@@ -60,3 +60,15 @@ def sample_inputs(device="cpu", dtype=torch.float64, requires_grad=False, seed=0
 
 def case_id(kw):
     return f"K{kw['a'].shape[0]}-M{kw['b'].shape[0]}-off{kw['pos_offset']}"
+
+
+# The CUDA walkers' workspace budget (bytes); tests shrink it to walk many chunks.
+TILE_ENV = "INFOMAX_EXT_CUDA_TILE_BYTES"
+
+
+def set_tile(monkeypatch, tile):
+    """Set (a string of bytes) or clear (None) the CUDA workspace budget for one test."""
+    if tile is None:
+        monkeypatch.delenv(TILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TILE_ENV, tile)

@@ -16,8 +16,10 @@ import torch
 
 import infomax_ext
 from infomax_ext import ops, reference as ref
+from helpers import set_tile
 
 pytestmark = [
+    pytest.mark.usefixtures("default_cuda_tiles"),
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
@@ -25,7 +27,6 @@ pytestmark = [
 ALL = ops.ALL_REDUCTIONS
 BITS = [ops.ROW_LSE, ops.COL_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS]
 ARGS = ("a", "b", "scale", "row_bias", "col_bias")
-TILE_ENV = "INFOMAX_EXT_CUDA_TILE_BYTES"
 # Chunk budgets: the default (one chunk for small inputs); 1 KiB (K=300: 2 row chunks x
 # 517 one-column chunks; K=64: 4-column chunks); 64 bytes (a few rows x 1-2 columns).
 TILES = [None, "1024", "64"]
@@ -50,16 +51,6 @@ def _ids(shapes):
     return [f"K{K}-M{M}-d{d}-off{o}" for K, M, d, o in shapes]
 
 
-@pytest.fixture(autouse=True)
-def _no_tile_override(monkeypatch):
-    monkeypatch.delenv(TILE_ENV, raising=False)
-
-
-def set_tile(monkeypatch, tile):
-    if tile is None:
-        monkeypatch.delenv(TILE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(TILE_ENV, tile)
 
 
 def make_inputs(K, M, d, pos_offset, dtype=torch.float64, device="cuda", seed=0, noncontig=False,

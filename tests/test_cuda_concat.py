@@ -8,7 +8,6 @@ one. ``INFOMAX_EXT_CUDA_TILE_BYTES`` shrinks the CUDA walker's workspaces so tha
 inputs walk several row chunks (the merge of column states across chunks, dQ accumulated
 over chunks).
 """
-import math
 
 import pytest
 import torch
@@ -16,13 +15,14 @@ import torch
 import infomax_ext
 from infomax_ext import ops, reference as ref
 from test_concat import ACTS, BITS, SMOOTH, TAU, make_inputs, oracle, weighted_grads
+from helpers import TILE_ENV, set_tile
 
 DEVICE = "cuda"
-TILE_ENV = "INFOMAX_EXT_CUDA_TILE_BYTES"
 # The default budget (one chunk here) and 1 KiB (chunks of 32 rows: K = 70 walks 3).
 TILES = [None, "1024"]
 
 pytestmark = [
+    pytest.mark.usefixtures("default_cuda_tiles"),
     pytest.mark.cuda,
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built"),
@@ -47,16 +47,6 @@ def case_id(c):
     return "K{}-M{}-H{}-off{}".format(*c)
 
 
-@pytest.fixture(autouse=True)
-def _no_tile_override(monkeypatch):
-    monkeypatch.delenv(TILE_ENV, raising=False)
-
-
-def set_tile(monkeypatch, tile):
-    if tile is None:
-        monkeypatch.delenv(TILE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(TILE_ENV, tile)
 
 
 def on_device(inputs, dtype=None):
