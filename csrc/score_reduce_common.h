@@ -27,13 +27,13 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 inline void check_bias(const OptTensor& bias, const char* name, int64_t n, const char* n_name,
-                       const Tensor& a) {
+                       const Tensor& a, const char* op = "score_reduce") {
   if (!has(bias)) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "score_reduce: ", name,
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": ", name,
               " must have shape (", n_name, ",) = (", n, ",), got ", bias->sizes());
-  TORCH_CHECK(bias->device() == a.device(), "score_reduce: ", name, " is on ", bias->device(),
-              " but a is on ", a.device());
-  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "score_reduce: ", name,
+  TORCH_CHECK(bias->device() == a.device(), op, ": ", name, " is on ", bias->device(),
+              " but the inputs are on ", a.device());
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": ", name,
               " must be floating point, got ", bias->scalar_type());
 }
 
@@ -67,6 +67,21 @@ inline void check_score_reduce_args(const Tensor& a, const Tensor& b, const Tens
               "score_reduce: reductions must be a non-zero bit mask below 32, got ", reductions);
   TORCH_CHECK(!(reductions & kNegClampLse) || clamp_tau > 0,
               "score_reduce: clamp_tau must be > 0, got ", clamp_tau);
+}
+
+// symmetric_softmax_mean(x, scale, bias): the same messages as score_reduce.
+inline void check_symmetric_args(const Tensor& x, const Tensor& scale, const OptTensor& bias) {
+  TORCH_CHECK(x.dim() == 2, "symmetric_softmax_mean: x must be 2-D (K, d), got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "symmetric_softmax_mean: x must be non-empty, got ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "symmetric_softmax_mean: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == scale.device(), "symmetric_softmax_mean: x and scale must be on one device, got ",
+              x.device(), ", ", scale.device());
+  TORCH_CHECK(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),
+              "symmetric_softmax_mean: scale must be a floating tensor with one element, got shape ",
+              scale.sizes(), " and dtype ", scale.scalar_type());
+  check_bias(bias, "bias", x.size(0), "K", x, "symmetric_softmax_mean");
 }
 
 // Contiguous copy of an optional bias in the accumulation dtype (undefined if absent).

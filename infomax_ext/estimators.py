@@ -294,46 +294,74 @@ def alignment(x, y, alpha=2.0):
     return ref.alignment(x, y, alpha)
 
 
-_SYMMETRIC_LEAF = 1024
+def _check_uniformity_args(x, t):
+    """Validates uniformity's x ((K, d), K >= 2) and t (a number > 0); returns float(t)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
+    if isinstance(t, torch.Tensor) or not t > 0:
+        raise ValueError(f"uniformity's t must be a number > 0, got {t!r}")
+    return float(t)
 
 
-def _symmetric_neg_lse(x, bias, scale):
-    """(K,) ``logsumexp_{j != i} S_ij`` of the symmetric ``S = scale x x^T + bias_i + bias_j``
-    from about half of S.
+class _Uniformity(torch.autograd.Function):
+    """Uniformity's value and per-row terms from one ``symmetric_softmax_mean`` call.
 
-    NB: split x = [x1; x2]. The off-diagonal block S12 (= S21^T) is computed once:
-    its row log-sum-exps serve the rows of x1 and its column log-sum-exps the rows of
-    x2; the diagonal blocks recurse. Work K^2 / 2 + O(K * leaf) pairs instead of K^2,
-    every piece one fused call (autograd composes their backward passes).
+    NB: with ``S_ij = -t |x_i - x_j|^2`` (symmetric) and ``L = logsumexp_{i != j} S_ij``,
+    ``dL/dx_k = 2 * 2t * q_k * (mean_k - x_k)``: ``q_k = exp(lse_k - L)`` is row k's share
+    of the total and ``mean_k`` its softmax-weighted mean of the other rows. Both come out
+    of the forward call, so the value's backward is O(K d): no second pass over S (the
+    "input gradients during the forward" trick of fused linear cross-entropy, here exact
+    for any upstream gradient because the loss is a scalar). A gradient of the per-row
+    terms (not symmetric) takes the general recomputing backward of score_reduce.
     """
-    K = x.shape[0]
-    if K <= _SYMMETRIC_LEAF:
-        return ops.score_reduce(x, x, scale, bias, bias, 0, NEG_LSE)[2]
-    h = K // 2  # x1 has h <= K - h rows, as the op's M >= K needs
-    x1, x2, b1, b2 = x[:h], x[h:], bias[:h], bias[h:]
-    row12, col12 = ops.score_reduce(x1, x2, scale, b1, b2, 0, ROW_LSE | COL_LSE)[:2]
-    return torch.cat([torch.logaddexp(_symmetric_neg_lse(x1, b1, scale), row12),
-                      torch.logaddexp(_symmetric_neg_lse(x2, b2, scale), col12)])
+
+    @staticmethod
+    def forward(ctx, x, t):
+        acc = ops.acc_dtype(x.dtype)
+        # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>: scale 2t and bias -t |x|^2.
+        bias = -t * x.detach().to(acc).pow(2).sum(-1)
+        scale = torch.tensor(2.0 * t, dtype=acc, device=x.device)
+        lse, mean = ops.symmetric_softmax_mean(x.detach(), scale, bias)
+        K = x.shape[0]
+        total = torch.logsumexp(lse, 0)
+        ctx.save_for_backward(x, scale, bias, lse, mean, total)
+        ctx.t = t
+        ctx.set_materialize_grads(False)
+        return total - math.log(K * (K - 1)), lse - math.log(K - 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_value, g_rows):
+        x, scale, bias, lse, mean, total = ctx.saved_tensors
+        t, xa = ctx.t, x.to(lse.dtype)
+        dx = torch.zeros_like(xa)
+        if g_value is not None:
+            dx = dx + (4.0 * t * g_value * torch.exp(lse - total))[:, None] * (mean - xa)
+        if g_rows is not None:
+            empty = lse.new_empty((0,))
+            da, db, _, drow, dcol = torch.ops.infomax_ext._score_reduce_backward(
+                empty, empty, g_rows.to(lse.dtype), empty, empty, x, x, scale, bias, bias,
+                empty, empty, lse, empty, 0, NEG_LSE, 5.0)
+            dx = dx + da.to(xa.dtype) + db.to(xa.dtype) - (2.0 * t) * (drow + dcol)[:, None] * xa
+        return dx.to(x.dtype), None
 
 
 def uniformity_terms(x, t=2.0):
     """``(value, per_row)`` of Wang & Isola's uniformity from one fused call.
 
     value = ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; per_row[i] =
-    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as S with scale 2t, row and
-    column bias ``-t |x|^2`` and the diagonal excluded (the negatives' log-sum-exp),
-    so it stays finite where ``log(mean(exp(.)))`` underflows to -inf. With the
-    fused path off, the same reductions come from ``reference.score_reduce``.
+    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as the symmetric S with scale
+    2t, bias ``-t |x|^2`` and the diagonal excluded (``ops.symmetric_softmax_mean``:
+    half of S, and the value's gradient in the same pass), so it stays finite where
+    ``log(mean(exp(.)))`` underflows to -inf. With the fused path off, the same
+    reductions come from ``reference.score_reduce``.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
+    t = _check_uniformity_args(x, t)
     check_pair(x, x, 0, True, names=("x", "x"))
-    # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>.
-    bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
     if _backend.fused_enabled():
-        neg_lse = _symmetric_neg_lse(x, bias, 2.0 * t)
-    else:
-        neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+        return _Uniformity.apply(x, t)
+    bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
+    neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
     K = x.shape[0]
     return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
 
@@ -345,7 +373,5 @@ def uniformity(x, t=2.0):
     ``reference.uniformity``.
     """
     if not _backend.fused_enabled():
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
-            raise ValueError(f"uniformity needs x of shape (K, d) with K >= 2, got {tuple(getattr(x, 'shape', ()))}")
-        return ref.uniformity(x, t)
+        return ref.uniformity(x, _check_uniformity_args(x, t))
     return uniformity_terms(x, t)[0]

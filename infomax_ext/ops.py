@@ -105,6 +105,56 @@ if _backend.HAS_C:
 
 
 # ---------------------------------------------------------------------------
+# symmetric_softmax_mean: the symmetric S of uniformity
+# ---------------------------------------------------------------------------
+
+
+def symmetric_softmax_mean(x, scale=1.0, bias=None):
+    """Row log-sum-exps and softmax-weighted means of the symmetric score matrix
+
+        S[i, j] = scale * <x_i, x_j> + bias[i] + bias[j],   j != i (diagonal excluded)
+
+    from the upper half of S (never stored).
+
+    Args:
+        x: (K, d). scale: float or one-element tensor. bias: (K,) or None; ``-inf`` masks
+            every pair of that row and column.
+
+    Returns:
+        ``(lse (K,), mean (K, d))`` in float32 (float64 for float64 inputs):
+        ``lse[i] = logsumexp_{j != i} S[i, j]`` and ``mean[i] = sum_{j != i} softmax_i(S)[j] x_j``
+        (0 for a row without a finite entry, e.g. K = 1). ``scale * mean[i]`` is the
+        gradient of ``lse[i]`` through x_i's role as the row; for a symmetric loss such as
+        ``logsumexp_i lse[i]`` that is half the whole gradient, so one call gives value and
+        gradient (see :func:`infomax_ext.estimators.uniformity_terms`).
+        ``lse`` is differentiable (w.r.t. x, a tensor scale and bias); ``mean`` is returned
+        without a gradient (it is already a derivative).
+    """
+    return torch.ops.infomax_ext.symmetric_softmax_mean(x, as_scale(scale, x), bias)
+
+
+def _symmetric_setup_context(ctx, inputs, output):
+    x, scale, bias = inputs
+    lse, mean = output
+    ctx.mark_non_differentiable(mean)
+    ctx.save_for_backward(x, scale, bias, lse)
+
+
+def _symmetric_backward(ctx, g_lse, _g_mean):
+    x, scale, bias, lse = ctx.saved_tensors
+    if g_lse is None:
+        return None, None, None
+    # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
+    # its backward, with x in both roles and bias on both sides.
+    empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
+    da, db, dscale, drow, dcol = torch.ops.infomax_ext._score_reduce_backward(
+        empty, empty, g_lse, empty, empty, x, x, scale, bias, bias, empty, empty, lse, empty,
+        0, NEG_LSE, 5.0
+    )
+    return da + db, dscale, (drow + dcol) if bias is not None else None
+
+
+# ---------------------------------------------------------------------------
 # concat_score_reduce: the concat-MLP critic
 # ---------------------------------------------------------------------------
 
@@ -180,6 +230,16 @@ if _backend.HAS_C:
                                            activation, row_lse, col_lse, neg_lse, clamp_lse,
                                            pos_offset, reductions, clamp_tau):
         return torch.empty_like(P), torch.empty_like(Q), torch.empty_like(w2), torch.empty_like(b2)
+
+    @torch.library.register_fake("infomax_ext::symmetric_softmax_mean")
+    def _symmetric_softmax_mean_fake(x, scale, bias):
+        torch._check(x.dim() == 2, lambda: "symmetric_softmax_mean: x must be 2-D")
+        acc = acc_dtype(x.dtype)
+        return x.new_empty((x.shape[0],), dtype=acc), x.new_empty(x.shape, dtype=acc)
+
+    torch.library.register_autograd(
+        "infomax_ext::symmetric_softmax_mean", _symmetric_backward, setup_context=_symmetric_setup_context
+    )
 
     torch.library.register_autograd(
         "infomax_ext::concat_score_reduce", _concat_backward, setup_context=_concat_setup_context

@@ -411,6 +411,32 @@ def score_reduce(
     return row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus
 
 
+def symmetric_softmax_mean(x, scale=1.0, bias=None):
+    """Reference of the fused ``symmetric_softmax_mean`` op (materialises ``S``).
+
+    ``S[i, j] = scale * <x_i, x_j> + bias[i] + bias[j]`` (K x K, accumulation dtype)
+    with the diagonal excluded.
+
+    Returns:
+        ``(lse, mean)``: ``lse[i] = logsumexp_{j != i} S[i, j]`` (``(K,)``, ``-inf`` for
+        a row without a finite entry) and ``mean[i] = sum_{j != i} softmax_i(S)[j] x_j``
+        (``(K, d)``, 0 for such a row). Both are differentiable here.
+    """
+    _check_2d("x", x)
+    acc = _acc_dtype(x.dtype)
+    x_ = x.to(acc)
+    scale_ = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
+    b = bias.to(acc) if bias is not None else None
+    S = scores_dot(x_, x_, scale_, b, b)
+    off_diag = ~torch.eye(x.shape[0], dtype=torch.bool, device=S.device)
+    lse = _masked_lse(S, off_diag, dim=1)
+    # NB: a row with lse = -inf (nothing finite) has all weights 0, not NaN.
+    finite = torch.isfinite(lse) | torch.isnan(lse)
+    shifted = torch.where(finite[:, None], lse[:, None], torch.zeros_like(lse)[:, None])
+    w = torch.where(off_diag & finite[:, None], torch.exp(S - shifted), torch.zeros_like(S))
+    return lse, w @ x_
+
+
 def positive_scores(S, pos_offset=0):
     """Positive scores ``S[i, i + pos_offset]``.
 

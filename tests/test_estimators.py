@@ -177,19 +177,3 @@ def test_compile_fullgraph_equals_eager(name):
         torch.testing.assert_close(x, y)
 
 
-@pytest.mark.parametrize("K, leaf", [(50, 7), (37, 4), (2500, 1024)])
-def test_uniformity_half_matrix_recursion_matches_reference(monkeypatch, K, leaf):
-    """The fused uniformity computes each off-diagonal block of the symmetric S once
-    (rows for one half, columns for the other) and recurses on the diagonal blocks."""
-    from infomax_ext import estimators as est
-    monkeypatch.setattr(est, "_SYMMETRIC_LEAF", leaf)
-    g = torch.Generator().manual_seed(K)
-    x = torch.nn.functional.normalize(torch.randn(K, 6, generator=g, dtype=torch.float64), dim=1)
-    x.requires_grad_()
-    value, rows = est.uniformity_terms(x, t=1.5)
-    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1).detach()
-    logits = (-1.5 * sq).masked_fill(torch.eye(K, dtype=torch.bool), -math.inf)
-    torch.testing.assert_close(rows, torch.logsumexp(logits, 1) - math.log(K - 1))
-    oracle = ref.uniformity_pdist(x, t=1.5)
-    torch.testing.assert_close(value, oracle)
-    torch.testing.assert_close(torch.autograd.grad(value, x)[0], torch.autograd.grad(oracle, x)[0])

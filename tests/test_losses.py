@@ -39,15 +39,21 @@ def assert_same(out, expected, inputs, **tol):
 
 
 def count_op_calls(monkeypatch):
-    """Counts calls of the fused op made through ops.score_reduce and records input dtypes."""
+    """Counts calls of the fused ops made through ops.score_reduce and
+    ops.symmetric_softmax_mean (uniformity), and records their input dtypes."""
     calls = []
-    real = ops.score_reduce
+    real, real_sym = ops.score_reduce, ops.symmetric_softmax_mean
 
     def spy(a, b, *args, **kw):
         calls.append((a.dtype, b.dtype))
         return real(a, b, *args, **kw)
 
+    def spy_sym(x, *args, **kw):
+        calls.append((x.dtype, x.dtype))
+        return real_sym(x, *args, **kw)
+
     monkeypatch.setattr(ops, "score_reduce", spy)
+    monkeypatch.setattr(ops, "symmetric_softmax_mean", spy_sym)
     return calls
 
 

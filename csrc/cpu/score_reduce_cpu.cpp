@@ -12,58 +12,16 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
-#include "reduce_walker.h"
+#include "dot_tile.h"
 
 namespace infomax_ext {
 namespace {
 
+using cpu::DotInputs;
+using cpu::DotTile;
 using cpu::Walk;
-
-// Writes the scores S[i0:i0+tk, j0:j0+tm] into buf and returns a pointer to them.
-template <typename T>
-struct DotTile {
-  const Tensor& A;    // (K, d) in the accumulation dtype
-  const Tensor& B;    // (M, d)
-  const T* row_bias;  // (K,) or nullptr
-  const T* col_bias;  // (M,) or nullptr
-  T scale;
-
-  T* operator()(Tensor& buf, int64_t i0, int64_t tk, int64_t j0, int64_t tm) const {
-    Tensor out = buf.narrow(0, 0, tk * tm).view({tk, tm});
-    at::mm_out(out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t());
-    T* s = out.data_ptr<T>();
-    for (int64_t r = 0; r < tk; ++r) {
-      const T rb = row_bias ? row_bias[i0 + r] : T(0);
-      T* row = s + r * tm;
-      for (int64_t c = 0; c < tm; ++c)
-        row[c] = score_from_dot(row[c], scale, rb, col_bias ? col_bias[j0 + c] : T(0));
-    }
-    return s;
-  }
-};
-
-struct DotInputs {
-  Tensor A, B, rb, cb;  // contiguous, accumulation dtype; biases undefined if absent
-  at::ScalarType acc;
-};
-
-DotInputs dot_inputs(const Tensor& a, const Tensor& b, const OptTensor& row_bias,
-                     const OptTensor& col_bias) {
-  const auto acc = acc_dtype(a.scalar_type());
-  // NB: low-precision inputs are upcast once (O((K+M) d)) so every tile is
-  // multiplied and reduced in float32. detach(): the worker threads of
-  // parallel_for do not inherit the below-autograd dispatch state, and the
-  // BLAS calls there must not see tensors that require grad.
-  return DotInputs{a.detach().to(acc).contiguous(), b.detach().to(acc).contiguous(),
-                   bias_acc(row_bias, acc), bias_acc(col_bias, acc), acc};
-}
-
-template <typename T>
-DotTile<T> dot_tile(const DotInputs& in, const Tensor& scale) {
-  return DotTile<T>{in.A, in.B, in.rb.defined() ? in.rb.data_ptr<T>() : nullptr,
-                    in.cb.defined() ? in.cb.data_ptr<T>() : nullptr,
-                    static_cast<T>(scale.item<double>())};
-}
+using cpu::dot_inputs;
+using cpu::dot_tile;
 
 Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
                                  const Tensor& b,            // (M, d) candidates
