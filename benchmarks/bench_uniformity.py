@@ -3,7 +3,8 @@
 ``log mean_{i != j} exp(-t |x_i - x_j|^2)``, t = 2, on L2-normalised x (K, d):
 
   fused              ``infomax_ext.uniformity``: S = 2t x x^T - t|x_i|^2 - t|x_j|^2 reduced
-                     without storing it, the diagonal excluded
+                     without storing it, the diagonal excluded, by ``symmetric_softmax_mean``
+                     (upper half of S; the gradient comes out of the forward pass)
   pdist              Wang & Isola's ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()``
                      (``reference.uniformity_pdist``; underflows to -inf for spread points)
   matmul             the matmul + logsumexp form a careful user writes: squared distances

@@ -647,11 +647,85 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                  dcol.to(has(col_bias) ? col_bias->scalar_type() : acc)};
 }
 
+// ---------------------------------------------------------------------------
+// symmetric_softmax_mean
+// ---------------------------------------------------------------------------
+//
+// NB: the GPU takes the plain route: lse from the forward walk above (kNegLse with
+// x in both roles and the bias on both sides), then per chunk cuBLAS recomputes the
+// dots, softmax_weights_kernel turns them into exp(S_ij - lse_i) (0 on the diagonal)
+// in place, and a third GEMM adds W X into mean: three K x K x d GEMMs where the CPU
+// walker needs 1.5 (upper half of S, row and column sides with online rescaling).
+// Halving S here would need that per-tile column rescaling inside a custom kernel.
+// Uniformity's backward is O(K d) either way, against a forward plus a recomputing
+// backward (four GEMMs) through score_reduce.
+
+// A block per row of the chunk: W_ij = softmax_weight(S_ij, lse_i), W_ii = 0,
+// written over the chunk of dots (each thread rewrites only what it read).
+template <typename T>
+__global__ void softmax_weights_kernel(T* dot, int64_t cols, int64_t i0, int64_t j0, ScoreArgs<T> sc,
+                                       const T* lse) {
+  const int64_t r = blockIdx.x, i = i0 + r;
+  T* row = dot + r * cols;
+  const T scale = *sc.scale;
+  const T rb = sc.row_bias ? sc.row_bias[i] : T(0);
+  const T l = lse[i];
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const int64_t j = j0 + c;
+    const T s = score_from_dot(row[c], scale, rb, sc.col_bias ? sc.col_bias[j] : T(0));
+    // NB: softmax_weight gives a masked (-inf) entry 0 even when lse_i is -inf too.
+    row[c] = j == i ? T(0) : softmax_weight(s, l);
+  }
+}
+
+// mean (K x d, zero-initialised) += W X over all chunks; X: the GEMM operand of the
+// scores, X_acc: x in the accumulation dtype for the weighted sum.
+template <typename T>
+void softmax_mean_impl(const Tensor& X, const Tensor& X_acc, const ScoreArgs<T>& sc, const Tensor& lse,
+                       Tensor& mean) {
+  const int64_t K = X.size(0);
+  const Tiling t = choose_tiling(K, K, sizeof(T));
+  Tensor ws = at::empty({t.rows * t.cols}, X_acc.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
+    const int64_t rows = std::min(t.rows, K - i0);
+    for (int64_t j0 = 0; j0 < K; j0 += t.cols) {
+      const int64_t cols = std::min(t.cols, K - j0);
+      Tensor W = ws.narrow(0, 0, rows * cols).view({rows, cols});
+      mm_acc(W, X.narrow(0, i0, rows), X.narrow(0, j0, cols).t());
+      softmax_weights_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(
+          W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      mean.narrow(0, i0, rows).addmm_(W, X_acc.narrow(0, j0, cols));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         // (K, d)
+                                                       const Tensor& scale,     // one element
+                                                       const OptTensor& bias) {  // (K,) or None
+  check_symmetric_args(x, scale, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_dtype(x.scalar_type());
+  const Tensor X = gemm_operand(x, acc), X_acc = x.detach().to(acc).contiguous();
+  const Tensor b = bias_acc(bias, acc);
+  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  Tensor5 out = alloc_reductions(x, x.size(0), x.size(0), kNegLse);
+  Tensor mean = at::zeros({x.size(0), x.size(1)}, X_acc.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "symmetric_softmax_mean_cuda", [&] {
+    const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b), ptr_or_null<scalar_t>(b)};
+    forward_impl<scalar_t>(X, X, args, scalar_t(1), 0, kNegLse, out);
+    softmax_mean_impl<scalar_t>(X, X_acc, args, std::get<2>(out), mean);
+  });
+  return {std::get<2>(out), mean};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) {
   m.impl("score_reduce", &score_reduce_forward_cuda);
   m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
+  m.impl("symmetric_softmax_mean", &symmetric_softmax_mean_cuda);
 }
 
 }  // namespace infomax_ext
