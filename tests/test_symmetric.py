@@ -14,9 +14,9 @@ from helpers import DEVICES
 
 pytestmark = pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built")
 
-# (K, d): K=1 and 2, row-block edges (64), column-tile edges (512), sizes that are
-# neither, and a K with several column tiles per row block.
-SIZES = [(1, 3), (2, 5), (3, 1), (63, 4), (64, 7), (65, 3), (130, 6), (513, 5), (1100, 9)]
+# (K, d): K=1 and 2, row-block edges (128 on CPU), column-tile edges (512), sizes
+# that are neither, and a K with several column tiles per row block.
+SIZES = [(1, 3), (2, 5), (3, 1), (63, 4), (127, 7), (128, 3), (129, 6), (300, 2), (513, 5), (1100, 9)]
 
 
 def inputs(K, d, device="cpu", dtype=torch.float64, seed=0, noncontig=False, with_bias=True,

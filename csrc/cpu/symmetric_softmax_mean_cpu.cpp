@@ -27,7 +27,11 @@ namespace infomax_ext {
 namespace {
 
 using cpu::kTileCols;
-using cpu::kTileRows;
+// NB: twice the shared walker's row block: the row block is the inner dimension of
+// the column side's GEMM (P_col^T X_I), which runs poorly at 64. Measured at K=4096,
+// d=128, one thread: 64 -> 127-155 ms, 128 -> 116-126 ms, 256 -> 124-139 ms.
+constexpr int64_t kTileRows = 2 * cpu::kTileRows;
+static_assert(kTileRows <= kTileCols, "alpha holds a tile's rows or its columns");
 
 // Row side of a tile: turns each row of s (tk x tm, scores) into the weights
 // exp(S - m) with m the row's new running max (the diagonal entry, column `r` when
@@ -133,7 +137,7 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
   std::vector<LseState<T>> states(n_slots * K, lse_empty<T>());
 
   at::parallel_for(0, n_slots, 1, [&](int64_t s0, int64_t s1) {
-    Tensor buf = cpu::tile_buffer(opts), pbuf = cpu::tile_buffer(opts);
+    Tensor buf = at::empty({kTileRows * kTileCols}, opts), pbuf = at::empty({kTileRows * kTileCols}, opts);
     std::vector<T> mx(kTileCols), sm(kTileCols), alpha(kTileCols);
     for (int64_t slot = s0; slot < s1; ++slot) {
       Tensor O = O_acc[slot];
