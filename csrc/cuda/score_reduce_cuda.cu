@@ -134,6 +134,23 @@ void addmm_acc(Tensor acc, const Tensor& x, const Tensor& y) {
   }
 }
 
+// Walks S in the chunks of tiling t: for each, cuBLAS writes the dot products
+// <a_i, b_j> of rows [i0, i0 + rows) x columns [j0, j0 + cols) into the workspace ws
+// and fn(S, i0, rows, j0, cols) consumes them (S: a rows x cols view of ws).
+template <typename Fn>
+void for_each_dot_chunk(const Tensor& A, const Tensor& B, const Tiling& t, Tensor& ws, Fn fn) {
+  const int64_t K = A.size(0), M = B.size(0);
+  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
+    const int64_t rows = std::min(t.rows, K - i0);
+    for (int64_t j0 = 0; j0 < M; j0 += t.cols) {
+      const int64_t cols = std::min(t.cols, M - j0);
+      Tensor S = ws.narrow(0, 0, rows * cols).view({rows, cols});
+      mm_acc(S, A.narrow(0, i0, rows), B.narrow(0, j0, cols).t());
+      fn(S, i0, rows, j0, cols);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Block and warp reductions
 // ---------------------------------------------------------------------------
@@ -405,29 +422,23 @@ void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T ta
   T* col_out = ptr_or_null<T>(std::get<1>(out));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
-    const int64_t rows = std::min(t.rows, K - i0);
-    for (int64_t j0 = 0; j0 < M; j0 += t.cols) {
-      const int64_t cols = std::min(t.cols, M - j0);
-      Tensor S = ws.narrow(0, 0, rows * cols).view({rows, cols});
-      mm_acc(S, A.narrow(0, i0, rows), B.narrow(0, j0, cols).t());
-      const T* dot = S.data_ptr<T>();
-      if (row_red) {
-        p.dot = dot;
-        p.cols = cols;
-        p.i0 = i0;
-        p.j0 = j0;
-        p.first = j0 == 0;
-        p.last = j0 + cols == M;
-        row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (col_red) {
-        reduce_columns<T, T, false>(dot, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
-                                    i0 + rows == K, as_states<T>(col_state), col_out, stream);
-      }
+  for_each_dot_chunk(A, B, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    const T* dot = S.data_ptr<T>();
+    if (row_red) {
+      p.dot = dot;
+      p.cols = cols;
+      p.i0 = i0;
+      p.j0 = j0;
+      p.first = j0 == 0;
+      p.last = j0 + cols == M;
+      row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  }
+    if (col_red) {
+      reduce_columns<T, T, false>(dot, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                  i0 + rows == K, as_states<T>(col_state), col_out, stream);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -519,26 +530,20 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
   T* dcol_p = dcol.data_ptr<T>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
-    const int64_t rows = std::min(t.rows, K - i0);
-    for (int64_t j0 = 0; j0 < M; j0 += t.cols) {
-      const int64_t cols = std::min(t.cols, M - j0);
-      Tensor S = ws.narrow(0, 0, rows * cols).view({rows, cols});
-      Tensor G = gws.narrow(0, 0, rows * cols).view({rows, cols});
-      mm_acc(S, A.narrow(0, i0, rows), B.narrow(0, j0, cols).t());
-      p.dot = S.data_ptr<T>();
-      p.g = reinterpret_cast<TG*>(G.data_ptr());
-      p.cols = cols;
-      p.i0 = i0;
-      p.j0 = j0;
-      grad_rows_kernel<T, TG><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
-                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
-      addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
-      addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
-    }
-  }
+  for_each_dot_chunk(A, B, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    Tensor G = gws.narrow(0, 0, rows * cols).view({rows, cols});
+    p.dot = S.data_ptr<T>();
+    p.g = reinterpret_cast<TG*>(G.data_ptr());
+    p.cols = cols;
+    p.i0 = i0;
+    p.j0 = j0;
+    grad_rows_kernel<T, TG><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
+    addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
+    addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -687,18 +692,12 @@ void softmax_mean_impl(const Tensor& X, const Tensor& X_acc, const ScoreArgs<T>&
   const Tiling t = choose_tiling(K, K, sizeof(T));
   Tensor ws = at::empty({t.rows * t.cols}, X_acc.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (int64_t i0 = 0; i0 < K; i0 += t.rows) {
-    const int64_t rows = std::min(t.rows, K - i0);
-    for (int64_t j0 = 0; j0 < K; j0 += t.cols) {
-      const int64_t cols = std::min(t.cols, K - j0);
-      Tensor W = ws.narrow(0, 0, rows * cols).view({rows, cols});
-      mm_acc(W, X.narrow(0, i0, rows), X.narrow(0, j0, cols).t());
-      softmax_weights_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(
-          W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      mean.narrow(0, i0, rows).addmm_(W, X_acc.narrow(0, j0, cols));
-    }
-  }
+  for_each_dot_chunk(X, X, t, ws, [&](const Tensor& W, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    softmax_weights_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(
+        W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mean.narrow(0, i0, rows).addmm_(W, X_acc.narrow(0, j0, cols));
+  });
 }
 
 std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         // (K, d)
