@@ -36,8 +36,9 @@ TORCH_LIBRARY(infomax_ext, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // For the symmetric S = scale * x x^T + bias_i + bias_j with the diagonal excluded:
   // (lse (K,) = logsumexp_{j != i} S_ij, mean (K, d) = sum_{j != i} softmax_i(S)_j x_j),
-  // from the upper half of S. Uniformity's value and gradient (estimators.py).
-  m.def("symmetric_softmax_mean(Tensor x, Tensor scale, Tensor? bias) -> (Tensor, Tensor)");
+  // from the upper half of S; with_mean=false: lse only (mean is empty (0,)).
+  // Uniformity's value and gradient (estimators.py).
+  m.def("symmetric_softmax_mean(Tensor x, Tensor scale, Tensor? bias, bool with_mean=True) -> (Tensor, Tensor)");
   // The same five reductions of the concat-MLP critic S[i, j] = w2 . act(P_i + Q_j) + b2
   // (activation: code of concat_math.h); neither S nor the K x M x H hidden tensor is stored.
   m.def(

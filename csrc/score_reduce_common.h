@@ -97,6 +97,13 @@ inline Tensor5 alloc_reductions(const Tensor& a, int64_t K, int64_t M, int64_t r
                  make(kNegSoftplus, K)};
 }
 
+// symmetric_softmax_mean's outputs: lse (K,) and mean (K, d), or (0,) without it.
+inline std::tuple<Tensor, Tensor> alloc_symmetric(const Tensor& x, bool with_mean) {
+  auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  return {at::empty({x.size(0)}, opts),
+          with_mean ? at::empty({x.size(0), x.size(1)}, opts) : at::empty({0}, opts)};
+}
+
 // Which reductions take part in the backward pass: requested and given a gradient.
 inline int64_t active_grads(int64_t reductions, const Tensor& g_row, const Tensor& g_col,
                             const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp) {

@@ -358,10 +358,14 @@ def uniformity_terms(x, t=2.0):
     """
     t = _check_uniformity_args(x, t)
     check_pair(x, x, 0, True, names=("x", "x"))
-    if _backend.fused_enabled():
+    fused = _backend.fused_enabled()
+    if fused and torch.is_grad_enabled() and x.requires_grad:
         return _Uniformity.apply(x, t)
     bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
-    neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+    if fused:  # NB: no gradient wanted: the log-sum-exps alone, from half of S
+        neg_lse = ops.symmetric_softmax_mean(x, 2.0 * t, bias, with_mean=False)[0]
+    else:
+        neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
     K = x.shape[0]
     return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
 

@@ -109,7 +109,7 @@ if _backend.HAS_C:
 # ---------------------------------------------------------------------------
 
 
-def symmetric_softmax_mean(x, scale=1.0, bias=None):
+def symmetric_softmax_mean(x, scale=1.0, bias=None, with_mean=True):
     """Row log-sum-exps and softmax-weighted means of the symmetric score matrix
 
         S[i, j] = scale * <x_i, x_j> + bias[i] + bias[j],   j != i (diagonal excluded)
@@ -119,6 +119,8 @@ def symmetric_softmax_mean(x, scale=1.0, bias=None):
     Args:
         x: (K, d). scale: float or one-element tensor. bias: (K,) or None; ``-inf`` masks
             every pair of that row and column.
+        with_mean: False skips the weighted sums (then ``mean`` is empty ``(0,)``): half a
+            K x K x d GEMM instead of 1.5.
 
     Returns:
         ``(lse (K,), mean (K, d))`` in float32 (float64 for float64 inputs):
@@ -130,11 +132,11 @@ def symmetric_softmax_mean(x, scale=1.0, bias=None):
         ``lse`` is differentiable (w.r.t. x, a tensor scale and bias); ``mean`` is returned
         without a gradient (it is already a derivative).
     """
-    return torch.ops.infomax_ext.symmetric_softmax_mean(x, as_scale(scale, x), bias)
+    return torch.ops.infomax_ext.symmetric_softmax_mean(x, as_scale(scale, x), bias, bool(with_mean))
 
 
 def _symmetric_setup_context(ctx, inputs, output):
-    x, scale, bias = inputs
+    x, scale, bias, _ = inputs
     lse, mean = output
     ctx.mark_non_differentiable(mean)
     ctx.save_for_backward(x, scale, bias, lse)
@@ -143,7 +145,7 @@ def _symmetric_setup_context(ctx, inputs, output):
 def _symmetric_backward(ctx, g_lse, _g_mean):
     x, scale, bias, lse = ctx.saved_tensors
     if g_lse is None:
-        return None, None, None
+        return None, None, None, None
     # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
     # its backward, with x in both roles and bias on both sides.
     empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
@@ -151,7 +153,7 @@ def _symmetric_backward(ctx, g_lse, _g_mean):
         empty, empty, g_lse, empty, empty, x, x, scale, bias, bias, empty, empty, lse, empty,
         0, NEG_LSE, 5.0
     )
-    return da + db, dscale, (drow + dcol) if bias is not None else None
+    return da + db, dscale, (drow + dcol) if bias is not None else None, None
 
 
 # ---------------------------------------------------------------------------
@@ -232,10 +234,11 @@ if _backend.HAS_C:
         return torch.empty_like(P), torch.empty_like(Q), torch.empty_like(w2), torch.empty_like(b2)
 
     @torch.library.register_fake("infomax_ext::symmetric_softmax_mean")
-    def _symmetric_softmax_mean_fake(x, scale, bias):
+    def _symmetric_softmax_mean_fake(x, scale, bias, with_mean=True):
         torch._check(x.dim() == 2, lambda: "symmetric_softmax_mean: x must be 2-D")
         acc = acc_dtype(x.dtype)
-        return x.new_empty((x.shape[0],), dtype=acc), x.new_empty(x.shape, dtype=acc)
+        return (x.new_empty((x.shape[0],), dtype=acc),
+                x.new_empty(x.shape if with_mean else (0,), dtype=acc))
 
     torch.library.register_autograd(
         "infomax_ext::symmetric_softmax_mean", _symmetric_backward, setup_context=_symmetric_setup_context

@@ -47,6 +47,15 @@ def test_values_match_reference(device, dtype, K, d):
         torch.testing.assert_close(mean, mean_o, **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K, d", [(1, 2), (2, 3), (129, 4), (1100, 5)])
+def test_lse_only_without_mean(device, K, d):
+    x, bias = inputs(K, d, device)
+    lse, mean = ops.symmetric_softmax_mean(x, 1.7, bias, with_mean=False)
+    assert mean.shape == (0,)
+    torch.testing.assert_close(lse, ref.symmetric_softmax_mean(x, 1.7, bias)[0])
+
+
 def test_one_row_has_no_pair():
     lse, mean = ops.symmetric_softmax_mean(torch.randn(1, 4, dtype=torch.float64), 1.0)
     assert lse.item() == -math.inf
@@ -116,6 +125,8 @@ def test_opcheck():
                               (x, torch.tensor(0.6, dtype=torch.float64), bias))
         torch.library.opcheck(torch.ops.infomax_ext.symmetric_softmax_mean.default,
                               (x.detach().float(), torch.tensor(1.2), None))
+        torch.library.opcheck(torch.ops.infomax_ext.symmetric_softmax_mean.default,
+                              (x, torch.tensor(0.6, dtype=torch.float64), bias, False))
 
 
 def test_compile_fullgraph():
@@ -202,6 +213,23 @@ def test_uniformity_value_rows_and_gradients(device, K):
     w = torch.randn(K, generator=torch.Generator().manual_seed(K), dtype=torch.float64).to(device)
     mixed = torch.autograd.grad(0.3 * value + (w * rows).sum(), x)[0]
     torch.testing.assert_close(mixed, torch.autograd.grad(0.3 * value_o + (w * rows_o).sum(), x)[0])
+
+
+def test_uniformity_without_grad_takes_the_lse_only_path(monkeypatch):
+    """Under no_grad (or for inputs without requires_grad) no weighted means are
+    computed; the value and rows are those of the gradient path."""
+    x, _ = inputs(300, 6, with_bias=False, requires_grad=True)
+    value, rows = est.uniformity_terms(x, t=2.0)
+    seen = []
+    real = ops.symmetric_softmax_mean
+    monkeypatch.setattr(ops, "symmetric_softmax_mean", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    with torch.no_grad():
+        value_ng, rows_ng = est.uniformity_terms(x, t=2.0)
+    value_d, _ = est.uniformity_terms(x.detach(), t=2.0)
+    assert seen == [{"with_mean": False}] * 2
+    torch.testing.assert_close(value_ng, value.detach())
+    torch.testing.assert_close(rows_ng, rows.detach())
+    torch.testing.assert_close(value_d, value.detach())
 
 
 @pytest.mark.parametrize("K", [2, 5, 70])

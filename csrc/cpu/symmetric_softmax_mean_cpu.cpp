@@ -133,15 +133,17 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
   const cpu::DotTile<T> tile = cpu::dot_tile<T>(in, scale);
   const int64_t n_blocks = (K + kTileRows - 1) / kTileRows;
   const int64_t n_slots = std::min<int64_t>(at::get_num_threads(), n_blocks);
-  Tensor O_acc = at::zeros({n_slots, K, d}, opts);
+  // NB: without the mean (no gradient wanted) only the states are kept: half of S and its exps.
+  const bool with_mean = mean.numel() > 0;
+  Tensor O_acc = at::zeros({with_mean ? n_slots : 0, K, d}, opts);
   std::vector<LseState<T>> states(n_slots * K, lse_empty<T>());
 
   at::parallel_for(0, n_slots, 1, [&](int64_t s0, int64_t s1) {
     Tensor buf = at::empty({kTileRows * kTileCols}, opts), pbuf = at::empty({kTileRows * kTileCols}, opts);
     std::vector<T> mx(kTileCols), sm(kTileCols), alpha(kTileCols);
     for (int64_t slot = s0; slot < s1; ++slot) {
-      Tensor O = O_acc[slot];
-      T* O_p = O.data_ptr<T>();
+      Tensor O = with_mean ? O_acc[slot] : Tensor();
+      T* O_p = with_mean ? O.data_ptr<T>() : nullptr;
       LseState<T>* st = states.data() + slot * K;
       for (int64_t blk = slot; blk < n_blocks; blk += n_slots) {
         const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
@@ -154,13 +156,17 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
             // Column side first: it reads the scores that the row side overwrites.
             T* p = pbuf.data_ptr<T>();
             cols_fn(s, p, tk, tm, c0, st + j0, mx.data(), sm.data(), alpha.data());
-            rescale_rows(O_p + (j0 + c0) * d, d, alpha.data() + c0, tm - c0);
+            if (with_mean) {
+              rescale_rows(O_p + (j0 + c0) * d, d, alpha.data() + c0, tm - c0);
             const Tensor P = pbuf.narrow(0, 0, tk * tm).view({tk, tm}).narrow(1, c0, tm - c0);
-            O.narrow(0, j0 + c0, tm - c0).addmm_(P.t(), X.narrow(0, i0, tk));
+              O.narrow(0, j0 + c0, tm - c0).addmm_(P.t(), X.narrow(0, i0, tk));
+            }
           }
           rows_fn(s, tk, tm, diag, st + i0, alpha.data());
-          rescale_rows(O_p + i0 * d, d, alpha.data(), tk);
-          O.narrow(0, i0, tk).addmm_(buf.narrow(0, 0, tk * tm).view({tk, tm}), X.narrow(0, j0, tm));
+          if (with_mean) {
+            rescale_rows(O_p + i0 * d, d, alpha.data(), tk);
+            O.narrow(0, i0, tk).addmm_(buf.narrow(0, 0, tk * tm).view({tk, tm}), X.narrow(0, j0, tm));
+          }
         }
       }
     }
@@ -168,13 +174,14 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
 
   // NB: the slots' states and sums are merged in log space in a fixed order.
   T* lse_p = lse.data_ptr<T>();
-  T* mean_p = mean.data_ptr<T>();
-  const T* O_p = O_acc.data_ptr<T>();
+  T* mean_p = with_mean ? mean.data_ptr<T>() : nullptr;
+  const T* O_p = with_mean ? O_acc.data_ptr<T>() : nullptr;
   at::parallel_for(0, K, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       LseState<T> all = lse_empty<T>();
       for (int64_t t = 0; t < n_slots; ++t) all = lse_merge(all, states[t * K + i]);
       lse_p[i] = lse_finalize(all);
+      if (!with_mean) continue;
       T* out = mean_p + i * d;
       for (int64_t k = 0; k < d; ++k) out[k] = T(0);
       // NB: a row without a finite entry (K = 1, all masked) has mean 0, not 0/0.
@@ -190,12 +197,13 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
 
 std::tuple<Tensor, Tensor> symmetric_softmax_mean_cpu(const Tensor& x,         // (K, d)
                                                       const Tensor& scale,     // one element
-                                                      const OptTensor& bias) {  // (K,) or None
+                                                      const OptTensor& bias,   // (K,) or None
+                                                      bool with_mean) {        // false: mean is (0,)
   check_symmetric_args(x, scale, bias);
-  // NB: one upcast contiguous copy serves as both GEMM operands and both biases.
+  // NB: x is both GEMM operands and the bias sits on both sides.
   const cpu::DotInputs in = cpu::dot_inputs(x, x, bias, bias);
-  const auto opts = in.A.options();
-  Tensor lse = at::empty({x.size(0)}, opts), mean = at::empty({x.size(0), x.size(1)}, opts);
+  Tensor lse, mean;
+  std::tie(lse, mean) = alloc_symmetric(x, with_mean);
   AT_DISPATCH_FLOATING_TYPES(in.acc, "symmetric_softmax_mean_cpu",
                              [&] { symmetric_walk<scalar_t>(in, scale, lse, mean); });
   return {lse, mean};

@@ -702,7 +702,8 @@ void softmax_mean_impl(const Tensor& X, const Tensor& X_acc, const ScoreArgs<T>&
 
 std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         // (K, d)
                                                        const Tensor& scale,     // one element
-                                                       const OptTensor& bias) {  // (K,) or None
+                                                       const OptTensor& bias,   // (K,) or None
+                                                       bool with_mean) {        // false: mean is (0,)
   check_symmetric_args(x, scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_dtype(x.scalar_type());
@@ -710,11 +711,14 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
   const Tensor b = bias_acc(bias, acc);
   const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
   Tensor5 out = alloc_reductions(x, x.size(0), x.size(0), kNegLse);
-  Tensor mean = at::zeros({x.size(0), x.size(1)}, X_acc.options());
+  Tensor mean = std::get<1>(alloc_symmetric(x, with_mean));
   AT_DISPATCH_FLOATING_TYPES(acc, "symmetric_softmax_mean_cuda", [&] {
     const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b), ptr_or_null<scalar_t>(b)};
     forward_impl<scalar_t>(X, X, args, scalar_t(1), 0, kNegLse, out);
-    softmax_mean_impl<scalar_t>(X, X_acc, args, std::get<2>(out), mean);
+    if (with_mean) {
+      mean.zero_();
+      softmax_mean_impl<scalar_t>(X, X_acc, args, std::get<2>(out), mean);
+    }
   });
   return {std::get<2>(out), mean};
 }
