@@ -69,6 +69,35 @@ inline void check_score_reduce_args(const Tensor& a, const Tensor& b, const Tens
               "score_reduce: clamp_tau must be > 0, got ", clamp_tau);
 }
 
+// _score_reduce_with_grad's outputs: the five statistics, then the five gradients.
+using Tensor10 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                              int64_t, int64_t, double);
+using BackwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                               double);
+
+inline Tensor10 join_stats_grads(const Tensor5& s, const Tensor5& g) {
+  return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s), std::get<4>(s),
+          std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g)};
+}
+
+// _score_reduce_with_grad as a backend's forward op followed by its recomputing
+// backward op: the same results as the one-walk version, with four GEMMs.
+inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
+                                      const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
+                                      const Tensor& a, const Tensor& b, const Tensor& scale,
+                                      const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
+                                      int64_t reductions, double clamp_tau) {
+  TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only, got ", reductions);
+  const Tensor5 out = forward(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  const Tensor none = std::get<1>(out);  // (0,): no column statistic, no gradient for it
+  const Tensor5 grads = backward(g_row, none, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, std::get<0>(out),
+                                 none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau);
+  return join_stats_grads(out, grads);
+}
+
 // symmetric_softmax_mean(x, scale, bias): the same messages as score_reduce.
 inline void check_symmetric_args(const Tensor& x, const Tensor& scale, const OptTensor& bias) {
   TORCH_CHECK(x.dim() == 2, "symmetric_softmax_mean: x must be 2-D (K, d), got ", x.dim(), "-D");

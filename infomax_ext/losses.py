@@ -103,9 +103,10 @@ def _check_temperature(temperature):
     return float(temperature)
 
 
-def _contrastive_result(per_row, log_m, return_diagnostics, **extra):
-    """Loss = mean of the per-anchor cross entropies; bound = log_m - loss (nats)."""
-    loss = per_row.mean()
+def _contrastive_result(per_row, log_m, return_diagnostics, loss=None, **extra):
+    """Loss = mean of the per-anchor cross entropies (or ``loss``, that mean computed
+    by the caller); bound = log_m - loss (nats)."""
+    loss = per_row.mean() if loss is None else loss
     if not return_diagnostics:
         return loss
     d = loss.detach()
@@ -186,6 +187,13 @@ class InfoNCELoss(nn.Module):
             if gathered:
                 z2_all, rank, world = gather_with_grad(z2, name="z2")
                 gathered = world > 1
+            if not self.symmetric and negatives is None:
+                # NB: the loss is a plain mean of row log-sum-exps: its gradient comes
+                # out of the forward walk (DotScores.row_mean).
+                cand, off = (z2_all, rank * M + pos_offset) if gathered else (z2, pos_offset)
+                lse_mean, lse1 = est.DotScores(z1, cand, scale, pos_offset=off).row_mean(ROW_LSE)
+                return _contrastive_result(lse1 - pos.detach(), math.log(cand.shape[0]), return_diagnostics,
+                                           loss=lse_mean - pos.mean())
             if gathered:
                 off = rank * M + pos_offset
                 lse1 = _score_reduce(z1, z2_all, scale, pos_offset=off, reductions=ROW_LSE)[0]
@@ -258,10 +266,12 @@ class NTXentLoss(nn.Module):
             # the self-similarity of local row k is column k + 2N r: one constant offset.
             z_all, rank, _ = gather_with_grad(z, name="[z1; z2]")
             off = rank * z.shape[0]
-        lse = _score_reduce(z, z_all, scale, pos_offset=off, reductions=NEG_LSE)[2]
+        # NB: the loss is a plain mean of the negatives' log-sum-exps minus the positives:
+        # the gradient of the first comes out of the forward walk (DotScores.row_mean).
+        lse_mean, lse = est.DotScores(z, z_all, scale, pos_offset=off).row_mean(NEG_LSE)
         pos = _positive(z1, z2, scale)
-        per_row = lse - torch.cat([pos, pos])
-        return _contrastive_result(per_row, math.log(z_all.shape[0] - 1), return_diagnostics)
+        return _contrastive_result(lse - torch.cat([pos, pos]).detach(), math.log(z_all.shape[0] - 1),
+                                   return_diagnostics, loss=lse_mean - pos.mean())
 
 
 class ClipLoss(nn.Module):

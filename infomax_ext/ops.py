@@ -76,6 +76,73 @@ def _backward(ctx, g_row, g_col, g_neg, g_clamp, g_sp):
             dcol if col_bias is not None else None, None, None, None)
 
 
+class _ReduceWithGrad(torch.autograd.Function):
+    """``sum_i w . stats_i`` of score_reduce's row statistics, its gradient made in the
+    forward walk (``_score_reduce_with_grad``): the weights are known up front."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, shared):
+        # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
+        # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
+        b = a if shared[0] else b
+        col_bias = row_bias if shared[1] else col_bias
+        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+        w = [empty if x is None else x for x in weights]
+        d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
+        out = torch.ops.infomax_ext._score_reduce_with_grad(
+            *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau)
+        stats, grads = out[:5], out[5:]
+        used = [(x, st) for x, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if x is not None]
+        value = sum((x * st).sum() for x, st in used)
+        ctx.save_for_backward(*grads)
+        ctx.shared, ctx.has_rb, ctx.has_cb = shared, row_bias is not None, col_bias is not None
+        ctx.mark_non_differentiable(*stats)
+        return (value, *stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, *_):
+        da, db, dscale, drow, dcol = ctx.saved_tensors
+        (same_ab, same_bias), has_rb, has_cb = ctx.shared, ctx.has_rb, ctx.has_cb
+        da, db = (da + db, None) if same_ab else (da, db)
+        drow, dcol = (drow + dcol, None) if same_bias and has_rb else (drow, dcol)
+        scaled = [None if x is None else g * x for x in (da, db, dscale, drow, dcol)]
+        scaled[3] = scaled[3] if has_rb else None
+        scaled[4] = scaled[4] if has_cb and not same_bias else None
+        return (*scaled, None, None, None, None, None)
+
+
+def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
+                          reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None)):
+    """``value = sum_i (w_row_i row_lse_i + w_neg_i neg_lse_i + w_clamp_i neg_clamp_lse_i +
+    w_sp_i neg_softplus_i)`` and score_reduce's outputs, for weights known before the call
+    (e.g. ``1/K`` for a mean over rows).
+
+    Same arguments as :func:`score_reduce` (row reductions only: no COL_LSE), plus
+    ``weights``: ``(w_row, w_neg, w_clamp, w_sp)``, each a (K,) tensor without gradient or
+    None for a statistic outside the sum (requested statistics may stay outside).
+
+    Returns:
+        ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus)``: value is a
+        differentiable scalar; the statistics are returned without gradient.
+
+    NB: the gradient of value is linear in one upstream scalar, so the op makes it during
+    the forward walk, from each row block's scores kept in cache: three K x M x d GEMMs
+    instead of the four of score_reduce plus its recomputing backward, O((K + M) d) saved.
+    Use it when a backward follows; for a forward alone, score_reduce is cheaper.
+    """
+    if reductions & COL_LSE:
+        raise ValueError("score_reduce_weighted takes row reductions only (no COL_LSE)")
+    K = a.shape[0]
+    for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp"), weights):
+        if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (K,) or w.requires_grad):
+            raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
+    shared = (b is a, col_bias is not None and col_bias is row_bias)
+    return _ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
+                                 None if shared[1] else col_bias, int(pos_offset), int(reductions),
+                                 float(clamp_tau), tuple(weights), shared)
+
+
 if _backend.HAS_C:
     # NB: only with _C loaded do the op names exist; registering against a
     # missing library would make the package fail to import.
@@ -102,6 +169,14 @@ if _backend.HAS_C:
     torch.library.register_autograd(
         "infomax_ext::score_reduce", _backward, setup_context=_setup_context
     )
+    @torch.library.register_fake("infomax_ext::_score_reduce_with_grad")
+    def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
+                                     pos_offset, reductions, clamp_tau):
+        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+        grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
+                                            col_bias, empty, empty, empty, empty, pos_offset, reductions,
+                                            clamp_tau)
+        return (*_fake_outputs(a, b, reductions), *grads)
 
 
 # ---------------------------------------------------------------------------

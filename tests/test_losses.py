@@ -39,21 +39,23 @@ def assert_same(out, expected, inputs, **tol):
 
 
 def count_op_calls(monkeypatch):
-    """Counts calls of the fused ops made through ops.score_reduce and
+    """Counts calls of the fused ops made through ops.score_reduce,
+    ops.score_reduce_weighted (a mean with its gradient from the forward walk) and
     ops.symmetric_softmax_mean (uniformity), and records their input dtypes."""
     calls = []
-    real, real_sym = ops.score_reduce, ops.symmetric_softmax_mean
 
-    def spy(a, b, *args, **kw):
-        calls.append((a.dtype, b.dtype))
-        return real(a, b, *args, **kw)
+    def spy_on(name, two_inputs=True):
+        real = getattr(ops, name)
 
-    def spy_sym(x, *args, **kw):
-        calls.append((x.dtype, x.dtype))
-        return real_sym(x, *args, **kw)
+        def spy(a, *args, **kw):
+            calls.append((a.dtype, args[0].dtype if two_inputs else a.dtype))
+            return real(a, *args, **kw)
 
-    monkeypatch.setattr(ops, "score_reduce", spy)
-    monkeypatch.setattr(ops, "symmetric_softmax_mean", spy_sym)
+        monkeypatch.setattr(ops, name, spy)
+
+    spy_on("score_reduce")
+    spy_on("score_reduce_weighted")
+    spy_on("symmetric_softmax_mean", two_inputs=False)
     return calls
 
 

@@ -243,14 +243,55 @@ GradTileFn<T> grad_tile_for_cpu() {
   return &grad_tile_base<T>;
 }
 
+// Row statistics written by a walk ((K,) each, nullptr when not requested).
+template <typename T>
+struct Outputs {
+  T *row, *neg, *clamp, *sp;
+};
+
+// A thread's folding of whole row blocks: its row states (one block at a time), the
+// thread's column states (nullptr: no column reduction) and the outputs.
+template <typename T>
+class BlockFolder {
+ public:
+  BlockFolder(const Walk& w, LseState<T>* col, Outputs<T> out)
+      : w_(w), col_(col), out_(out), fold_(fold_tile_for_cpu<T>()), neg_(kTileRows), clamp_(kTileRows),
+        pos_(kTileRows), sp_(kTileRows), mx_(kTileCols), sm_(kTileCols) {}
+
+  // Folds the rows [i0, i0 + kTileRows) of S, tile by tile, and writes their
+  // statistics. tile: as in reduce_forward; buf_for(j0): the buffer tile j0 goes to.
+  template <typename TileFn, typename BufFn>
+  void fold_block(int64_t i0, const TileFn& tile, BufFn buf_for) {
+    const int64_t tk = std::min(kTileRows, w_.K - i0), red = w_.reductions;
+    const RowFolds<T> f{neg_.data(), clamp_.data(), pos_.data(), sp_.data(), mx_.data(), sm_.data()};
+    std::fill(neg_.begin(), neg_.end(), lse_empty<T>());
+    std::fill(clamp_.begin(), clamp_.end(), lse_empty<T>());
+    std::fill(sp_.begin(), sp_.end(), T(0));
+    for (int64_t j0 = 0; j0 < w_.M; j0 += kTileCols) {
+      const int64_t tm = std::min(kTileCols, w_.M - j0);
+      Tensor buf = buf_for(j0);
+      const T* s = tile(buf, i0, tk, j0, tm);
+      fold_(s, i0, tk, j0, tm, w_.pos_offset, red, static_cast<T>(w_.tau), f, col_ ? col_ + j0 : nullptr);
+    }
+    for (int64_t r = 0; r < tk; ++r)
+      finalize_row(i0 + r, red, neg_[r], clamp_[r], sp_[r], pos_[r], out_.row, out_.neg, out_.clamp, out_.sp);
+  }
+
+ private:
+  const Walk& w_;
+  LseState<T>* col_;
+  Outputs<T> out_;
+  FoldTileFn<T> fold_;
+  std::vector<LseState<T>> neg_, clamp_;
+  std::vector<T> pos_, sp_, mx_, sm_;
+};
+
 // Forward walk. tile(buf, i0, tk, j0, tm) returns a pointer to the tk x tm
 // scores S[i0:i0+tk, j0:j0+tm] (row-major, leading dimension tm), written into
 // the thread's buffer `buf`. Fills the requested outputs of `out`.
 template <typename T, typename TileFn>
 void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, TileFn tile) {
   const int64_t K = w.K, M = w.M, red = w.reductions;
-  const T tau = static_cast<T>(w.tau);
-  const auto fold = fold_tile_for_cpu<T>();
   const int n_threads = at::get_num_threads();
   std::vector<LseState<T>> col_states((red & kColLse) ? n_threads * M : 0, lse_empty<T>());
   const auto out_ptr = [](const Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
@@ -261,23 +302,10 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
 
   at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
     Tensor buf = tile_buffer(opts);
-    LseState<T>* col = (red & kColLse) ? col_states.data() + at::get_thread_num() * M : nullptr;
-    std::vector<LseState<T>> neg(kTileRows), clamp(kTileRows);
-    std::vector<T> pos(kTileRows), sp(kTileRows), mx(kTileCols), sm(kTileCols);
-    const RowFolds<T> folds{neg.data(), clamp.data(), pos.data(), sp.data(), mx.data(), sm.data()};
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
-      std::fill(neg.begin(), neg.end(), lse_empty<T>());
-      std::fill(clamp.begin(), clamp.end(), lse_empty<T>());
-      std::fill(sp.begin(), sp.end(), T(0));
-      for (int64_t j0 = 0; j0 < M; j0 += kTileCols) {
-        const int64_t tm = std::min(kTileCols, M - j0);
-        const T* s = tile(buf, i0, tk, j0, tm);
-        fold(s, i0, tk, j0, tm, w.pos_offset, red, tau, folds, col ? col + j0 : nullptr);
-      }
-      for (int64_t r = 0; r < tk; ++r)
-        finalize_row(i0 + r, red, neg[r], clamp[r], sp[r], pos[r], row_out, neg_out, clamp_out, sp_out);
-    }
+    BlockFolder<T> folder(w, col_states.empty() ? nullptr : col_states.data() + at::get_thread_num() * M,
+                          Outputs<T>{row_out, neg_out, clamp_out, sp_out});
+    for (int64_t blk = b0; blk < b1; ++blk)
+      folder.fold_block(blk * kTileRows, tile, [&](int64_t) { return buf; });
   });
 
   if (red & kColLse) {
@@ -313,6 +341,21 @@ inline int64_t active_grads(int64_t reductions, const GradInputs& g) {
   return infomax_ext::active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);
 }
 
+// G for the rows [i0, i0 + kTileRows), tile by tile: scores(j0, tm) gives tile j0
+// of S, grad_tile turns it into G in gbuf (adding to drow and the thread's dcol_t),
+// and consume(tid, G, i0, tk, j0, tm) takes it.
+template <typename T, typename ConsumeFn, typename ScoresFn>
+void grad_block(const Walk& w, GradTileFn<T> grad, const GradPtrs<T>& ptrs, Tensor& gbuf, int tid, int64_t i0,
+                T* drow, T* dcol_t, ConsumeFn& consume, ScoresFn scores) {
+  const int64_t tk = std::min(kTileRows, w.K - i0);
+  for (int64_t j0 = 0; j0 < w.M; j0 += kTileCols) {
+    const int64_t tm = std::min(kTileCols, w.M - j0);
+    grad(scores(j0, tm), gbuf.data_ptr<T>(), i0, tk, j0, tm, w.pos_offset, w.reductions, static_cast<T>(w.tau),
+         ptrs, drow, dcol_t);
+    consume(tid, gbuf.narrow(0, 0, tk * tm).view({tk, tm}), i0, tk, j0, tm);
+  }
+}
+
 // Backward walk: recomputes each tile of S with tile(...), turns it into
 // G = dL/dS in a second thread-local buffer (grad_row), accumulates drow (K,)
 // and dcol (M,), and hands the G tile to consume(tid, G, i0, tk, j0, tm) -- G
@@ -321,8 +364,7 @@ inline int64_t active_grads(int64_t reductions, const GradInputs& g) {
 template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
 void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInputs& g,
                      Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
-  const int64_t K = w.K, M = w.M, red = w.reductions;
-  const T tau = static_cast<T>(w.tau);
+  const int64_t K = w.K, M = w.M;
   const auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
   const GradPtrs<T> ptrs{ptr(g.g_row),   ptr(g.g_col),   ptr(g.g_neg),   ptr(g.g_clamp),  ptr(g.g_sp),
                          ptr(g.row_lse), ptr(g.col_lse), ptr(g.neg_lse), ptr(g.clamp_lse)};
@@ -339,13 +381,60 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
     T* dcol_t = dcol_part[tid].data_ptr<T>();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
-      for (int64_t j0 = 0; j0 < M; j0 += kTileCols) {
-        const int64_t tm = std::min(kTileCols, M - j0);
-        const T* s = tile(buf, i0, tk, j0, tm);
-        grad(s, gbuf.data_ptr<T>(), i0, tk, j0, tm, w.pos_offset, red, tau, ptrs, drow_p, dcol_t);
-        consume(tid, gbuf.narrow(0, 0, tk * tm).view({tk, tm}), i0, tk, j0, tm);
-      }
+      grad_block(w, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
+                 [&](int64_t j0, int64_t tm) -> const T* { return tile(buf, i0, tk, j0, tm); });
       finish(tid, i0, tk);
+    }
+  });
+  dcol.copy_(dcol_part.sum(0));
+}
+
+// Bytes of scores one thread keeps in reduce_forward_backward (kTileRows x M);
+// above a budget the ops fall back to a forward plus a recomputing backward.
+inline int64_t kept_rows_bytes(int64_t M, int64_t elem_bytes) { return kTileRows * M * elem_bytes; }
+constexpr int64_t kKeptRowsBudget = int64_t(32) << 20;
+
+// Forward and backward in one walk, for a loss whose upstream gradients are known
+// before the walk (g: the gradients; its saved-statistics fields are ignored, the
+// statistics come from this walk). NB: each row block keeps all its tiles of S
+// (kTileRows x M, tile after tile); once the block's statistics are final, G is
+// made from the kept scores instead of recomputed ones: three GEMMs (S, G B, G^T A)
+// instead of a forward's one plus a backward's three (the trick of fused linear
+// cross-entropy). Row reductions only: a column statistic is final only after
+// every row block. w.reductions: the statistics to write; their gradients are
+// those of g that are present.
+template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
+void reduce_forward_backward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, const GradInputs& g,
+                             Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
+  TORCH_CHECK(!(w.reductions & kColLse), "score_reduce: a column reduction cannot take its gradient in the forward walk");
+  const int64_t K = w.K, M = w.M;
+  const auto out_ptr = [](const Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
+  const Outputs<T> outs{out_ptr(std::get<0>(out)), out_ptr(std::get<2>(out)), out_ptr(std::get<3>(out)),
+                        out_ptr(std::get<4>(out))};
+  const auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
+  const GradPtrs<T> ptrs{ptr(g.g_row), nullptr, ptr(g.g_neg), ptr(g.g_clamp), ptr(g.g_sp),
+                         outs.row,     nullptr, outs.neg,     outs.clamp};
+  Walk wg = w;
+  wg.reductions = active_grads(w.reductions, g);
+  const auto grad = grad_tile_for_cpu<T>();
+  Tensor dcol_part = at::zeros({at::get_num_threads(), M}, opts);
+  T* drow_p = drow.data_ptr<T>();
+
+  at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    Tensor kept = at::empty({kTileRows * M}, opts), gbuf = tile_buffer(opts);
+    T* dcol_t = dcol_part[tid].data_ptr<T>();
+    const T* kept_p = kept.data_ptr<T>();
+    BlockFolder<T> folder(w, nullptr, outs);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kTileRows;
+      folder.fold_block(i0, tile, [&](int64_t j0) {
+        return kept.narrow(0, kTileRows * j0, kTileRows * std::min(kTileCols, M - j0));
+      });
+      if (wg.reductions)
+        grad_block(wg, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
+                   [&](int64_t j0, int64_t) { return kept_p + kTileRows * j0; });
+      finish(tid, i0, std::min(kTileRows, K - i0));
     }
   });
   dcol.copy_(dcol_part.sum(0));

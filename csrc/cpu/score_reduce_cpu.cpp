@@ -9,6 +9,7 @@
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -41,6 +42,43 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
   return out;
 }
 
+// The input gradients of a dot-product walk, accumulated from its G tiles: the
+// block's rows of dA += G B (owned by the thread), a per-thread partial dB += G^T A
+// (threads * M * d extra memory), so the matmuls of the gradient are all BLAS calls;
+// d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i> per row block.
+template <typename T>
+struct DotGrads {
+  const DotInputs& in;
+  Tensor dA, dB_part, drow, dcol;
+  std::vector<double> dscale_part;
+
+  DotGrads(const DotInputs& in_, int64_t K, int64_t M)
+      : in(in_),
+        dA(at::zeros_like(in_.A)),
+        dB_part(at::zeros({at::get_num_threads(), M, in_.B.size(1)}, in_.A.options())),
+        drow(at::zeros({K}, in_.A.options())),
+        dcol(at::zeros({M}, in_.A.options())),
+        dscale_part(at::get_num_threads(), 0.0) {}
+
+  void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
+    dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));                // rows of G B
+    dB_part[tid].narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // partial G^T A
+  }
+  void finish(int tid, int64_t i0, int64_t tk) {
+    dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
+  }
+
+  // (da, db, dscale, drow, dcol) in the dtypes of the inputs.
+  Tensor5 result(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                 const OptTensor& col_bias, T s) {
+    double dscale = 0.0;
+    for (double v : dscale_part) dscale += v;
+    return Tensor5{dA.mul(s).to(a.scalar_type()), dB_part.sum(0).mul_(s).to(b.scalar_type()),
+                   at::full_like(scale, dscale), drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
+                   dcol.to(has(col_bias) ? col_bias->scalar_type() : in.acc)};
+  }
+};
+
 Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
                                   const Tensor& grad_col_lse,    // (M,) or (0,)
                                   const Tensor& grad_neg_lse,    // (K,) or (0,)
@@ -57,35 +95,58 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
   const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse,
                                              grad_softplus, row_lse, col_lse, neg_lse, clamp_lse, in.acc);
   const Walk w{in.A.size(0), in.B.size(0), pos_offset, cpu::active_grads(reductions, g), clamp_tau};
-  const auto opts = in.A.options();
-  Tensor dA = at::zeros_like(in.A), dB = at::zeros_like(in.B);
-  Tensor drow = at::zeros({w.K}, opts), dcol = at::zeros({w.M}, opts);
-  double dscale = 0.0;
-  if (w.reductions) {
-    const int n_threads = at::get_num_threads();
-    Tensor dB_part = at::zeros({n_threads, w.M, in.B.size(1)}, opts);
-    std::vector<double> dscale_part(n_threads, 0.0);
-    AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_backward_cpu", [&] {
-      const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
+  Tensor5 grads;
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_backward_cpu", [&] {
+    const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
+    DotGrads<scalar_t> acc(in, w.K, w.M);
+    if (w.reductions) {
       cpu::reduce_backward<scalar_t>(
-          w, opts, g, drow, dcol, tile,
+          w, in.A.options(), g, acc.drow, acc.dcol, tile,
           [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
-            dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));              // rows of G B
-            dB_part[tid].narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // partial G^T A
+            acc.consume(tid, G, i0, tk, j0, tm);
           },
-          [&](int tid, int64_t i0, int64_t tk) {
-            // d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i>.
-            dscale_part[tid] +=
-                dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
-          });
-      dA.mul_(tile.scale);
-      dB.copy_(dB_part.sum(0)).mul_(tile.scale);
-    });
-    for (double v : dscale_part) dscale += v;
-  }
-  return Tensor5{dA.to(a.scalar_type()), dB.to(b.scalar_type()), at::full_like(scale, dscale),
-                 drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
-                 dcol.to(has(col_bias) ? col_bias->scalar_type() : in.acc)};
+          [&](int tid, int64_t i0, int64_t tk) { acc.finish(tid, i0, tk); });
+    }
+    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale);
+  });
+  return grads;
+}
+
+// The row statistics of score_reduce and, in the same walk, the gradients of the
+// loss sum_i (g_row_i row_lse_i + g_neg_i neg_lse_i + g_clamp_i neg_clamp_lse_i +
+// g_sp_i neg_softplus_i) for upstream gradients known in advance (e.g. 1/K for a
+// mean): three GEMMs instead of the four of score_reduce plus its backward. Returns
+// (row_lse, col_lse (0,), neg_lse, neg_clamp_lse, neg_softplus, da, db, dscale,
+// drow, dcol). NB: when the kept scores (kTileRows x M per thread) would pass
+// kKeptRowsBudget, it is score_reduce followed by its backward (same results).
+Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
+                                    const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
+                                    const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                                    const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
+                                    double clamp_tau) {
+  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
+  if (reductions & kColLse || cpu::kept_rows_bytes(in.B.size(0), in.A.element_size()) > cpu::kKeptRowsBudget)
+    return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
+                                 grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
+                                 reductions, clamp_tau);
+  const Tensor none = at::empty({0}, in.A.options());
+  const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus,
+                                             none, none, none, none, in.acc);
+  const Walk w{in.A.size(0), in.B.size(0), pos_offset, reductions, clamp_tau};
+  Tensor5 out = alloc_reductions(a, w.K, w.M, reductions), grads;
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_with_grad_cpu", [&] {
+    const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
+    DotGrads<scalar_t> acc(in, w.K, w.M);
+    cpu::reduce_forward_backward<scalar_t>(
+        w, in.A.options(), out, g, acc.drow, acc.dcol, tile,
+        [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
+          acc.consume(tid, G, i0, tk, j0, tm);
+        },
+        [&](int tid, int64_t i0, int64_t tk) { acc.finish(tid, i0, tk); });
+    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale);
+  });
+  return join_stats_grads(out, grads);
 }
 
 }  // namespace
@@ -93,6 +154,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
 TORCH_LIBRARY_IMPL(infomax_ext, CPU, m) {
   m.impl("score_reduce", &score_reduce_forward_cpu);
   m.impl("_score_reduce_backward", &score_reduce_backward_cpu);
+  m.impl("_score_reduce_with_grad", &score_reduce_with_grad_cpu);
 }
 
 }  // namespace infomax_ext

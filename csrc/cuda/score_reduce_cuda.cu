@@ -723,12 +723,26 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
   return {std::get<2>(out), mean};
 }
 
+// NB: on the GPU, the forward walk then the recomputing backward (four GEMMs, the
+// same results): keeping each row chunk's scores between the two, as the CPU walker
+// does, is left for a session with a GPU to measure it on.
+Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
+                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
+                                     const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                                     const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
+                                     double clamp_tau) {
+  return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse, grad_neg_lse,
+                               grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
+                               reductions, clamp_tau);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) {
   m.impl("score_reduce", &score_reduce_forward_cuda);
   m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
   m.impl("symmetric_softmax_mean", &symmetric_softmax_mean_cuda);
+  m.impl("_score_reduce_with_grad", &score_reduce_with_grad_cuda);
 }
 
 }  // namespace infomax_ext

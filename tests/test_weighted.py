@@ -1,0 +1,175 @@
+"""ops.score_reduce_weighted: a weighted sum of score_reduce's row statistics whose
+gradient is made in the forward walk (three GEMMs), against the reference and against
+score_reduce followed by its recomputing backward."""
+import pytest
+import torch
+
+import infomax_ext
+from infomax_ext import estimators as est, ops, reference as ref
+from helpers import DEVICES, make_bias, make_pair, sample_inputs
+
+pytestmark = pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built")
+ARGS = ("a", "b", "scale", "row_bias", "col_bias")
+ROW_SETS = [ops.ROW_LSE, ops.NEG_LSE, ops.ROW_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE | ops.NEG_SOFTPLUS]
+
+
+def weights_for(reductions, K, like, seed):
+    """Random (K,) weights for every requested row statistic (None for the others)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = (ops.ROW_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS)
+    return tuple(torch.randn(K, generator=g, dtype=torch.float64).to(like) if reductions & bit else None
+                 for bit in bits)
+
+
+def weighted_reference(kw, reductions, weights, tau=2.0):
+    out = ref.score_reduce(**kw, reductions=reductions, clamp_tau=tau)
+    stats = (out[0], out[2], out[3], out[4])
+    return sum((w * s).sum() for w, s in zip(weights, stats) if w is not None), out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reductions", ROW_SETS)
+def test_value_statistics_and_gradients_match_reference(device, dtype, reductions):
+    tol = {} if dtype == torch.float64 else dict(rtol=5e-5, atol=5e-5)
+    for n, kw in enumerate(sample_inputs(device, dtype, requires_grad=True, seed=3)):
+        if kw["b"].shape[0] < 2 and reductions & ops.NEG_LSE:
+            continue  # no negatives to reduce
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        weights = weights_for(reductions, kw["a"].shape[0], torch.empty(0, dtype=acc, device=device), n)
+        value, *stats = ops.score_reduce_weighted(**kw, reductions=reductions, clamp_tau=2.0, weights=weights)
+        value_o, stats_o = weighted_reference(kw, reductions, weights)
+        torch.testing.assert_close(value, value_o, **tol)
+        for s, o in zip(stats, stats_o):
+            torch.testing.assert_close(s, o.detach(), **tol)
+            assert not s.requires_grad
+        inputs = [kw[k] for k in ARGS if kw[k] is not None]
+        for g, o in zip(torch.autograd.grad(0.7 * value, inputs), torch.autograd.grad(0.7 * value_o, inputs)):
+            torch.testing.assert_close(g, o, **tol)
+
+
+def test_gradcheck():
+    a, b = make_pair(70, 530, 3, requires_grad=True)
+    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    rb, cb = make_bias(70, requires_grad=True), make_bias(530, seed=1, requires_grad=True)
+    w = weights_for(ops.ROW_LSE | ops.NEG_SOFTPLUS, 70, torch.empty(0, dtype=torch.float64), 0)
+    torch.autograd.gradcheck(
+        lambda *x: ops.score_reduce_weighted(*x, pos_offset=9, reductions=ops.ROW_LSE | ops.NEG_SOFTPLUS,
+                                             weights=w)[0], (a, b, scale, rb, cb))
+
+
+def test_equals_score_reduce_plus_backward_in_float32():
+    """The one-walk gradient and the recomputing backward agree to float32 rounding."""
+    a, b = make_pair(300, 1100, 16, dtype=torch.float32, seed=5, requires_grad=True)
+    scale = torch.tensor(7.0, requires_grad=True)
+    w = torch.full((300,), 1 / 300)
+    value = ops.score_reduce_weighted(a, b, scale, pos_offset=17, weights=(w, None, None, None))[0]
+    lse = ops.score_reduce(a, b, scale, pos_offset=17, reductions=ops.ROW_LSE)[0]
+    torch.testing.assert_close(value, lse.mean())
+    for g, o in zip(torch.autograd.grad(value, [a, b, scale]), torch.autograd.grad(lse.mean(), [a, b, scale])):
+        torch.testing.assert_close(g, o, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, M", [(torch.float32, 140_000), (torch.float64, 70_000)])
+def test_wide_rows_fall_back_to_forward_then_backward(dtype, M):
+    """Past the kept-rows budget (64 rows x M scores per thread > 32 MB) the op runs
+    score_reduce and its backward: same results."""
+    a, b = make_pair(3, M, 2, dtype=dtype, seed=7, requires_grad=True)
+    kw = dict(a=a, b=b, scale=torch.tensor(1.5, dtype=dtype), row_bias=None, col_bias=None, pos_offset=11)
+    w = weights_for(ops.ROW_LSE, 3, torch.empty(0, dtype=dtype), 1)
+    value = ops.score_reduce_weighted(**kw, reductions=ops.ROW_LSE, weights=w)[0]
+    value_o, _ = weighted_reference(kw, ops.ROW_LSE, w)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value, value_o, **tol)
+    torch.testing.assert_close(torch.autograd.grad(value, b)[0], torch.autograd.grad(value_o, b)[0], **tol)
+
+
+def test_opcheck():
+    a, b = make_pair(9, 70, 4)
+    w = torch.full((9,), 1 / 9, dtype=torch.float64)
+    empty = torch.empty(0, dtype=torch.float64)
+    for rb in (None, make_bias(9)):
+        torch.library.opcheck(torch.ops.infomax_ext._score_reduce_with_grad.default,
+                              (w, empty, empty, w, a, b, torch.tensor(1.1, dtype=torch.float64), rb, None, 3,
+                               ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0))
+
+
+def test_bad_arguments():
+    a, b = make_pair(5, 8, 3, requires_grad=True)
+    w = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="row reductions only"):
+        ops.score_reduce_weighted(a, b, reductions=ops.ROW_LSE | ops.COL_LSE, weights=(w, None, None, None))
+    with pytest.raises(ValueError, match=r"w_neg must be a \(K,\) = \(5,\) tensor"):
+        ops.score_reduce_weighted(a, b, reductions=ops.NEG_LSE, weights=(None, torch.ones(6), None, None))
+    with pytest.raises(ValueError, match="without gradient"):
+        ops.score_reduce_weighted(a, b, weights=(w.clone().requires_grad_(), None, None, None))
+    with pytest.raises(RuntimeError, match="row reductions only"):
+        torch.ops.infomax_ext._score_reduce_with_grad(w, w[:0], w[:0], w[:0], a.detach(), b.detach(),
+                                                      torch.tensor(1.0, dtype=torch.float64), None, None, 0,
+                                                      ops.ROW_LSE | ops.COL_LSE, 5.0)
+
+
+def test_double_backward_raises():
+    a, b = make_pair(4, 6, 3, requires_grad=True)
+    value = ops.score_reduce_weighted(a, b, weights=(torch.full((4,), 0.25, dtype=torch.float64), None, None, None))[0]
+    (g,) = torch.autograd.grad(value, a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), a)
+
+
+def test_reruns_are_bitwise_identical_and_threads_agree():
+    a, b = make_pair(200, 1030, 8, dtype=torch.float32, seed=2, requires_grad=True)
+    w = torch.full((200,), 1 / 200)
+
+    def run():
+        value = ops.score_reduce_weighted(a, b, 3.0, pos_offset=5, weights=(w, None, None, None))[0]
+        return (value, *torch.autograd.grad(value, [a, b]))
+
+    first, again = run(), run()
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(n)
+    for x, y in zip(first, single):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_infonce_takes_the_one_walk_path_only_when_a_backward_follows(monkeypatch):
+    a, b = make_pair(40, 60, 5, requires_grad=True)
+    calls = []
+    real_w, real = ops.score_reduce_weighted, ops.score_reduce
+    monkeypatch.setattr(ops, "score_reduce_weighted", lambda *x, **k: calls.append("weighted") or real_w(*x, **k))
+    monkeypatch.setattr(ops, "score_reduce", lambda *x, **k: calls.append("plain") or real(*x, **k))
+    value = est.infonce(a, b, 2.0, pos_offset=3)
+    with torch.no_grad():
+        value_ng = est.infonce(a, b, 2.0, pos_offset=3)
+    assert calls == ["weighted", "plain"]
+    oracle = ref.infonce(ref.scores_dot(a, b, 2.0), 3)
+    torch.testing.assert_close(value, oracle)
+    torch.testing.assert_close(value_ng, oracle.detach())
+    for g, o in zip(torch.autograd.grad(value, [a, b]), torch.autograd.grad(oracle, [a, b])):
+        torch.testing.assert_close(g, o)
+
+
+def test_one_tensor_in_both_roles():
+    """b is a (NT-Xent's z against itself) and col_bias is row_bias: each passed once
+    (torch.compile cannot trace a Function given one tensor twice); the gradients of
+    both roles add up."""
+    a, _ = make_pair(30, 30, 4, requires_grad=True)
+    bias = make_bias(30, requires_grad=True)
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    w = weights_for(ops.NEG_LSE, 30, torch.empty(0, dtype=torch.float64), 4)
+    value = ops.score_reduce_weighted(a, a, scale, bias, bias, reductions=ops.NEG_LSE, weights=w)[0]
+    kw = dict(a=a, b=a, scale=scale, row_bias=bias, col_bias=bias, pos_offset=0)
+    value_o, _ = weighted_reference(kw, ops.NEG_LSE, w)
+    torch.testing.assert_close(value, value_o)
+    for g, o in zip(torch.autograd.grad(value, [a, bias, scale]), torch.autograd.grad(value_o, [a, bias, scale])):
+        torch.testing.assert_close(g, o)
+    f = torch.compile(lambda a, bias: ops.score_reduce_weighted(a, a, 0.8, bias, bias, reductions=ops.NEG_LSE,
+                                                                weights=w)[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(f(a, bias), a)[0],
+                               torch.autograd.grad(weighted_reference(dict(kw, scale=0.8), ops.NEG_LSE, w)[0], a)[0])
