@@ -85,13 +85,16 @@ class DotScores:
     def materialize(self):
         return ref.scores_dot(self.a, self.b, self.scale, self.row_bias, self.col_bias)
 
-    def row_mean(self, reduction):
-        """``(mean_i stat_i, stat)`` for one row statistic, ROW_LSE or NEG_LSE.
+    def row_mean(self, reduction, minus_positive=False):
+        """``(mean_i (stat_i - pos_i), stat)`` for one row statistic, ROW_LSE or NEG_LSE
+        (without ``minus_positive``: the mean of stat alone); InfoNCE's cross entropy is
+        ``row_mean(ROW_LSE, True)``.
 
         When a backward will follow (grad mode on and an input that requires grad), from
-        ``ops.score_reduce_weighted`` with weights 1/K: the mean's gradient is made in the
-        forward walk (three GEMMs instead of four) and ``stat`` carries no gradient.
-        Otherwise ``stat`` is score_reduce's (reference's) differentiable output.
+        ``ops.score_reduce_weighted`` with weights 1/K (and -1/K on the positives): the
+        gradient is made in the forward walk (three GEMMs instead of four, and nothing
+        left for autograd to hold) and ``stat`` carries no gradient. Otherwise ``stat`` is
+        score_reduce's (the reference's) differentiable output.
         """
         idx = {ROW_LSE: 0, NEG_LSE: 2}[reduction]
         inputs = (self.a, self.b, self.scale, self.row_bias, self.col_bias)
@@ -99,11 +102,12 @@ class DotScores:
         if _backend.fused_enabled() and wants_grad:
             w = torch.full((self.K,), 1.0 / self.K, dtype=ops.acc_dtype(self.a.dtype), device=self.a.device)
             weights = (w, None, None, None) if reduction == ROW_LSE else (None, w, None, None)
-            out = ops.score_reduce_weighted(*inputs, self.pos_offset, reduction, 5.0, weights)
+            out = ops.score_reduce_weighted(*inputs, self.pos_offset, reduction, 5.0, weights,
+                                            w_pos=-w if minus_positive else None)
             return out[0], out[1 + idx]
         fn = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
         stat = fn(*inputs, self.pos_offset, reduction)[idx]
-        return stat.mean(), stat
+        return (stat - self.positive() if minus_positive else stat).mean(), stat
 
 
 class _Terms:
@@ -142,7 +146,7 @@ def infonce_from(src):
     if _reference(src):
         return ref.infonce(src.materialize(), src.pos_offset)
     if isinstance(src, DotScores):
-        return src.positive().mean() - src.row_mean(ROW_LSE)[0] + math.log(src.M)
+        return math.log(src.M) - src.row_mean(ROW_LSE, minus_positive=True)[0]
     t = _Terms(src, ROW_LSE)
     return (t.pos - t.row_lse).mean() + math.log(t.M)
 

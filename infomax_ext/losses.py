@@ -191,9 +191,9 @@ class InfoNCELoss(nn.Module):
                 # NB: the loss is a plain mean of row log-sum-exps: its gradient comes
                 # out of the forward walk (DotScores.row_mean).
                 cand, off = (z2_all, rank * M + pos_offset) if gathered else (z2, pos_offset)
-                lse_mean, lse1 = est.DotScores(z1, cand, scale, pos_offset=off).row_mean(ROW_LSE)
+                loss, lse1 = est.DotScores(z1, cand, scale, pos_offset=off).row_mean(ROW_LSE, minus_positive=True)
                 return _contrastive_result(lse1 - pos.detach(), math.log(cand.shape[0]), return_diagnostics,
-                                           loss=lse_mean - pos.mean())
+                                           loss=loss)
             if gathered:
                 off = rank * M + pos_offset
                 lse1 = _score_reduce(z1, z2_all, scale, pos_offset=off, reductions=ROW_LSE)[0]

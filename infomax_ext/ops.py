@@ -77,8 +77,9 @@ def _backward(ctx, g_row, g_col, g_neg, g_clamp, g_sp):
 
 
 class _ReduceWithGrad(torch.autograd.Function):
-    """``sum_i w . stats_i`` of score_reduce's row statistics, its gradient made in the
-    forward walk (``_score_reduce_with_grad``): the weights are known up front."""
+    """``sum_i w . stats_i`` of score_reduce's row statistics (and of the positives), its
+    gradient made in the forward walk (``_score_reduce_with_grad``): the weights are known
+    up front."""
 
     @staticmethod
     def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, shared):
@@ -86,18 +87,23 @@ class _ReduceWithGrad(torch.autograd.Function):
         # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
         b = a if shared[0] else b
         col_bias = row_bias if shared[1] else col_bias
-        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
-        w = [empty if x is None else x for x in weights]
+        acc = acc_dtype(a.dtype)
+        empty = a.new_empty((0,), dtype=acc)
+        w = [empty if x is None else x for x in weights[:4]]
         d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
         out = torch.ops.infomax_ext._score_reduce_with_grad(
             *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau)
         stats, grads = out[:5], out[5:]
         used = [(x, st) for x, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if x is not None]
         value = sum((x * st).sum() for x, st in used)
+        pos, w_pos = empty, weights[4]
+        if w_pos is not None:
+            pos = _add_positive_term(grads, w_pos, a, b, scale, d[0], d[1], pos_offset)
+            value = value + (w_pos * pos).sum()
         ctx.save_for_backward(*grads)
         ctx.shared, ctx.has_rb, ctx.has_cb = shared, row_bias is not None, col_bias is not None
-        ctx.mark_non_differentiable(*stats)
-        return (value, *stats)
+        ctx.mark_non_differentiable(*stats, pos)
+        return (value, *stats, pos)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -112,35 +118,64 @@ class _ReduceWithGrad(torch.autograd.Function):
         return (*scaled, None, None, None, None, None)
 
 
+def _add_positive_term(grads, w_pos, a, b, scale, row_bias, col_bias, pos_offset):
+    """The positives ``S[i, i + pos_offset]`` (K,), with the gradient of
+    ``sum_i w_pos_i S[i, i + pos_offset]`` added in place to ``grads`` (da, db, dscale,
+    drow, dcol): O(K d), in the accumulation dtype."""
+    da, db, dscale, drow, dcol = grads
+    K, acc = a.shape[0], w_pos.dtype
+    sl = slice(pos_offset, pos_offset + K)
+    A, Bp, s = a.detach().to(acc), b.detach()[sl].to(acc), scale.detach().to(acc)
+    dot = (A * Bp).sum(-1)
+    pos = s * dot
+    if row_bias is not None:
+        pos = pos + row_bias.to(acc)
+    if col_bias is not None:
+        pos = pos + col_bias[sl].to(acc)
+    ws = (w_pos * s)[:, None]
+    da.add_((ws * Bp).to(da.dtype))
+    db[sl].add_((ws * A).to(db.dtype))
+    dscale.add_((w_pos * dot).sum().to(dscale.dtype))
+    drow.add_(w_pos.to(drow.dtype))
+    dcol[sl].add_(w_pos.to(dcol.dtype))
+    return pos
+
+
 def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
-                          reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None)):
+                          reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None), w_pos=None):
     """``value = sum_i (w_row_i row_lse_i + w_neg_i neg_lse_i + w_clamp_i neg_clamp_lse_i +
-    w_sp_i neg_softplus_i)`` and score_reduce's outputs, for weights known before the call
-    (e.g. ``1/K`` for a mean over rows).
+    w_sp_i neg_softplus_i + w_pos_i S[i, i + pos_offset])`` and score_reduce's outputs, for
+    weights known before the call (e.g. InfoNCE's cross entropy: ``w_row = 1/K``,
+    ``w_pos = -1/K``).
 
     Same arguments as :func:`score_reduce` (row reductions only: no COL_LSE), plus
-    ``weights``: ``(w_row, w_neg, w_clamp, w_sp)``, each a (K,) tensor without gradient or
-    None for a statistic outside the sum (requested statistics may stay outside).
+    ``weights``: ``(w_row, w_neg, w_clamp, w_sp)`` and ``w_pos``, each a (K,) tensor
+    without gradient or None for a term outside the sum (requested statistics may stay
+    outside).
 
     Returns:
-        ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus)``: value is a
-        differentiable scalar; the statistics are returned without gradient.
+        ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus, pos)``: value is
+        a differentiable scalar; the statistics and the positives ``pos`` (K,) (empty
+        without ``w_pos``) are returned without gradient.
 
     NB: the gradient of value is linear in one upstream scalar, so the op makes it during
     the forward walk, from each row block's scores kept in cache: three K x M x d GEMMs
     instead of the four of score_reduce plus its recomputing backward, O((K + M) d) saved.
-    Use it when a backward follows; for a forward alone, score_reduce is cheaper.
+    Use it when a backward follows; for a forward alone, score_reduce is cheaper. The
+    backward may run more than once (retain_graph); like any op here it is not twice
+    differentiable.
     """
     if reductions & COL_LSE:
         raise ValueError("score_reduce_weighted takes row reductions only (no COL_LSE)")
     K = a.shape[0]
-    for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp"), weights):
+    weights = (*weights, w_pos)
+    for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp", "w_pos"), weights):
         if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (K,) or w.requires_grad):
             raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
     shared = (b is a, col_bias is not None and col_bias is row_bias)
     return _ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
                                  None if shared[1] else col_bias, int(pos_offset), int(reductions),
-                                 float(clamp_tau), tuple(weights), shared)
+                                 float(clamp_tau), weights, shared)
 
 
 if _backend.HAS_C:

@@ -37,8 +37,16 @@ def test_value_statistics_and_gradients_match_reference(device, dtype, reduction
             continue  # no negatives to reduce
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         weights = weights_for(reductions, kw["a"].shape[0], torch.empty(0, dtype=acc, device=device), n)
-        value, *stats = ops.score_reduce_weighted(**kw, reductions=reductions, clamp_tau=2.0, weights=weights)
+        w_pos = weights_for(ops.ROW_LSE, kw["a"].shape[0], weights[0] if weights[0] is not None else weights[1], n + 50)[0]
+        value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=reductions, clamp_tau=2.0, weights=weights,
+                                                       w_pos=w_pos if n % 2 else None)
         value_o, stats_o = weighted_reference(kw, reductions, weights)
+        if n % 2:
+            pos_o = ref.positive_scores(ref.scores_dot(**{k: kw[k] for k in ARGS}), kw["pos_offset"])
+            torch.testing.assert_close(pos, pos_o.detach(), **tol)
+            value_o = value_o + (w_pos * pos_o).sum()
+        else:
+            assert pos.shape == (0,)
         torch.testing.assert_close(value, value_o, **tol)
         for s, o in zip(stats, stats_o):
             torch.testing.assert_close(s, o.detach(), **tol)

@@ -420,9 +420,14 @@ void reduce_forward_backward(const Walk& w, const at::TensorOptions& opts, Tenso
   Tensor dcol_part = at::zeros({at::get_num_threads(), M}, opts);
   T* drow_p = drow.data_ptr<T>();
 
+  // NB: the threads' buffers are allocated here, not in the workers: memory a worker
+  // allocates comes from its own malloc arena, which is not handed back between calls.
+  const Tensor kept_all = at::empty({at::get_num_threads(), kTileRows * M}, opts);
+  const Tensor gbuf_all = at::empty({at::get_num_threads(), kTileRows * kTileCols}, opts);
+
   at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    Tensor kept = at::empty({kTileRows * M}, opts), gbuf = tile_buffer(opts);
+    Tensor kept = kept_all[tid], gbuf = gbuf_all[tid];
     T* dcol_t = dcol_part[tid].data_ptr<T>();
     const T* kept_p = kept.data_ptr<T>();
     BlockFolder<T> folder(w, nullptr, outs);

@@ -43,37 +43,42 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 }
 
 // The input gradients of a dot-product walk, accumulated from its G tiles: the
-// block's rows of dA += G B (owned by the thread), a per-thread partial dB += G^T A
-// (threads * M * d extra memory), so the matmuls of the gradient are all BLAS calls;
-// d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i> per row block.
+// block's rows of dA += G B (owned by the thread) and dB += G^T A, into dB itself for
+// thread 0 and into a partial per other thread ((threads - 1) * M * d extra memory,
+// added in a fixed order: no atomics, bitwise reruns), so the matmuls of the gradient
+// are all BLAS calls; d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i> per row block.
 template <typename T>
 struct DotGrads {
   const DotInputs& in;
-  Tensor dA, dB_part, drow, dcol;
+  Tensor dA, dB, dB_rest, drow, dcol;
   std::vector<double> dscale_part;
 
   DotGrads(const DotInputs& in_, int64_t K, int64_t M)
       : in(in_),
         dA(at::zeros_like(in_.A)),
-        dB_part(at::zeros({at::get_num_threads(), M, in_.B.size(1)}, in_.A.options())),
+        dB(at::zeros_like(in_.B)),
+        dB_rest(at::zeros({at::get_num_threads() - 1, M, in_.B.size(1)}, in_.A.options())),
         drow(at::zeros({K}, in_.A.options())),
         dcol(at::zeros({M}, in_.A.options())),
         dscale_part(at::get_num_threads(), 0.0) {}
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
-    dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));                // rows of G B
-    dB_part[tid].narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // partial G^T A
+    dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
+    Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
+    dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
   }
   void finish(int tid, int64_t i0, int64_t tk) {
     dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
   }
 
-  // (da, db, dscale, drow, dcol) in the dtypes of the inputs.
+  // (da, db, dscale, drow, dcol) in the dtypes of the inputs. NB: scaled in place.
   Tensor5 result(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                  const OptTensor& col_bias, T s) {
+    for (int64_t t = 0; t < dB_rest.size(0); ++t) dB.add_(dB_rest[t]);
+    dB_rest = Tensor();
     double dscale = 0.0;
     for (double v : dscale_part) dscale += v;
-    return Tensor5{dA.mul(s).to(a.scalar_type()), dB_part.sum(0).mul_(s).to(b.scalar_type()),
+    return Tensor5{dA.mul_(s).to(a.scalar_type()), dB.mul_(s).to(b.scalar_type()),
                    at::full_like(scale, dscale), drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
                    dcol.to(has(col_bias) ? col_bias->scalar_type() : in.acc)};
   }
