@@ -5,7 +5,9 @@ peak extra memory against K = M for
 
   infonce      fused ``infonce``  vs the materialising reference (eager and under
                ``torch.compile``) and the *matmul floor*: the four plain K x M x d
-               matmuls a recomputing op needs (S, S again in backward, G b, G^T a)
+               matmuls a recomputing op needs (S, S again in backward, G b, G^T a);
+               the fused op takes three (each row block's S is kept for its gradient,
+               ``ops.score_reduce_weighted``), so it can run below this "floor"
   uniformity   fused ``uniformity`` vs Wang & Isola's ``torch.pdist`` formula, the
                matmul + logsumexp form a careful user writes, and that form compiled
   concat       the fused concat-MLP critic (InfoNCE, H = 256, d = 64) vs the
@@ -722,7 +724,7 @@ def main(argv=None):
     if fl:
         print(f"matmul floor: the four K x M x d float matmuls (S, S recomputed, G b, G^T a) of a recomputing "
               f"InfoNCE forward+backward, {4 * 2 * max(r['K'] for r in fl) ** 2 * args.d / 1e9:.1f} GFLOP "
-              f"at K=M={max(r['K'] for r in fl)}")
+              f"at K=M={max(r['K'] for r in fl)}; the fused InfoNCE keeps S per row block and needs three")
 
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench.csv")
