@@ -16,6 +16,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../score_reduce_common.h"
@@ -46,30 +47,49 @@ inline Tensor tile_buffer(const at::TensorOptions& opts) {
 
 // max(x, m) that propagates NaN: a NaN score must give a NaN statistic, never
 // be skipped into a wrong finite (or -inf) one.
+// NB: `|` and a bit-blend select, not `||` and a ternary: those compile to
+// branches and keep range_max's lanes scalar.
 template <typename T>
 INFOMAX_CPU_INLINE T nan_max(T x, T m) {
-  return (x > m || x != x) ? x : m;
+  return select((x > m) | (x != x), x, m);
 }
 
-// max of x[lo, hi). NB: eight independent lanes, because GCC will not
-// vectorise a single floating max reduction without -ffast-math.
+// max of x[lo, hi), NaN if any entry is NaN. NB: eight independent lanes of a
+// plain max (a compare and a blend per vector) plus eight lanes of NaN flags,
+// because GCC will not vectorise a single floating max reduction without
+// -ffast-math, nor a NaN-aware max select.
 template <typename T>
 INFOMAX_CPU_INLINE T range_max(const T* x, int64_t lo, int64_t hi, T m) {
   T lanes[8];
+  int32_t nan[8];
   for (int l = 0; l < 8; ++l) lanes[l] = m;
+  for (int l = 0; l < 8; ++l) nan[l] = 0;
   int64_t k = lo;
-  for (; k + 8 <= hi; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] = nan_max(x[k + l], lanes[l]);
+  for (; k + 8 <= hi; k += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] = x[k + l] > lanes[l] ? x[k + l] : lanes[l];
+    for (int l = 0; l < 8; ++l) nan[l] |= x[k + l] != x[k + l];
+  }
   for (; k < hi; ++k) m = nan_max(x[k], m);
   for (int l = 0; l < 8; ++l) m = nan_max(lanes[l], m);
-  return m;
+  int32_t any_nan = 0;
+  for (int l = 0; l < 8; ++l) any_nan |= nan[l];
+  return any_nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
 
-// sum of f(x[k]) over k in [lo, hi).
+// sum of f(x[k]) over k in [lo, hi). NB: eight independent lanes, as in range_max:
+// GCC keeps a single floating sum (and so the whole loop, f included) scalar
+// without -ffast-math, since vectorising would reorder the additions. The lanes
+// are added in a fixed order, so results stay bitwise reproducible.
 template <typename T, typename F>
 INFOMAX_CPU_INLINE T range_sum(const T* x, int64_t lo, int64_t hi, F f) {
+  T lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = T(0);
+  int64_t k = lo;
+  for (; k + 8 <= hi; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += f(x[k + l]);
   T s = T(0);
-  for (int64_t k = lo; k < hi; ++k) s += f(x[k]);
+  for (; k < hi; ++k) s += f(x[k]);
+  for (int l = 0; l < 8; ++l) s += lanes[l];
   return s;
 }
 
