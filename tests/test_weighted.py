@@ -181,3 +181,24 @@ def test_one_tensor_in_both_roles():
                                                                 weights=w)[0], fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(torch.autograd.grad(f(a, bias), a)[0],
                                torch.autograd.grad(weighted_reference(dict(kw, scale=0.8), ops.NEG_LSE, w)[0], a)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    """fp16/bf16 inputs: statistics and value in float32, gradients in the input dtype,
+    close to float64 (the positives' term is added to the input-dtype gradients)."""
+    a, b = make_pair(130, 600, 16, dtype=dtype, seed=8, requires_grad=True)
+    w = torch.full((130,), 1 / 130)
+    value, row_lse, *_, pos = ops.score_reduce_weighted(a, b, 2.0, pos_offset=9, weights=(w, None, None, None),
+                                                        w_pos=-w)
+    assert value.dtype == row_lse.dtype == pos.dtype == torch.float32
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    S = ref.scores_dot(a64, b64, 2.0)
+    oracle = (torch.logsumexp(S, 1) - ref.positive_scores(S, 9)).mean()
+    torch.testing.assert_close(value.double(), oracle, rtol=1e-5, atol=1e-5)
+    ga, gb = torch.autograd.grad(value, [a, b])
+    assert ga.dtype == gb.dtype == dtype
+    oa, ob = torch.autograd.grad(oracle, [a64, b64])
+    tol = dict(rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(ga.double(), oa, **tol)
+    torch.testing.assert_close(gb.double(), ob, **tol)
