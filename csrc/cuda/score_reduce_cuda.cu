@@ -381,6 +381,23 @@ int row_threads(int64_t cols) {
 
 
 
+// The row kernel's arguments for one walk writing the requested row outputs of
+// `out`; the per-chunk fields and the running states are set by the walk.
+template <typename T>
+RowForwardArgs<T> row_forward_args(const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t red,
+                                   const Tensor5& out) {
+  RowForwardArgs<T> p{};
+  p.sc = sc;
+  p.tau = tau;
+  p.pos_offset = pos_offset;
+  p.reductions = red;
+  p.row_out = ptr_or_null<T>(std::get<0>(out));
+  p.neg_out = ptr_or_null<T>(std::get<2>(out));
+  p.clamp_out = ptr_or_null<T>(std::get<3>(out));
+  p.sp_out = ptr_or_null<T>(std::get<4>(out));
+  return p;
+}
+
 // A and B: the GEMM operands (accumulation dtype, or fp16/bf16 for the tensor-core path).
 template <typename T>
 void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau, int64_t pos_offset,
@@ -406,19 +423,11 @@ void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T ta
     part = at::empty({col_partials(t.rows) * t.cols, 2}, opts);
   }
 
-  RowForwardArgs<T> p{};
-  p.sc = sc;
-  p.tau = tau;
-  p.pos_offset = pos_offset;
-  p.reductions = red;
+  RowForwardArgs<T> p = row_forward_args(sc, tau, pos_offset, red, out);
   p.neg_state = as_states<T>(neg_state);
   p.clamp_state = as_states<T>(clamp_state);
   p.sp_state = ptr_or_null<T>(sp_state);
   p.pos_state = ptr_or_null<T>(pos_state);
-  p.row_out = ptr_or_null<T>(std::get<0>(out));
-  p.neg_out = ptr_or_null<T>(std::get<2>(out));
-  p.clamp_out = ptr_or_null<T>(std::get<3>(out));
-  p.sp_out = ptr_or_null<T>(std::get<4>(out));
   T* col_out = ptr_or_null<T>(std::get<1>(out));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -503,7 +512,8 @@ template <typename T, typename TG>
 void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Tensor& B_g,
                    const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t active, const Tensor5& grads,
                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
-                   const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol) {
+                   const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol,
+                   const RowForwardArgs<T>* fold) {
   constexpr bool kInPlace = std::is_same<T, TG>::value;
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
@@ -537,6 +547,19 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
     p.cols = cols;
     p.i0 = i0;
     p.j0 = j0;
+    if (fold) {
+      // NB: one walk (the caller made sure a chunk spans whole rows): the chunk's rows
+      // are folded first, so their statistics (read by grad_rows_kernel through p's
+      // *_lse pointers, the fold's outputs) are final; same stream, so in order.
+      RowForwardArgs<T> f = *fold;
+      f.dot = p.dot;
+      f.cols = cols;
+      f.i0 = i0;
+      f.j0 = j0;
+      f.first = f.last = true;
+      row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     grad_rows_kernel<T, TG><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
@@ -566,12 +589,12 @@ template <typename T>
 void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau,
                        int64_t pos_offset, int64_t active, const Tensor5& grads, const Tensor& row_lse,
                        const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA,
-                       Tensor& dB, Tensor& drow, Tensor& dcol) {
+                       Tensor& dB, Tensor& drow, Tensor& dcol, const RowForwardArgs<T>* fold = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
     if (bf16_input && A.scalar_type() == at::kBFloat16) {
       // NB: G in bf16 (float32's range, 8 bits of mantissa) for the two G GEMMs on tensor cores.
       backward_impl<float, at::BFloat16>(A, B, A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse,
-                                         neg_lse, clamp_lse, dA, dB, drow, dcol);
+                                         neg_lse, clamp_lse, dA, dB, drow, dcol, fold);
       return;
     }
   }
@@ -580,7 +603,7 @@ void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const 
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const Tensor A_g = A.to(acc), B_g = B.to(acc);
   backward_impl<T, T>(A, B, A_g, B_g, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse,
-                      dA, dB, drow, dcol);
+                      dA, dB, drow, dcol, fold);
 }
 
 Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
@@ -604,6 +627,25 @@ Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
     forward_impl<scalar_t>(A, B, args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
   });
   return out;
+}
+
+// The gradients of a walk's unscaled dA = G B, dB = G^T A: d scale = sum_ij G_ij
+// <a_i, b_j> = sum_i <(G B)_i, a_i> on the device (no host sync), summed in float64
+// like the CPU walker; then dA, dB scaled; all in the dtypes of the inputs.
+Tensor5 finish_grads(Tensor& dA, Tensor& dB, const Tensor& drow, const Tensor& dcol, const Tensor& A,
+                     const Tensor& sc, bool active, const Tensor& a, const Tensor& b, const Tensor& scale,
+                     const OptTensor& row_bias, const OptTensor& col_bias) {
+  Tensor dscale = at::zeros({}, dA.options());
+  if (active) {
+    dscale = at::sum(at::mul(dA, A), at::kDouble);
+    dA.mul_(sc);  // NB: sc is a one-element device tensor: broadcast, no sync
+    dB.mul_(sc);
+  }
+  const auto acc = dA.scalar_type();
+  return Tensor5{dA.to(a.scalar_type()), dB.to(b.scalar_type()),
+                 dscale.to(scale.scalar_type()).reshape(scale.sizes()),
+                 drow.to(has(row_bias) ? row_bias->scalar_type() : acc),
+                 dcol.to(has(col_bias) ? col_bias->scalar_type() : acc)};
 }
 
 Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,)
@@ -632,7 +674,6 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
   const auto opts = A.options().dtype(acc);
   Tensor dA = at::zeros({K, d}, opts), dB = at::zeros({M, d}, opts);
   Tensor drow = at::zeros({K}, opts), dcol = at::zeros({M}, opts);
-  Tensor dscale = at::zeros({}, opts);
   if (active) {
     const Tensor r_lse = cont(row_lse), c_lse = cont(col_lse), n_lse = cont(neg_lse), cl_lse = cont(clamp_lse);
     AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_backward_cuda", [&] {
@@ -640,16 +681,8 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
       backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
                                   pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol);
     });
-    // d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i>, on the device (no
-    // host sync), summed in float64 like the CPU walker.
-    dscale = at::sum(at::mul(dA, A), at::kDouble);
-    dA.mul_(sc);  // NB: sc is a one-element device tensor: broadcast, no sync
-    dB.mul_(sc);
   }
-  return Tensor5{dA.to(a.scalar_type()), dB.to(b.scalar_type()),
-                 dscale.to(scale.scalar_type()).reshape(scale.sizes()),
-                 drow.to(has(row_bias) ? row_bias->scalar_type() : acc),
-                 dcol.to(has(col_bias) ? col_bias->scalar_type() : acc)};
+  return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias);
 }
 
 // ---------------------------------------------------------------------------
@@ -723,17 +756,45 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
   return {std::get<2>(out), mean};
 }
 
-// NB: on the GPU, the forward walk then the recomputing backward (four GEMMs, the
-// same results): keeping each row chunk's scores between the two, as the CPU walker
-// does, is left for a session with a GPU to measure it on.
+// NB: one walk when a chunk spans whole rows (the usual case: M * 1024 scores fit the
+// workspace): per chunk, cuBLAS writes the dots once, the fold kernel finalises the
+// rows' statistics, and the gradient kernel turns the same chunk into G -- three GEMMs
+// (S, G B, G^T A). Otherwise (huge M, column chunks) the forward walk then the
+// recomputing backward: the same results with four.
 Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
                                      const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
                                      const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                                      const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
                                      double clamp_tau) {
-  return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse, grad_neg_lse,
-                               grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
-                               reductions, clamp_tau);
+  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto acc = acc_dtype(a.scalar_type());
+  const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const Tensor none = at::empty({0}, a.options().dtype(acc));
+  const Tensor5 grads{cont(grad_row_lse), none, cont(grad_neg_lse), cont(grad_clamp_lse), cont(grad_softplus)};
+  const int64_t active = active_grads(reductions, std::get<0>(grads), none, std::get<2>(grads),
+                                      std::get<3>(grads), std::get<4>(grads));
+  const int64_t K = a.size(0), M = b.size(0), d = a.size(1);
+  if ((reductions & kColLse) || !active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
+    return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
+                                 grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias,
+                                 pos_offset, reductions, clamp_tau);
+  const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
+  const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
+  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  Tensor5 out = alloc_reductions(a, K, M, reductions);
+  const auto opts = a.options().dtype(acc);
+  Tensor dA = at::zeros({K, d}, opts), dB = at::zeros({M, d}, opts);
+  Tensor drow = at::zeros({K}, opts), dcol = at::zeros({M}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_with_grad_cuda", [&] {
+    const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
+    const RowForwardArgs<scalar_t> fold =
+        row_forward_args(args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
+    backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
+                                pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
+                                std::get<3>(out), dA, dB, drow, dcol, &fold);
+  });
+  return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias));
 }
 
 }  // namespace
