@@ -225,7 +225,8 @@ class NTXentLoss(nn.Module):
     itself; the loss is the mean over the 2N anchors of ``logsumexp_{j != k} S_kj - S_k,pos``.
     Fused as **one** ``score_reduce(z, z)`` whose negatives' log-sum-exp excludes exactly
     the self-similarity (the "positive" of the op is the diagonal), plus the O(N d)
-    positive scores, so S (2N x 2N) is never stored.
+    positive scores, so S (2N x 2N) is never stored. When a backward follows, that call
+    is ``ops.score_reduce_weighted``, which makes the mean's gradient in the same walk.
 
     Matches lightly's ``NTXentLoss(temperature)`` (memory bank off) and
     pytorch-metric-learning's ``NTXentLoss(temperature)`` on ``cat([z1, z2])`` with labels
