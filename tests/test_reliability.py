@@ -70,6 +70,69 @@ def test_fuzz_fused_matches_reference(p):
         torch.testing.assert_close(x[ok], y[ok], **tol)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_fuzz_weighted_sum_matches_reference(p):
+    """score_reduce_weighted (gradient made in the forward walk) over the same shapes:
+    row statistics only, random weights on each and on the positives."""
+    red = p["reductions"] & ~ops.COL_LSE or ops.ROW_LSE
+    if p["M"] == 1:
+        red = ops.ROW_LSE  # no negatives: their statistics are -inf
+    g = torch.Generator().manual_seed(p["seed"])
+    dt = p["dtype"]
+    a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    scale = torch.tensor(p["scale"], dtype=dt, requires_grad=True)
+    rb = cb = None
+    if p["biases"]:
+        rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+        cb = torch.randn(p["M"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    w = [torch.randn(p["K"], generator=g, dtype=torch.float64).to(acc) if red & bit else None
+         for bit in (ops.ROW_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS)]
+    w_pos = torch.randn(p["K"], generator=g, dtype=torch.float64).to(acc)
+    args = (a, b, scale, rb, cb, p["pos_offset"], red, p["tau"])
+    value = ops.score_reduce_weighted(*args, weights=w, w_pos=w_pos)[0]
+    oracle = ref.score_reduce(*args)
+    pos = ref.positive_scores(ref.scores_dot(a, b, scale, rb, cb), p["pos_offset"]).to(acc)
+    value_o = sum((wi * o).sum() for wi, o in zip(w, (oracle[0], oracle[2], oracle[3], oracle[4])) if wi is not None)
+    value_o = value_o + (w_pos * pos).sum()
+    tol = {} if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(value, value_o, **tol)
+    inputs = [t for t in (a, b, scale, rb, cb) if t is not None]
+    for x, y in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(value_o, inputs)):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_fuzz_symmetric_softmax_mean_matches_reference(p):
+    """symmetric_softmax_mean over K in the same awkward sizes (and K + M - K from them,
+    so several column tiles and 128-row blocks), masks, scales and dtypes."""
+    K, dt = p["M"], p["dtype"]
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(K, p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    bias = None
+    if p["biases"]:
+        bias = torch.randn(K, generator=g, dtype=torch.float64)
+        if p["masked"]:
+            bias = torch.where(torch.rand(K, generator=g) < 0.2, -math.inf, bias)
+        bias = bias.to(dt)
+    lse, mean = ops.symmetric_softmax_mean(x, p["scale"], bias)
+    lse_o, mean_o = ref.symmetric_softmax_mean(x, p["scale"], bias)
+    tol = {} if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, lse_o.detach(), **tol)
+    torch.testing.assert_close(mean, mean_o.detach(), **tol)
+    ok = torch.isfinite(lse_o)
+    wts = torch.rand(K, generator=g, dtype=torch.float64).to(lse.dtype) * ok
+    (gx,) = torch.autograd.grad((wts * torch.where(ok, lse, 0)).sum(), x)
+    (go,) = torch.autograd.grad((wts * torch.where(ok, lse_o, 0)).sum(), x)
+    assert torch.isfinite(gx).all()
+    # NB: as above, torch's logsumexp backward is NaN for an all -inf row; the op gives 0.
+    finite = torch.isfinite(go)
+    torch.testing.assert_close(gx[finite], go[finite], **tol)
+
+
 def test_nan_inputs_propagate_to_nan_not_a_wrong_number():
     a = torch.randn(4, 3)
     b = torch.randn(9, 3)
