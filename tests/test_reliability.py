@@ -31,10 +31,8 @@ def problems(draw):
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_fuzz_fused_matches_reference(p):
-    g = torch.Generator().manual_seed(p["seed"])
+def fuzz_inputs(p, g, masks=True):
+    """(a, b, scale, row_bias, col_bias) of one drawn problem, all requiring grad."""
     dt = p["dtype"]
     a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
     b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
@@ -43,10 +41,19 @@ def test_fuzz_fused_matches_reference(p):
     if p["biases"]:
         rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(dt)
         cb = torch.randn(p["M"], generator=g, dtype=torch.float64).to(dt)
-        if p["masked"]:  # mask about a fifth of the columns
+        if masks and p["masked"]:  # mask about a fifth of the columns
             cb = torch.where(torch.rand(p["M"], generator=g) < 0.2, -math.inf, cb.double()).to(dt)
         rb.requires_grad_()
         cb.requires_grad_()
+    return a, b, scale, rb, cb
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_fuzz_fused_matches_reference(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    dt = p["dtype"]
+    a, b, scale, rb, cb = fuzz_inputs(p, g)
     args = (a, b, scale, rb, cb, p["pos_offset"], p["reductions"], p["tau"])
     fused = ops.score_reduce(*args)
     oracle = ref.score_reduce(*args)
@@ -80,13 +87,7 @@ def test_fuzz_weighted_sum_matches_reference(p):
         red = ops.ROW_LSE  # no negatives: their statistics are -inf
     g = torch.Generator().manual_seed(p["seed"])
     dt = p["dtype"]
-    a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
-    b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
-    scale = torch.tensor(p["scale"], dtype=dt, requires_grad=True)
-    rb = cb = None
-    if p["biases"]:
-        rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
-        cb = torch.randn(p["M"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    a, b, scale, rb, cb = fuzz_inputs(p, g, masks=False)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     w = [torch.randn(p["K"], generator=g, dtype=torch.float64).to(acc) if red & bit else None
          for bit in (ops.ROW_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS)]
