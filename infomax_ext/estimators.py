@@ -85,6 +85,11 @@ class DotScores:
     def materialize(self):
         return ref.scores_dot(self.a, self.b, self.scale, self.row_bias, self.col_bias)
 
+    def wants_grad(self):
+        """True when a backward will follow: grad mode on and an input that requires grad."""
+        inputs = (self.a, self.b, self.scale, self.row_bias, self.col_bias)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
     def row_mean(self, reduction, minus_positive=False):
         """``(mean_i (stat_i - pos_i), stat)`` for one row statistic, ROW_LSE or NEG_LSE
         (without ``minus_positive``: the mean of stat alone); InfoNCE's cross entropy is
@@ -98,8 +103,7 @@ class DotScores:
         """
         idx = {ROW_LSE: 0, NEG_LSE: 2}[reduction]
         inputs = (self.a, self.b, self.scale, self.row_bias, self.col_bias)
-        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        if _backend.fused_enabled() and wants_grad:
+        if _backend.fused_enabled() and self.wants_grad():
             w = torch.full((self.K,), 1.0 / self.K, dtype=ops.acc_dtype(self.a.dtype), device=self.a.device)
             weights = (w, None, None, None) if reduction == ROW_LSE else (None, w, None, None)
             out = ops.score_reduce_weighted(*inputs, self.pos_offset, reduction, 5.0, weights,
@@ -111,14 +115,33 @@ class DotScores:
 
 
 class _Terms:
-    """Positive scores and requested reductions of one source, with the shared epilogues."""
+    """Positive scores and requested reductions of one source, with the shared epilogues.
 
-    def __init__(self, src, reductions, clamp_tau=5.0):
+    ``js_gradient=True`` (for JS, its objective and SMILE, whose gradient is the JS
+    objective's): on a DotScores source that needs a gradient, the statistics come from
+    one ``ops.score_reduce_weighted`` walk that also makes the JS objective's gradient,
+    and come back detached; ``js_objective()`` then carries that gradient.
+    """
+
+    def __init__(self, src, reductions, clamp_tau=5.0, js_gradient=False):
         self.K, self.M = src.K, src.M
+        self.n_neg = src.K * (src.M - 1)
+        self._js_surrogate = None
+        if js_gradient and _backend.fused_enabled() and isinstance(src, DotScores) and src.wants_grad():
+            # NB: the JS objective's gradient is linear in one upstream scalar: weight
+            # -1/n_neg on the softplus sums and, on the positives, its derivative
+            # sigmoid(-pos)/K taken at the current positives (O(K d) to compute first).
+            pos = src.positive().detach()
+            w_sp = torch.full_like(pos, -1.0 / self.n_neg)
+            out = ops.score_reduce_weighted(src.a, src.b, src.scale, src.row_bias, src.col_bias,
+                                            src.pos_offset, reductions | NEG_SOFTPLUS, clamp_tau,
+                                            (None, None, None, w_sp), w_pos=torch.sigmoid(-pos) / src.K)
+            self._js_surrogate, self.pos = out[0], pos
+            self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = out[1:6]
+            return
         self.pos = src.positive()
         self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = src.reduce(
             reductions, clamp_tau)
-        self.n_neg = src.K * (src.M - 1)
 
     def log_mean_exp_neg(self, lse_rows=None):
         """log of the mean over all negatives of exp(S), from per-row log-sum-exps."""
@@ -126,7 +149,10 @@ class _Terms:
         return torch.logsumexp(rows, 0) - math.log(self.n_neg)
 
     def js_objective(self):
-        return -torch.nn.functional.softplus(-self.pos).mean() - self.softplus.sum() / self.n_neg
+        obj = -torch.nn.functional.softplus(-self.pos).mean() - self.softplus.sum() / self.n_neg
+        if self._js_surrogate is None:
+            return obj
+        return self._js_surrogate + (obj - self._js_surrogate).detach()
 
 
 def _need_negatives(src):
@@ -207,7 +233,7 @@ def js_objective_from(src):
     _need_negatives(src)
     if _reference(src):
         return ref.js_objective(src.materialize(), src.pos_offset)
-    return _Terms(src, NEG_SOFTPLUS).js_objective()
+    return _Terms(src, NEG_SOFTPLUS, js_gradient=True).js_objective()
 
 
 def js_from(src):
@@ -215,7 +241,7 @@ def js_from(src):
     _need_negatives(src)
     if _reference(src):
         return ref.js(src.materialize(), src.pos_offset)
-    t = _Terms(src, NEG_LSE | NEG_SOFTPLUS)
+    t = _Terms(src, NEG_LSE | NEG_SOFTPLUS, js_gradient=True)
     obj = t.js_objective()
     value = t.pos.mean() + 1 - torch.exp(t.log_mean_exp_neg())
     return obj + (value - obj).detach()
@@ -228,7 +254,7 @@ def smile_from(src, tau=5.0):
     _need_negatives(src)
     if _reference(src):
         return ref.smile(src.materialize(), tau, src.pos_offset)
-    t = _Terms(src, NEG_CLAMP_LSE | NEG_SOFTPLUS, tau)
+    t = _Terms(src, NEG_CLAMP_LSE | NEG_SOFTPLUS, tau, js_gradient=True)
     obj = t.js_objective()
     value = t.pos.mean() - t.log_mean_exp_neg(t.clamp_lse)
     return obj + (value - obj).detach()

@@ -102,7 +102,10 @@ def test_fuzz_weighted_sum_matches_reference(p):
     torch.testing.assert_close(value, value_o, **tol)
     inputs = [t for t in (a, b, scale, rb, cb) if t is not None]
     for x, y in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(value_o, inputs)):
-        torch.testing.assert_close(x, y, **tol)
+        # NB: signed weights on large scores (scale 40: softplus sums in the thousands)
+        # cancel; absolute error relative to the gradient's largest entry.
+        big = y.abs().max().item()
+        torch.testing.assert_close(x, y, rtol=tol.get("rtol", 1e-7), atol=max(tol.get("atol", 1e-7), 1e-9 * big))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
