@@ -202,10 +202,7 @@ INFOMAX_CPU_INLINE void grad_tile(const T* s, T* G, int64_t i0, int64_t tk, int6
                                   T* drow, T* dcol) {
   for (int64_t r = 0; r < tk; ++r) {
     const int64_t i = i0 + r;
-    const RowGrad<T> rg{p.g_row ? p.g_row[i] : T(0),     p.row_lse ? p.row_lse[i] : T(0),
-                        p.g_neg ? p.g_neg[i] : T(0),     p.neg_lse ? p.neg_lse[i] : T(0),
-                        p.g_clamp ? p.g_clamp[i] : T(0), p.clamp_lse ? p.clamp_lse[i] : T(0),
-                        p.g_sp ? p.g_sp[i] : T(0)};
+    const RowGrad<T> rg = row_grad_at<T>(p, i);
     const int64_t pc = i + pos_offset - j0;
     T* g_r = G + r * tm;
     grad_row(s + r * tm, g_r, tm, (pc >= 0 && pc < tm) ? pc : -1, rg, p.g_col ? p.g_col + j0 : nullptr,

@@ -364,10 +364,7 @@ __global__ void __launch_bounds__(kThreads) concat_grad_tile_kernel(const GradTi
     const int64_t rr = r0 + threadIdx.y + kHalf * a;
     if (rr >= p.rows) continue;
     const int64_t i = p.i0 + rr;
-    const RowGrad<T> rg{p.g_row ? p.g_row[i] : T(0),     p.row_lse ? p.row_lse[i] : T(0),
-                        p.g_neg ? p.g_neg[i] : T(0),     p.neg_lse ? p.neg_lse[i] : T(0),
-                        p.g_clamp ? p.g_clamp[i] : T(0), p.clamp_lse ? p.clamp_lse[i] : T(0),
-                        p.g_sp ? p.g_sp[i] : T(0)};
+    const RowGrad<T> rg = row_grad_at<T>(p, i);
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       const int64_t j = j0 + threadIdx.x + kHalf * b;

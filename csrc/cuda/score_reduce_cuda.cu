@@ -477,10 +477,7 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
   TG* grow = p.g + r * p.cols;
   const T scale = *p.sc.scale;
   const T rb = p.sc.row_bias ? p.sc.row_bias[i] : T(0);
-  const RowGrad<T> rg{p.g_row ? p.g_row[i] : T(0),     p.row_lse ? p.row_lse[i] : T(0),
-                      p.g_neg ? p.g_neg[i] : T(0),     p.neg_lse ? p.neg_lse[i] : T(0),
-                      p.g_clamp ? p.g_clamp[i] : T(0), p.clamp_lse ? p.clamp_lse[i] : T(0),
-                      p.g_sp ? p.g_sp[i] : T(0)};
+  const RowGrad<T> rg = row_grad_at<T>(p, i);
   const int64_t pc = i + p.pos_offset - p.j0;
   T sum = T(0);
   const int64_t stride = blockDim.x;

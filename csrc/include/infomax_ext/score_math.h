@@ -231,6 +231,21 @@ struct RowGrad {
   T g_softplus;            // d/d neg_softplus_i
 };
 
+// x[i], or 0 for an absent array (nullptr).
+template <typename T>
+INFOMAX_HOST_DEVICE T at_or_zero(const T* x, int64_t i) {
+  return x ? x[i] : T(0);
+}
+
+// Row i's RowGrad from a walk's arrays: p has members g_row, row_lse, g_neg, neg_lse,
+// g_clamp, clamp_lse and g_sp ((K,) each, nullptr when absent).
+template <typename T, typename Ptrs>
+INFOMAX_HOST_DEVICE RowGrad<T> row_grad_at(const Ptrs& p, int64_t i) {
+  return RowGrad<T>{at_or_zero(p.g_row, i),   at_or_zero(p.row_lse, i),   at_or_zero(p.g_neg, i),
+                    at_or_zero(p.neg_lse, i), at_or_zero(p.g_clamp, i), at_or_zero(p.clamp_lse, i),
+                    at_or_zero(p.g_sp, i)};
+}
+
 // dL/dS_ij for one element of S: the sum over the requested reductions of
 // (upstream gradient) * (derivative of the reduction w.r.t. S_ij).
 // Reductions that were not requested carry a zero upstream gradient and are skipped.
