@@ -45,8 +45,13 @@ inline DotInputs dot_inputs(const Tensor& a, const Tensor& b, const OptTensor& r
   // multiplied and reduced in float32. detach(): the worker threads of
   // parallel_for do not inherit the below-autograd dispatch state, and the
   // BLAS calls there must not see tensors that require grad.
-  return DotInputs{a.detach().to(acc).contiguous(), b.detach().to(acc).contiguous(),
-                   bias_acc(row_bias, acc), bias_acc(col_bias, acc), acc};
+  // NB: one tensor in both roles (NT-Xent's z against z, the symmetric op's x) and one
+  // bias on both sides are converted once.
+  const Tensor A = a.detach().to(acc).contiguous();
+  const Tensor rb = bias_acc(row_bias, acc);
+  const bool same_bias = has(row_bias) && has(col_bias) && row_bias->is_same(*col_bias);
+  return DotInputs{A, b.is_same(a) ? A : b.detach().to(acc).contiguous(), rb,
+                   same_bias ? rb : bias_acc(col_bias, acc), acc};
 }
 
 template <typename T>

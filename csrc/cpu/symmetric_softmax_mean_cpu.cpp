@@ -44,13 +44,13 @@ INFOMAX_CPU_INLINE void softmax_rows(T* __restrict s, int64_t tk, int64_t tm, bo
     T* row = s + r * tm;
     const int64_t a = diag ? r : tm;  // NB: the diagonal is left out of the max, then zeroed
     const T m = cpu::range_max(row, a + 1, tm, cpu::range_max(row, 0, a, st[r].max));
-    alpha[r] = softmax_weight(st[r].max, m);  // NB: 0 for an empty state (its O is 0)
     if (m == neg_infinity<T>()) {
       // NB: every entry so far masked (-inf): the weights are 0, the state stays empty.
       for (int64_t c = 0; c < tm; ++c) row[c] = T(0);
       alpha[r] = T(1);
       continue;
     }
+    alpha[r] = softmax_weight(st[r].max, m);  // NB: 0 for an empty state (its O is 0)
     for (int64_t c = 0; c < tm; ++c) row[c] = softmax_weight(row[c], m);
     if (diag) row[r] = T(0);
     st[r] = LseState<T>{m, st[r].sum * alpha[r] + cpu::range_sum(row, 0, tm, [](T v) { return v; })};
@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cpu(const Tensor& x,         /
                                                       const OptTensor& bias,   // (K,) or None
                                                       bool with_mean) {        // false: mean is (0,)
   check_symmetric_args(x, scale, bias);
-  // NB: x is both GEMM operands and the bias sits on both sides.
+  // NB: x is both GEMM operands and the bias sits on both sides (converted once).
   const cpu::DotInputs in = cpu::dot_inputs(x, x, bias, bias);
   Tensor lse, mean;
   std::tie(lse, mean) = alloc_symmetric(x, with_mean);
