@@ -82,6 +82,11 @@ class DotScores:
         return ops.score_reduce(self.a, self.b, self.scale, self.row_bias, self.col_bias,
                                 self.pos_offset, reductions, clamp_tau)
 
+    def reduce_weighted(self, reductions, weights, w_pos=None, clamp_tau=5.0):
+        """``ops.score_reduce_weighted`` on this source: (value, five statistics, positives)."""
+        return ops.score_reduce_weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias,
+                                         self.pos_offset, reductions, clamp_tau, weights, w_pos=w_pos)
+
     def materialize(self):
         return ref.scores_dot(self.a, self.b, self.scale, self.row_bias, self.col_bias)
 
@@ -106,8 +111,7 @@ class DotScores:
         if _backend.fused_enabled() and self.wants_grad():
             w = torch.full((self.K,), 1.0 / self.K, dtype=ops.acc_dtype(self.a.dtype), device=self.a.device)
             weights = (w, None, None, None) if reduction == ROW_LSE else (None, w, None, None)
-            out = ops.score_reduce_weighted(*inputs, self.pos_offset, reduction, 5.0, weights,
-                                            w_pos=-w if minus_positive else None)
+            out = self.reduce_weighted(reduction, weights, w_pos=-w if minus_positive else None)
             return out[0], out[1 + idx]
         fn = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
         stat = fn(*inputs, self.pos_offset, reduction)[idx]
@@ -133,9 +137,8 @@ class _Terms:
             # sigmoid(-pos)/K taken at the current positives (O(K d) to compute first).
             pos = src.positive().detach()
             w_sp = torch.full_like(pos, -1.0 / self.n_neg)
-            out = ops.score_reduce_weighted(src.a, src.b, src.scale, src.row_bias, src.col_bias,
-                                            src.pos_offset, reductions | NEG_SOFTPLUS, clamp_tau,
-                                            (None, None, None, w_sp), w_pos=torch.sigmoid(-pos) / src.K)
+            out = src.reduce_weighted(reductions | NEG_SOFTPLUS, (None, None, None, w_sp),
+                                      w_pos=torch.sigmoid(-pos) / src.K, clamp_tau=clamp_tau)
             self._js_surrogate, self.pos = out[0], pos
             self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = out[1:6]
             return
