@@ -60,6 +60,20 @@ def skip_if_too_big(nbytes, what):
         pytest.skip(f"{what} would need ~{nbytes / 2**30:.1f} GiB (> {cap / 2**30:.1f} GiB; BENCH_MAX_GIB)")
 
 
+def checked_first_call(run, what, impl, dtype):
+    """The case's first call (warm-up and compilation), checked against its oracle
+    before anything is timed. A non-fused implementation that cannot run in a low
+    precision dtype is skipped, not failed."""
+    try:
+        out = run()
+    except (RuntimeError, NotImplementedError) as e:
+        if dtype != "float32" and impl != "fused":
+            pytest.skip(f"{impl} does not run in {dtype}: {str(e).splitlines()[0][:120]}")
+        raise
+    ok, msg = run.check(out)
+    assert ok, f"{what}: {msg}"  # correct before timed
+
+
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()

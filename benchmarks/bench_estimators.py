@@ -184,14 +184,7 @@ def test_estimator(benchmark, estimator, pass_, K, d, dtype, impl):
     if impl != "fused":
         _common.skip_if_too_big(reference_bytes(estimator, K, d, backward), f"{impl} {estimator}")
     run = make_case(estimator, impl, K, d, dtype, backward)
-    try:
-        out = run()  # first call: warm-up (and compilation)
-    except (RuntimeError, NotImplementedError) as e:
-        if dtype != "float32" and impl != "fused":
-            pytest.skip(f"{impl} does not run in {dtype}: {str(e).splitlines()[0][:120]}")
-        raise
-    ok, msg = run.check(out)
-    assert ok, f"{estimator} {impl} {pass_} K={K} d={d} {dtype}: {msg}"  # correct before timed
+    _common.checked_first_call(run, f"{estimator} {impl} {pass_} K={K} d={d} {dtype}", impl, dtype)
     _common.run_benchmark(benchmark, run, impl, estimator=estimator, K=K, d=d, dtype=dtype, pass_=pass_)
 
 

@@ -116,14 +116,7 @@ def test_uniformity(benchmark, pass_, K, d, dtype, impl):
     benchmark.group = f"uniformity {pass_} K={K} d={d} {dtype}"
     _common.skip_if_too_big(impl_bytes(impl, K, d, backward), impl)
     run = make_case(impl, K, d, dtype, backward)
-    try:
-        out = run()  # first call: warm-up (and compilation)
-    except (RuntimeError, NotImplementedError) as e:
-        if dtype != "float32" and impl != "fused":
-            pytest.skip(f"{impl} does not run in {dtype}: {str(e).splitlines()[0][:120]}")
-        raise
-    ok, msg = run.check(out)
-    assert ok, f"uniformity {impl} {pass_} K={K} d={d} {dtype}: {msg}"  # correct before timed
+    _common.checked_first_call(run, f"uniformity {impl} {pass_} K={K} d={d} {dtype}", impl, dtype)
     _common.run_benchmark(benchmark, run, impl, baseline="matmul", K=K, d=d, dtype=dtype, pass_=pass_)
 
 
