@@ -25,21 +25,8 @@ from .estimators import (  # noqa: E402
     uniformity,
 )
 from .critics import Bilinear, ConcatMLP, Cosine, Critic, Dot, Separable, mi_lower_bound  # noqa: E402
-from .losses import (  # noqa: E402
-    AlignmentLoss,
-    AlignUniformLoss,
-    BoundLoss,
-    ClipLoss,
-    DVLoss,
-    InfoNCELoss,
-    JSLoss,
-    MINELoss,
-    NTXentLoss,
-    NWJLoss,
-    SMILELoss,
-    TUBALoss,
-    UniformityLoss,
-)
+from . import losses as _losses  # noqa: E402
+from .losses import *  # noqa: E402,F401,F403 (the drop-in losses: losses.__all__)
 from .mi import MIEstimate, estimate_mi  # noqa: E402
 
 __all__ = [
@@ -67,19 +54,7 @@ __all__ = [
     "Separable",
     "ConcatMLP",
     "mi_lower_bound",
-    "InfoNCELoss",
-    "NTXentLoss",
-    "ClipLoss",
-    "BoundLoss",
-    "NWJLoss",
-    "DVLoss",
-    "MINELoss",
-    "JSLoss",
-    "SMILELoss",
-    "TUBALoss",
-    "AlignmentLoss",
-    "UniformityLoss",
-    "AlignUniformLoss",
+    *_losses.__all__,
     "estimate_mi",
     "MIEstimate",
 ]
