@@ -2,8 +2,12 @@
 
 CPU sources are always compiled; ``csrc/cuda/*.cu`` are added when CUDA is
 usable (a CUDA build of torch and an nvcc) or ``FORCE_CUDA=1``; ``FORCE_CPU=1``
-builds the CPU kernels only. Honours ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS`` and
-``DEBUG=1``. Build without isolation (torch must already be installed):
+builds the CPU kernels only. The emulated CUDA backend (the same ``.cu`` files
+compiled as C++ by ``csrc/emulated/*.cpp``, run on the CPU) is built unless
+``NO_EMULATED_CUDA=1``; it needs neither nvcc nor a CUDA build of torch.
+Honours ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``, ``DEBUG=1`` and
+``SANITIZE=address|thread`` (instrumented build, for tools/sanitize.sh).
+Build without isolation (torch must already be installed):
 
     pip install --no-build-isolation -e .
 """
@@ -80,10 +84,24 @@ def main():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    emulated = not env_flag("NO_EMULATED_CUDA")
+    if emulated:
+        sources += sorted(glob.glob(os.path.join("csrc", "emulated", "*.cpp")))
+    sanitize = os.environ.get("SANITIZE", "")
+    if sanitize not in ("", "address", "thread"):
+        sys.exit(f"infomax_ext: SANITIZE must be 'address' or 'thread', got {sanitize!r}")
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    link = ["-fopenmp"]
+    if sanitize:
+        # NB: -O1 -g keeps the reports readable and the instrumented tests fast enough.
+        opt = ["-O1", "-g", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        link.append(f"-fsanitize={sanitize}")
     # NB: -fno-math-errno / -fno-trapping-math let GCC vectorise the tile loops;
     # unlike -ffast-math they keep inf and NaN semantics, which the -inf guards need.
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", f'-DINFOMAX_EXT_VERSION="{version}"']
+    if emulated:
+        # NB: the kernels' `#pragma unroll` means nothing to GCC (the emulated build).
+        cxx += ["-DINFOMAX_WITH_EMULATED_CUDA", "-Wno-unknown-pragmas"]
     define_archs = ""
     extra = {"cxx": cxx}
     if use_cuda:
@@ -104,9 +122,9 @@ def main():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
-    backend = "cpu+cuda" if use_cuda else "cpu"
+    backend = "+".join(["cpu"] + (["cuda"] if use_cuda else []) + (["cuda_emulated"] if emulated else []))
     print(
         f"infomax_ext {version}: building backends [{backend}] ({reason}); "
         f"{len(sources)} sources, {len(cuda_sources) if use_cuda else 0} CUDA; "

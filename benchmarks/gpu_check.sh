@@ -82,13 +82,13 @@ say "build ok"
 # --- 2. tests -----------------------------------------------------------------------
 # NB: the CUDA tests first (they are what this machine is for), then the CPU suite
 # without the slow-marked checks, in whatever time the phase has left.
-CUDA_TESTS="tests/test_build.py tests/test_cuda.py tests/test_cuda_concat.py"
+CUDA_TESTS="tests/test_build.py tests/test_devices.py tests/test_devices_concat.py"
 say "tests: pytest $CUDA_TESTS ${PYTEST_ARGS:--q}"
 # shellcheck disable=SC2086
 timeout "$(left 150)" "$PY" -m pytest $CUDA_TESTS ${PYTEST_ARGS:--q}
 TESTS=$?
 say "tests: pytest tests -m 'not slow' (the rest, CPU)"
-timeout "$(left 60)" "$PY" -m pytest tests -q -m "not slow" --deselect tests/test_cuda.py --deselect tests/test_cuda_concat.py || say "CPU suite did not finish or failed (not counted)"
+timeout "$(left 60)" "$PY" -m pytest tests -q -m "not slow" --deselect tests/test_devices.py --deselect tests/test_devices_concat.py || say "CPU suite did not finish or failed (not counted)"
 [ "$TESTS" -eq 0 ] && say "tests ok" || say "TESTS FAILED (exit $TESTS)"
 
 # --- 3. benchmark -------------------------------------------------------------------

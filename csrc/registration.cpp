@@ -2,6 +2,11 @@
 // reports how the extension was built. Kernels register themselves per
 // backend with TORCH_LIBRARY_IMPL in cpu/ and cuda/; autograd and fake
 // (meta) kernels are registered from Python (infomax_ext/ops.py).
+//
+// Two namespaces carry the same schemas: torch.ops.infomax_ext (the CPU kernels,
+// and the CUDA kernels on CUDA tensors) and, in builds with the emulated backend,
+// torch.ops.infomax_ext_emulated (the CUDA kernels' own code run on CPU tensors,
+// see csrc/cuda/cuda_common.cuh).
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <pybind11/pybind11.h>
@@ -20,7 +25,9 @@
 #define INFOMAX_CUDA_ARCHS ""
 #endif
 
-TORCH_LIBRARY(infomax_ext, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   // Streaming reductions of S = scale * a b^T + row_bias + col_bias (K x M, never
   // stored): (row_lse (K,), col_lse (M,), neg_lse (K,), neg_clamp_lse (K,),
   // neg_softplus (K,)); unrequested outputs are empty. See score_math.h.
@@ -60,7 +67,22 @@ TORCH_LIBRARY(infomax_ext, m) {
       "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
+}  // namespace
+
+TORCH_LIBRARY(infomax_ext, m) { define_ops(m); }
+#ifdef INFOMAX_WITH_EMULATED_CUDA
+TORCH_LIBRARY(infomax_ext_emulated, m) { define_ops(m); }
+#endif
+
 namespace py = pybind11;
+
+#ifdef INFOMAX_WITH_EMULATED_CUDA
+namespace infomax_ext {
+namespace emu {
+int64_t launch_count();  // csrc/emulated/emulation.cpp
+}
+}  // namespace infomax_ext
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "infomax_ext compiled kernels; the ops live in torch.ops.infomax_ext";
@@ -70,6 +92,9 @@ PYBIND11_MODULE(_C, m) {
     backends.append("cpu");
 #ifdef INFOMAX_WITH_CUDA
     backends.append("cuda");
+#endif
+#ifdef INFOMAX_WITH_EMULATED_CUDA
+    backends.append("cuda_emulated");  // torch.ops.infomax_ext_emulated, CPU tensors
 #endif
     info["backends"] = backends;
     info["cuda_archs"] = std::string(INFOMAX_CUDA_ARCHS);
@@ -86,4 +111,8 @@ PYBIND11_MODULE(_C, m) {
     info["aten_parallel"] = at::get_parallel_info();
     return info;
   });
+#ifdef INFOMAX_WITH_EMULATED_CUDA
+  m.def("_emulated_launch_count", &infomax_ext::emu::launch_count,
+        "Kernel launches run by the emulated CUDA backend so far (for tests).");
+#endif
 }

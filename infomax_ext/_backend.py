@@ -3,8 +3,13 @@
 The extension is optional at run time: without ``_C`` the package still imports,
 warns once and computes everything with ``reference.py``. ``INFOMAX_EXT_USE_REFERENCE=1``
 (or ``use_reference(True)``) forces the reference even when ``_C`` is present.
+
+``emulated_cuda()`` routes the fused ops to the emulated CUDA backend: the CUDA
+kernels' own code, compiled as C++, run on CPU tensors (``torch.ops.infomax_ext_emulated``).
 """
+import contextlib
 import os
+import threading
 import warnings
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension links to them)
@@ -41,6 +46,37 @@ def fused_enabled():
 def backend():
     """``"compiled"`` when the fused kernels run, ``"reference"`` otherwise."""
     return "compiled" if fused_enabled() else "reference"
+
+
+NAMESPACE, EMULATED_NAMESPACE = "infomax_ext", "infomax_ext_emulated"
+_emulation = threading.local()
+
+
+def has_emulated_cuda():
+    """Whether this build carries the emulated CUDA backend."""
+    return HAS_C and "cuda_emulated" in _C.build_info()["backends"]
+
+
+@contextlib.contextmanager
+def emulated_cuda(enabled=True):
+    """Within the block (this thread), the fused ops on CPU tensors run the CUDA
+    kernels' own code on the CPU: every launch executes its blocks' threads as fibers,
+    with real ``__syncthreads`` barriers and warp shuffles. Slow (thousands of context
+    switches per block); it exists to test the CUDA kernels without a GPU. The backward
+    of an op runs on the backend of its forward."""
+    if enabled and not has_emulated_cuda():
+        raise RuntimeError(f"infomax_ext was built without the emulated CUDA backend: {build_info()}")
+    before = getattr(_emulation, "on", False)
+    _emulation.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _emulation.on = before
+
+
+def op_namespace():
+    """The name of the op namespace the fused ops call now."""
+    return EMULATED_NAMESPACE if getattr(_emulation, "on", False) else NAMESPACE
 
 
 def build_info():

@@ -380,7 +380,7 @@ class _Uniformity(torch.autograd.Function):
         K = x.shape[0]
         total = torch.logsumexp(lse, 0)
         ctx.save_for_backward(x, scale, bias, lse, mean, total)
-        ctx.t = t
+        ctx.t, ctx.ops = t, ops._ops()
         ctx.set_materialize_grads(False)
         return total - math.log(K * (K - 1)), lse - math.log(K - 1)
 
@@ -394,7 +394,7 @@ class _Uniformity(torch.autograd.Function):
             dx = dx + (4.0 * t * g_value * torch.exp(lse - total))[:, None] * (mean - xa)
         if g_rows is not None:
             empty = lse.new_empty((0,))
-            da, db, _, drow, dcol = torch.ops.infomax_ext._score_reduce_backward(
+            da, db, _, drow, dcol = ctx.ops._score_reduce_backward(
                 empty, empty, g_rows.to(lse.dtype), empty, empty, x, x, scale, bias, bias,
                 empty, empty, lse, empty, 0, NEG_LSE, 5.0)
             dx = dx + da.to(xa.dtype) + db.to(xa.dtype) - (2.0 * t) * (drow + dcol)[:, None] * xa

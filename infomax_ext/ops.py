@@ -8,6 +8,8 @@ and autograd formulas, so the ops work under ``torch.compile(fullgraph=True)``.
 whose rows are anchors (view 1) and columns candidates (view 2); the positive of
 row i is column ``i + pos_offset``, every other entry of row i is a negative.
 """
+import functools
+
 import torch
 
 from . import _backend
@@ -46,7 +48,7 @@ def score_reduce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
         in float32 (float64 for float64 inputs); outputs not requested are empty ``(0,)``.
         ``neg_*`` reduce over the negatives of row i only (the positive excluded).
     """
-    return torch.ops.infomax_ext.score_reduce(
+    return _ops().score_reduce(
         a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset), int(reductions), float(clamp_tau)
     )
 
@@ -65,11 +67,11 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (pos_offset, reductions, clamp_tau)
 
 
-def _backward(ctx, g_row, g_col, g_neg, g_clamp, g_sp):
+def _backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
     empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
-    da, db, dscale, drow, dcol = torch.ops.infomax_ext._score_reduce_backward(
+    da, db, dscale, drow, dcol = lib._score_reduce_backward(
         *grads, a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args
     )
     return (da, db, dscale, drow if row_bias is not None else None,
@@ -91,7 +93,7 @@ class _ReduceWithGrad(torch.autograd.Function):
         empty = a.new_empty((0,), dtype=acc)
         w = [empty if x is None else x for x in weights[:4]]
         d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
-        out = torch.ops.infomax_ext._score_reduce_with_grad(
+        out = _ops()._score_reduce_with_grad(
             *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau)
         stats, grads = out[:5], out[5:]
         used = [(x, st) for x, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if x is not None]
@@ -178,40 +180,33 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
                                  float(clamp_tau), weights, shared)
 
 
-if _backend.HAS_C:
-    # NB: only with _C loaded do the op names exist; registering against a
-    # missing library would make the package fail to import.
-    @torch.library.register_fake("infomax_ext::score_reduce")
-    def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):
-        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "score_reduce: a and b must be 2-D")
-        torch._check(a.shape[1] == b.shape[1], lambda: "score_reduce: feature sizes differ")
-        return _fake_outputs(a, b, reductions)
+def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "score_reduce: a and b must be 2-D")
+    torch._check(a.shape[1] == b.shape[1], lambda: "score_reduce: feature sizes differ")
+    return _fake_outputs(a, b, reductions)
 
-    @torch.library.register_fake("infomax_ext::_score_reduce_backward")
-    def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
-                                    col_bias, row_lse, col_lse, neg_lse, clamp_lse, pos_offset,
-                                    reductions, clamp_tau):
-        acc = acc_dtype(a.dtype)
-        K, M = a.shape[0], b.shape[0]
-        return (
-            torch.empty_like(a),
-            torch.empty_like(b),
-            torch.empty_like(scale),
-            a.new_empty((K,), dtype=row_bias.dtype if row_bias is not None else acc),
-            a.new_empty((M,), dtype=col_bias.dtype if col_bias is not None else acc),
-        )
 
-    torch.library.register_autograd(
-        "infomax_ext::score_reduce", _backward, setup_context=_setup_context
+def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
+                                col_bias, row_lse, col_lse, neg_lse, clamp_lse, pos_offset,
+                                reductions, clamp_tau):
+    acc = acc_dtype(a.dtype)
+    K, M = a.shape[0], b.shape[0]
+    return (
+        torch.empty_like(a),
+        torch.empty_like(b),
+        torch.empty_like(scale),
+        a.new_empty((K,), dtype=row_bias.dtype if row_bias is not None else acc),
+        a.new_empty((M,), dtype=col_bias.dtype if col_bias is not None else acc),
     )
-    @torch.library.register_fake("infomax_ext::_score_reduce_with_grad")
-    def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
-                                     pos_offset, reductions, clamp_tau):
-        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
-        grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
-                                            col_bias, empty, empty, empty, empty, pos_offset, reductions,
-                                            clamp_tau)
-        return (*_fake_outputs(a, b, reductions), *grads)
+
+
+def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
+                                 pos_offset, reductions, clamp_tau):
+    empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+    grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
+                                        col_bias, empty, empty, empty, empty, pos_offset, reductions,
+                                        clamp_tau)
+    return (*_fake_outputs(a, b, reductions), *grads)
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +237,7 @@ def symmetric_softmax_mean(x, scale=1.0, bias=None, with_mean=True):
         ``lse`` is differentiable (w.r.t. x, a tensor scale and bias); ``mean`` is returned
         without a gradient (it is already a derivative).
     """
-    return torch.ops.infomax_ext.symmetric_softmax_mean(x, as_scale(scale, x), bias, bool(with_mean))
+    return _ops().symmetric_softmax_mean(x, as_scale(scale, x), bias, bool(with_mean))
 
 
 def _symmetric_setup_context(ctx, inputs, output):
@@ -252,14 +247,14 @@ def _symmetric_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale, bias, lse)
 
 
-def _symmetric_backward(ctx, g_lse, _g_mean):
+def _symmetric_backward(lib, ctx, g_lse, _g_mean):
     x, scale, bias, lse = ctx.saved_tensors
     if g_lse is None:
         return None, None, None, None
     # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
     # its backward, with x in both roles and bias on both sides.
     empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
-    da, db, dscale, drow, dcol = torch.ops.infomax_ext._score_reduce_backward(
+    da, db, dscale, drow, dcol = lib._score_reduce_backward(
         empty, empty, g_lse, empty, empty, x, x, scale, bias, bias, empty, empty, lse, empty,
         0, NEG_LSE, 5.0
     )
@@ -305,7 +300,7 @@ def concat_score_reduce(P, Q, w2, b2, activation="relu", pos_offset=0,
         in float32 (float64 for float64 inputs); outputs not requested are empty ``(0,)``.
         Gradients flow to P, Q, w2 and a tensor b2.
     """
-    return torch.ops.infomax_ext.concat_score_reduce(
+    return _ops().concat_score_reduce(
         P, Q, w2, as_scale(b2, P), activation_code(activation), int(pos_offset), int(reductions),
         float(clamp_tau)
     )
@@ -319,41 +314,67 @@ def _concat_setup_context(ctx, inputs, output):
     ctx.args = (pos_offset, reductions, clamp_tau)
 
 
-def _concat_backward(ctx, g_row, g_col, g_neg, g_clamp, g_sp):
+def _concat_backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     P, Q, w2, b2, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
     empty = P.new_empty((0,), dtype=acc_dtype(P.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
-    dP, dQ, dw2, db2 = torch.ops.infomax_ext._concat_score_reduce_backward(
+    dP, dQ, dw2, db2 = lib._concat_score_reduce_backward(
         *grads, P, Q, w2, b2, ctx.activation, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args
     )
     return dP, dQ, dw2, db2, None, None, None, None
 
 
+def _concat_score_reduce_fake(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau):
+    torch._check(P.dim() == 2 and Q.dim() == 2, lambda: "concat_score_reduce: P and Q must be 2-D")
+    torch._check(P.shape[1] == Q.shape[1], lambda: "concat_score_reduce: hidden sizes differ")
+    return _fake_outputs(P, Q, reductions)
+
+
+def _concat_score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, P, Q, w2, b2,
+                                       activation, row_lse, col_lse, neg_lse, clamp_lse,
+                                       pos_offset, reductions, clamp_tau):
+    return torch.empty_like(P), torch.empty_like(Q), torch.empty_like(w2), torch.empty_like(b2)
+
+
+def _symmetric_softmax_mean_fake(x, scale, bias, with_mean=True):
+    torch._check(x.dim() == 2, lambda: "symmetric_softmax_mean: x must be 2-D")
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty((x.shape[0],), dtype=acc),
+            x.new_empty(x.shape if with_mean else (0,), dtype=acc))
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+def _ops():
+    """The op namespace the wrappers above call: ``torch.ops.infomax_ext``, or the
+    emulated CUDA backend's inside ``_backend.emulated_cuda()``."""
+    return getattr(torch.ops, _backend.op_namespace())
+
+
+def _register(ns):
+    """Fake kernels and autograd formulas of the ops in namespace ``ns``. NB: a backward
+    calls the backward op of its forward's namespace (bound here), whatever mode is on."""
+    lib = getattr(torch.ops, ns)
+    fakes = {"score_reduce": _score_reduce_fake, "_score_reduce_backward": _score_reduce_backward_fake,
+             "_score_reduce_with_grad": _score_reduce_with_grad_fake,
+             "symmetric_softmax_mean": _symmetric_softmax_mean_fake,
+             "concat_score_reduce": _concat_score_reduce_fake,
+             "_concat_score_reduce_backward": _concat_score_reduce_backward_fake}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{ns}::{name}", fake)
+    autograd = {"score_reduce": (_backward, _setup_context),
+                "symmetric_softmax_mean": (_symmetric_backward, _symmetric_setup_context),
+                "concat_score_reduce": (_concat_backward, _concat_setup_context)}
+    for name, (backward, setup) in autograd.items():
+        torch.library.register_autograd(f"{ns}::{name}", functools.partial(backward, lib), setup_context=setup)
+
+
+# NB: only with _C loaded do the op names exist; registering against a missing library
+# would make the package fail to import.
 if _backend.HAS_C:
-    # NB: as above, only with _C loaded do the op names exist.
-    @torch.library.register_fake("infomax_ext::concat_score_reduce")
-    def _concat_score_reduce_fake(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau):
-        torch._check(P.dim() == 2 and Q.dim() == 2, lambda: "concat_score_reduce: P and Q must be 2-D")
-        torch._check(P.shape[1] == Q.shape[1], lambda: "concat_score_reduce: hidden sizes differ")
-        return _fake_outputs(P, Q, reductions)
-
-    @torch.library.register_fake("infomax_ext::_concat_score_reduce_backward")
-    def _concat_score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, P, Q, w2, b2,
-                                           activation, row_lse, col_lse, neg_lse, clamp_lse,
-                                           pos_offset, reductions, clamp_tau):
-        return torch.empty_like(P), torch.empty_like(Q), torch.empty_like(w2), torch.empty_like(b2)
-
-    @torch.library.register_fake("infomax_ext::symmetric_softmax_mean")
-    def _symmetric_softmax_mean_fake(x, scale, bias, with_mean=True):
-        torch._check(x.dim() == 2, lambda: "symmetric_softmax_mean: x must be 2-D")
-        acc = acc_dtype(x.dtype)
-        return (x.new_empty((x.shape[0],), dtype=acc),
-                x.new_empty(x.shape if with_mean else (0,), dtype=acc))
-
-    torch.library.register_autograd(
-        "infomax_ext::symmetric_softmax_mean", _symmetric_backward, setup_context=_symmetric_setup_context
-    )
-
-    torch.library.register_autograd(
-        "infomax_ext::concat_score_reduce", _concat_backward, setup_context=_concat_setup_context
-    )
+    _register(_backend.NAMESPACE)
+    if _backend.has_emulated_cuda():
+        _register(_backend.EMULATED_NAMESPACE)

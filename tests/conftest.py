@@ -7,6 +7,22 @@ import torch
 # helpers.py sits beside the tests; make it importable whatever the rootdir.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from helpers import BACKENDS, backend_context, tensor_device  # noqa: E402
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The backend the test's fused ops run on ("cpu", "emulated", "cuda"); for
+    "emulated" the test body runs inside the emulation."""
+    with backend_context(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device(backend):
+    """The torch device of the test's tensors, on each backend in turn."""
+    return tensor_device(backend)
+
 
 @pytest.fixture
 def one_thread():

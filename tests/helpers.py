@@ -1,9 +1,34 @@
 """Shared test inputs: devices, dtypes and awkward sample cases for the fused ops."""
+import contextlib
+
 import pytest
 import torch
 
+import infomax_ext
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+needs_emulated = pytest.mark.skipif(not infomax_ext._backend.has_emulated_cuda(),
+                                    reason="built without the emulated CUDA backend")
+# Where the fused ops run: the CPU kernels, the CUDA kernels' own code emulated on the
+# CPU (CPU tensors inside _backend.emulated_cuda()), the CUDA kernels on a GPU. The
+# conftest fixture ``device`` runs a test on each and gives it the tensors' device.
+BACKENDS = ["cpu", pytest.param("emulated", marks=needs_emulated), pytest.param("cuda", marks=needs_cuda)]
+CUDA_BACKENDS = BACKENDS[1:]
+
+
+def tensor_device(backend):
+    """The torch device of a backend's tensors."""
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def backend_context(backend):
+    """The context a backend's ops run in (the emulation for "emulated")."""
+    return infomax_ext._backend.emulated_cuda() if backend == "emulated" else contextlib.nullcontext()
+
+
+def cpu_kernels():
+    """The CPU kernels, even inside an emulated test (to compare the two)."""
+    return infomax_ext._backend.emulated_cuda(False)
 
 # (K, M, d, pos_offset, scale): K=1 and 2, tile edges (64 rows, 512 columns), M > K,
 # sizes that are not tile multiples, large scales.

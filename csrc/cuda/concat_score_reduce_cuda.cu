@@ -52,9 +52,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -314,16 +311,12 @@ void forward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t r
     p.rows = std::min(R, K - i0);
     p.n_rt = ceil_div(p.rows, kTile);
     const dim3 grid(static_cast<unsigned>(n_ct), static_cast<unsigned>(p.n_rt));
-    concat_forward_tile_kernel<A, T><<<grid, dim3(kHalf, kHalf), 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(concat_forward_tile_kernel<A, T>, grid, dim3(kHalf, kHalf), stream, p);
     if (row_red) {
-      concat_row_finish_kernel<T><<<static_cast<unsigned>(ceil_div(p.rows, kThreads)), kThreads, 0, stream>>>(p, o);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(concat_row_finish_kernel<T>, static_cast<unsigned>(ceil_div(p.rows, kThreads)), kThreads, stream, p, o);
     }
     if (col_red) {
-      concat_col_finish_kernel<T><<<static_cast<unsigned>(ceil_div(M, kThreads)), kThreads, 0, stream>>>(
-          p.col_part, p.n_rt, M, i0 == 0, i0 + p.rows == K, as_states<T>(col_state), col_out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(concat_col_finish_kernel<T>, static_cast<unsigned>(ceil_div(M, kThreads)), kThreads, stream, p.col_part, p.n_rt, M, i0 == 0, i0 + p.rows == K, as_states<T>(col_state), col_out);
     }
   }
 }
@@ -546,13 +539,9 @@ void backward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t 
     q.i0 = a.i0 = i0;
     q.rows = a.rows = rows;
     q.rt0 = a.rt0 = i0 / kTile;  // NB: i0 is a multiple of kTile (R is, unless R == K)
-    concat_grad_tile_kernel<A, T>
-        <<<dim3(static_cast<unsigned>(n_ct), static_cast<unsigned>(n_rt)), dim3(kHalf, kHalf), 0, stream>>>(q);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    concat_grad_p_kernel<A, T><<<dim3(static_cast<unsigned>(n_rt), n_hc), kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    concat_grad_q_kernel<A, T><<<dim3(static_cast<unsigned>(n_ct), n_hc), kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(concat_grad_tile_kernel<A, T>, dim3(static_cast<unsigned>(n_ct), static_cast<unsigned>(n_rt)), dim3(kHalf, kHalf), stream, q);
+    cuda::launch(concat_grad_p_kernel<A, T>, dim3(static_cast<unsigned>(n_rt), n_hc), kThreads, stream, a);
+    cuda::launch(concat_grad_q_kernel<A, T>, dim3(static_cast<unsigned>(n_ct), n_hc), kThreads, stream, a);
   }
 }
 
@@ -578,14 +567,14 @@ Tensor5 concat_score_reduce_forward_cuda(const Tensor& P,    // (K, H) = u Wu^T 
                                          int64_t reductions,  // bit mask of Reduction
                                          double clamp_tau) {  // clamp of kNegClampLse
   check_concat_args(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau);
-  const c10::cuda::CUDAGuard guard(P.device());
+  const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
   const Tensor Pc = acc_contiguous(P, acc), Qc = acc_contiguous(Q, acc), wc = acc_contiguous(w2, acc);
   // NB: b2 stays on the device (read through a pointer): no .item() sync.
   const Tensor bc = acc_contiguous(b2, acc).reshape({});
   Tensor5 out = alloc_reductions(P, Pc.size(0), Qc.size(0), reductions);
   const auto opts = Pc.options();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "concat_score_reduce_forward_cuda", [&] {
     const ConcatParams<scalar_t> d = concat_params<scalar_t>(Pc, Qc, wc, bc);
     dispatch_activation(activation, [&](auto act) {
@@ -608,7 +597,7 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
                                           const Tensor& clamp_lse, int64_t pos_offset,
                                           int64_t reductions, double clamp_tau) {
   check_concat_args(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau);
-  const c10::cuda::CUDAGuard guard(P.device());
+  const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
   const Tensor Pc = acc_contiguous(P, acc), Qc = acc_contiguous(Q, acc), wc = acc_contiguous(w2, acc);
   const Tensor bc = acc_contiguous(b2, acc).reshape({});
@@ -621,7 +610,7 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
   Tensor dP = at::zeros({K, H}, opts), dQ = at::zeros({M, H}, opts);
   Tensor dw2 = at::zeros({H}, opts), db2 = at::zeros({}, opts);
   if (active) {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = cuda::current_stream();
     Tensor dw_part, gsum;
     AT_DISPATCH_FLOATING_TYPES(acc, "concat_score_reduce_backward_cuda", [&] {
       const ConcatParams<scalar_t> d = concat_params<scalar_t>(Pc, Qc, wc, bc);
@@ -641,7 +630,7 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) {
+INFOMAX_CUDA_LIBRARY_IMPL(m) {
   m.impl("concat_score_reduce", &concat_score_reduce_forward_cuda);
   m.impl("_concat_score_reduce_backward", &concat_score_reduce_backward_cuda);
 }

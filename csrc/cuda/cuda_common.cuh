@@ -1,17 +1,99 @@
 // Host and device helpers shared by the CUDA walkers (score_reduce_cuda.cu and
-// concat_score_reduce_cuda.cu): the workspace budget, raw pointers of optional
-// tensors, and warp reductions. The numerics themselves live in score_math.h.
+// concat_score_reduce_cuda.cu): the one kernel launch, the device guard and stream,
+// the workspace budget, raw pointers of optional tensors, and warp reductions. The
+// numerics themselves live in score_math.h.
+//
+// The same .cu sources build two ways:
+//   - by nvcc, as the CUDA backend: kernels on the GPU, ops registered for the
+//     CUDA dispatch key of torch.ops.infomax_ext;
+//   - as C++ with INFOMAX_CUDA_EMULATED (csrc/emulated/*.cpp include the .cu files),
+//     as the emulated backend: every launch runs the kernel's threads as fibers on
+//     the CPU (csrc/emulated/emulation.h), tensors on the CPU stand in for device
+//     memory, and the ops are registered for the CPU key of the separate namespace
+//     torch.ops.infomax_ext_emulated.
+// Only this header differs between the two; the kernels and host walkers are one source.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <utility>
+
+#ifdef INFOMAX_CUDA_EMULATED
+#include "../emulated/emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "infomax_ext/score_math.h"
 
+// at::mm(self, mat2, out_dtype) (fp16/bf16 in, float32 out) exists from torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define INFOMAX_MM_OUT_DTYPE 1
+#else
+#define INFOMAX_MM_OUT_DTYPE 0
+#endif
+
+#ifdef INFOMAX_CUDA_EMULATED
+// NB: the emulated build's helpers get their own (inline) namespace: the GPU build's
+// inline functions of the same names live in the same .so, and must not be merged.
+#define INFOMAX_CUDA_ABI inline namespace emulated_abi
+#define INFOMAX_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(infomax_ext_emulated, CPU, m)
+#else
+#define INFOMAX_CUDA_ABI inline namespace device_abi
+#define INFOMAX_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m)
+#endif
+
 namespace infomax_ext {
+INFOMAX_CUDA_ABI {
 namespace cuda {
+
+// Makes the inputs' device current for the walker's lifetime (a check that the
+// inputs are on the CPU when emulated).
+#ifdef INFOMAX_CUDA_EMULATED
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device& d) {
+    TORCH_CHECK(d.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", d);
+  }
+};
+inline cudaStream_t current_stream() { return nullptr; }
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#endif
+
+// kernel<<<grid, block, 0, stream>>>(args...), checked: the one place a kernel is
+// launched, on the GPU or emulated.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#ifdef INFOMAX_CUDA_EMULATED
+  (void)stream;  // NB: emulated launches run synchronously, in call order (one stream)
+  // NB: arguments are copied at the launch, as CUDA copies them into the kernel's parameters.
+  emu::launch(grid, block, [=] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+#if INFOMAX_MM_OUT_DTYPE
+// out = x @ y for fp16/bf16 x, y and a float32 out: a tensor-core GEMM (exact products,
+// float32 accumulation) on the GPU. Emulated, the same arithmetic: the low-precision
+// values upcast exactly to float32, multiplied and summed in float32 (torch's CPU
+// GEMM has no out_dtype form).
+inline void mm_out_dtype(at::Tensor& out, const at::Tensor& x, const at::Tensor& y) {
+#ifdef INFOMAX_CUDA_EMULATED
+  at::mm_out(out, x.to(out.scalar_type()), y.to(out.scalar_type()));
+#else
+  at::mm_out(out, x, y, out.scalar_type());
+#endif
+}
+#endif
 
 // Bytes of float32 scores a walker may hold at once (one chunk of S or of its
 // partial states): 256 MB, or INFOMAX_EXT_CUDA_TILE_BYTES.
@@ -38,14 +120,13 @@ LseState<T>* as_states(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<LseState<T>*>(t.data_ptr<T>()) : nullptr;
 }
 
-#ifdef __CUDACC__
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-#endif
 
 }  // namespace cuda
+}  // INFOMAX_CUDA_ABI
 }  // namespace infomax_ext

@@ -50,9 +50,6 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -63,13 +60,6 @@
 
 #include "../score_reduce_common.h"
 #include "cuda_common.cuh"
-
-// at::mm(self, mat2, out_dtype) (fp16/bf16 in, float32 out) exists from torch 2.8.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define INFOMAX_MM_OUT_DTYPE 1
-#else
-#define INFOMAX_MM_OUT_DTYPE 0
-#endif
 
 namespace infomax_ext {
 namespace {
@@ -112,7 +102,7 @@ void mm_acc(Tensor& out, const Tensor& x, const Tensor& y) {
     at::mm_out(out, x, y);
   } else {
 #if INFOMAX_MM_OUT_DTYPE
-    at::mm_out(out, x, y, out.scalar_type());
+    cuda::mm_out_dtype(out, x, y);
 #else
     TORCH_INTERNAL_ASSERT(false, "score_reduce: mixed-dtype GEMM needs torch >= 2.8");
 #endif
@@ -127,7 +117,9 @@ void addmm_acc(Tensor acc, const Tensor& x, const Tensor& y) {
 #if INFOMAX_MM_OUT_DTYPE
     // NB: addmm's out_dtype overload accepts a float32 `self` only on recent
     // torch; a float32 product plus add_ works on every version >= 2.8.
-    acc.add_(at::mm(x, y, acc.scalar_type()));
+    Tensor prod = at::empty({x.size(0), y.size(1)}, acc.options());
+    cuda::mm_out_dtype(prod, x, y);
+    acc.add_(prod);
 #else
     TORCH_INTERNAL_ASSERT(false, "score_reduce: mixed-dtype GEMM needs torch >= 2.8");
 #endif
@@ -363,12 +355,8 @@ void reduce_columns(const TIn* x, int64_t rows, int64_t cols, int64_t i0, int64_
   const int64_t rows_per_block = std::max(kColRowsPerBlock, ceil_div(rows, 65535));
   const int64_t ny = ceil_div(rows, rows_per_block);
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, kColX)), static_cast<unsigned>(ny));
-  col_partial_kernel<T, TIn, kSum><<<grid, dim3(kColX, kColY), 0, stream>>>(x, rows, cols, rows_per_block,
-                                                                             i0, j0, sc, part);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  col_finish_kernel<T, kSum><<<static_cast<unsigned>(ceil_div(cols, 256)), 256, 0, stream>>>(
-      part, ny, cols, j0, first, last, state, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(col_partial_kernel<T, TIn, kSum>, grid, dim3(kColX, kColY), stream, x, rows, cols, rows_per_block, i0, j0, sc, part);
+  cuda::launch(col_finish_kernel<T, kSum>, static_cast<unsigned>(ceil_div(cols, 256)), 256, stream, part, ny, cols, j0, first, last, state, out);
 }
 
 // An upper bound of reduce_columns' ny for every chunk of at most `rows` rows.
@@ -429,7 +417,7 @@ void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T ta
   p.sp_state = ptr_or_null<T>(sp_state);
   p.pos_state = ptr_or_null<T>(pos_state);
   T* col_out = ptr_or_null<T>(std::get<1>(out));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
 
   for_each_dot_chunk(A, B, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
     const T* dot = S.data_ptr<T>();
@@ -440,8 +428,7 @@ void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T ta
       p.j0 = j0;
       p.first = j0 == 0;
       p.last = j0 + cols == M;
-      row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(row_forward_kernel<T>, static_cast<unsigned>(rows), row_threads(cols), stream, p);
     }
     if (col_red) {
       reduce_columns<T, T, false>(dot, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
@@ -535,7 +522,7 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
   p.clamp_lse = ptr_or_null<T>(clamp_lse);
   p.drow = drow.data_ptr<T>();
   T* dcol_p = dcol.data_ptr<T>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
 
   for_each_dot_chunk(A, B, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
     Tensor G = gws.narrow(0, 0, rows * cols).view({rows, cols});
@@ -554,11 +541,9 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
       f.i0 = i0;
       f.j0 = j0;
       f.first = f.last = true;
-      row_forward_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(f);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(row_forward_kernel<T>, static_cast<unsigned>(rows), row_threads(cols), stream, f);
     }
-    grad_rows_kernel<T, TG><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(grad_rows_kernel<T, TG>, static_cast<unsigned>(rows), row_threads(cols), stream, p);
     reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
                                 i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
     addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
@@ -612,7 +597,7 @@ Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
                                   int64_t reductions,         // bit mask of Reduction
                                   double clamp_tau) {         // clamp of kNegClampLse
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
@@ -657,7 +642,7 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                                    const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
                                    double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
@@ -721,11 +706,9 @@ void softmax_mean_impl(const Tensor& X, const Tensor& X_acc, const ScoreArgs<T>&
   const int64_t K = X.size(0);
   const Tiling t = choose_tiling(K, K, sizeof(T));
   Tensor ws = at::empty({t.rows * t.cols}, X_acc.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   for_each_dot_chunk(X, X, t, ws, [&](const Tensor& W, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    softmax_weights_kernel<T><<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(
-        W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(softmax_weights_kernel<T>, static_cast<unsigned>(rows), row_threads(cols), stream, W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
     mean.narrow(0, i0, rows).addmm_(W, X_acc.narrow(0, j0, cols));
   });
 }
@@ -735,7 +718,7 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
                                                        const OptTensor& bias,   // (K,) or None
                                                        bool with_mean) {        // false: mean is (0,)
   check_symmetric_args(x, scale, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::DeviceGuard guard(x.device());
   const auto acc = acc_dtype(x.scalar_type());
   const Tensor X = gemm_operand(x, acc), X_acc = x.detach().to(acc).contiguous();
   const Tensor b = bias_acc(bias, acc);
@@ -764,7 +747,7 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                      const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
                                      double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
   const Tensor none = at::empty({0}, a.options().dtype(acc));
@@ -796,7 +779,7 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) {
+INFOMAX_CUDA_LIBRARY_IMPL(m) {
   m.impl("score_reduce", &score_reduce_forward_cuda);
   m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
   m.impl("symmetric_softmax_mean", &symmetric_softmax_mean_cuda);

@@ -1,10 +1,12 @@
-"""The CUDA kernels of concat_score_reduce against the CPU op and the materialising oracle.
+"""The kernels of concat_score_reduce on every backend (conftest fixture ``backend``:
+"cpu", "emulated", "cuda") against the materialising oracle, and the CUDA kernels (on a
+GPU, and their own code emulated on the CPU) against the CPU op.
 
 S[i, j] = w2 . act(P_i + Q_j) + b2 is (K, M), rows anchors, columns candidates, the
 positive of row i at column i + pos_offset. The oracle and input maker are those of
 tests/test_concat.py (inputs are made in float64 on the CPU, then moved, so every device
-and dtype sees the same values). Every test needs a CUDA device and skips cleanly without
-one. ``INFOMAX_EXT_CUDA_TILE_BYTES`` shrinks the CUDA walker's workspaces so that small
+and dtype sees the same values); "cuda" skips cleanly without a GPU.
+``INFOMAX_EXT_CUDA_TILE_BYTES`` shrinks the CUDA walker's workspaces so that small
 inputs walk several row chunks (the merge of column states across chunks, dQ accumulated
 over chunks).
 """
@@ -15,16 +17,14 @@ import torch
 import infomax_ext
 from infomax_ext import ops, reference as ref
 from test_concat import ACTS, BITS, SMOOTH, TAU, make_inputs, oracle, weighted_grads
-from helpers import TILE_ENV, set_tile
+from helpers import CUDA_BACKENDS, TILE_ENV, cpu_kernels, needs_cuda, set_tile
 
-DEVICE = "cuda"
+on_cuda_backends = pytest.mark.parametrize("backend", CUDA_BACKENDS, indirect=True)
 # The default budget (one chunk here) and 1 KiB (chunks of 32 rows: K = 70 walks 3).
 TILES = [None, "1024"]
 
 pytestmark = [
     pytest.mark.usefixtures("default_cuda_tiles"),
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built"),
 ]
 
@@ -49,9 +49,9 @@ def case_id(c):
 
 
 
-def on_device(inputs, dtype=None):
-    """The same tensors on DEVICE (optionally cast), as new leaves."""
-    return [t.detach().to(device=DEVICE, dtype=dtype or t.dtype).requires_grad_(t.requires_grad) for t in inputs]
+def on_device(inputs, device, dtype=None):
+    """The same tensors on device (optionally cast), as new leaves."""
+    return [t.detach().to(device=device, dtype=dtype or t.dtype).requires_grad_(t.requires_grad) for t in inputs]
 
 
 def fused(P, Q, w2, b2, activation, pos_offset, reductions=ops.ALL_REDUCTIONS, tau=TAU):
@@ -72,6 +72,7 @@ def close(got, want, **tol):
 # ---------------------------------------------------------------------------
 
 
+@needs_cuda
 def test_cuda_kernels_are_registered():
     for op in ("concat_score_reduce", "_concat_score_reduce_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"infomax_ext::{op}", "CUDA"), op
@@ -85,38 +86,42 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_float64_values_and_gradients_match_oracle(case, activation, tile, monkeypatch):
+def test_float64_values_and_gradients_match_oracle(case, activation, tile, monkeypatch, device):
     set_tile(monkeypatch, tile)
     K, M, H, off = case
     n = CASES.index(case)
     host = make_inputs(K, M, H, seed=n, noncontig=n % 2 == 1)
-    dev = on_device(host)
+    dev = on_device(host, device)
     got, want = fused(*dev, activation, off), oracle(*host, activation, off)
     for f, o in zip(got, want):
-        assert f.device.type == DEVICE and f.shape == o.shape and f.dtype == o.dtype
+        assert f.device.type == device and f.shape == o.shape and f.dtype == o.dtype
         close(f, o)
     weights = weights_for(want, n)
-    gf = weighted_grads(got, [w.to(DEVICE) for w in weights], dev)
+    gf = weighted_grads(got, [w.to(device) for w in weights], dev)
     for x, t, y in zip(gf, dev, weighted_grads(want, weights, host)):
         assert x.device == t.device and x.dtype == t.dtype and x.shape == t.shape
         close(x, y)
 
 
+@on_cuda_backends
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("activation", ACTS)
-def test_float32_matches_cpu_op_and_oracle(activation, tile, monkeypatch):
+def test_float32_matches_cpu_op_and_oracle(activation, tile, monkeypatch, device):
     set_tile(monkeypatch, tile)
     host = make_inputs(70, 600, 40, seed=3, dtype=torch.float32, noncontig=True)
-    dev = on_device(host)
+    dev = on_device(host, device)
     host64 = [t.detach().double().requires_grad_() for t in host]
-    got, cpu, want = fused(*dev, activation, 5), fused(*host, activation, 5), oracle(*host64, activation, 5)
+    with cpu_kernels():
+        cpu = fused(*host, activation, 5)
+    got, want = fused(*dev, activation, 5), oracle(*host64, activation, 5)
     for f, c, o in zip(got, cpu, want):
         assert f.dtype == torch.float32
         close(f, c, rtol=2e-5, atol=2e-5)
         close(f, o, rtol=2e-5, atol=2e-5)
     weights = weights_for(want, 1)
-    gf = weighted_grads(got, [w.float().to(DEVICE) for w in weights], dev)
-    gc = weighted_grads(cpu, [w.float() for w in weights], host)
+    gf = weighted_grads(got, [w.float().to(device) for w in weights], dev)
+    with cpu_kernels():
+        gc = weighted_grads(cpu, [w.float() for w in weights], host)
     for x, c, y in zip(gf, gc, weighted_grads(want, weights, host64)):
         # NB: dw2 and db2 sum K * M = 42000 float32 terms; judged against float64.
         tol = dict(rtol=1e-4, atol=1e-5 * y.abs().max().item())
@@ -125,9 +130,9 @@ def test_float32_matches_cpu_op_and_oracle(activation, tile, monkeypatch):
 
 
 @pytest.mark.parametrize("bit", BITS)
-def test_single_reduction_only_fills_its_output(bit):
+def test_single_reduction_only_fills_its_output(bit, device):
     host = make_inputs(9, 70, 6, seed=2)
-    dev = on_device(host)
+    dev = on_device(host, device)
     got, want = fused(*dev, "elu", 3, bit, 1.0), oracle(*host, "elu", 3, bit, 1.0)
     idx = BITS.index(bit)
     for n, (f, o) in enumerate(zip(got, want)):
@@ -138,9 +143,9 @@ def test_single_reduction_only_fills_its_output(bit):
         close(x, y)
 
 
-def test_unused_outputs_and_zero_upstream_gradient():
+def test_unused_outputs_and_zero_upstream_gradient(device):
     host = make_inputs(5, 8, 4, seed=6)
-    dev = on_device(host)
+    dev = on_device(host, device)
     out = fused(*dev, "tanh", 1)
     (gP,) = torch.autograd.grad(out[2].sum(), [dev[0]])  # one output of five used
     (gP_ref,) = torch.autograd.grad(oracle(*host, "tanh", 1)[2].sum(), [host[0]])
@@ -150,23 +155,23 @@ def test_unused_outputs_and_zero_upstream_gradient():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-def test_large_scores_stay_finite_and_exact():
+def test_large_scores_stay_finite_and_exact(device):
     P, Q, w2, b2 = make_inputs(33, 600, 16, seed=5, requires_grad=False)
     w2 = w2 * 200.0
     for act in ("relu", "softplus"):
-        got, want = fused(*on_device([P, Q, w2, b2]), act, 0), oracle(P, Q, w2, b2, act, 0)
+        got, want = fused(*on_device([P, Q, w2, b2], device), act, 0), oracle(P, Q, w2, b2, act, 0)
         for f, o in zip(got, want):
             assert torch.isfinite(f).all()
             close(f, o)
 
 
 @pytest.mark.parametrize("activation", ACTS)
-def test_float32_activation_math_elementwise(activation):
+def test_float32_activation_math_elementwise(activation, device):
     """K = 1, H = 1, w2 = 1, b2 = 0: col_lse[j] = act(Q[j]) and its gradient act'(Q[j])."""
     x = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([0.0, 1e-30, -1e-30, 1e-6, -1e-6, 88.5, -100.0])])
-    P = torch.zeros(1, 1, device=DEVICE, requires_grad=True)
-    Q = x[:, None].to(DEVICE).requires_grad_()
-    w2, b2 = torch.ones(1, device=DEVICE), torch.zeros((), device=DEVICE)
+    P = torch.zeros(1, 1, device=device, requires_grad=True)
+    Q = x[:, None].to(device).requires_grad_()
+    w2, b2 = torch.ones(1, device=device), torch.zeros((), device=device)
     col = ops.concat_score_reduce(P, Q, w2, b2, activation, 0, ops.COL_LSE)[1]
     (dQ,) = torch.autograd.grad(col.sum(), [Q])
     x64 = x.double().requires_grad_()
@@ -176,20 +181,23 @@ def test_float32_activation_math_elementwise(activation):
     close(dQ[:, 0], dwant, rtol=4e-7, atol=3e-7)
 
 
+@on_cuda_backends
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_accumulate_in_float32(dtype):
+def test_low_precision_inputs_accumulate_in_float32(dtype, device):
     host = make_inputs(33, 520, 24, seed=9, dtype=dtype)
-    dev = on_device(host)
+    dev = on_device(host, device)
     got = fused(*dev, "tanh", 3)
     # the op upcasts its inputs once: it equals the float32 oracle (and CPU op) on the upcast inputs
     want = oracle(*[t.detach().float() for t in host], "tanh", 3)
-    cpu = fused(*host, "tanh", 3)
+    with cpu_kernels():
+        cpu = fused(*host, "tanh", 3)
     for f, o, c in zip(got, want, cpu):
         assert f.dtype == torch.float32
         close(f, o, rtol=2e-5, atol=2e-5)
         close(f, c, rtol=2e-5, atol=2e-5)
     grads = torch.autograd.grad(got[0].sum() + got[1].sum(), dev)
-    cgrads = torch.autograd.grad(cpu[0].sum() + cpu[1].sum(), host)
+    with cpu_kernels():
+        cgrads = torch.autograd.grad(cpu[0].sum() + cpu[1].sum(), host)
     for g, c, t in zip(grads, cgrads, dev):
         assert g.dtype == dtype and g.shape == t.shape and torch.isfinite(g.float()).all()
         # one rounding to the low-precision dtype apart at most
@@ -203,11 +211,11 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
 
 @pytest.mark.parametrize("activation", SMOOTH)
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2), (3, 5, 4, 1), (2, 2, 3, 0), (33, 35, 3, 2)])
-def test_gradcheck_float64(activation, shape, monkeypatch):
+def test_gradcheck_float64(activation, shape, monkeypatch, device):
     K, M, H, off = shape
     if K > 32:
         monkeypatch.setenv(TILE_ENV, "64")  # two row chunks
-    inputs = on_device(make_inputs(K, M, H, seed=K + M))
+    inputs = on_device(make_inputs(K, M, H, seed=K + M), device)
 
     def f(P, Q, w2, b2):
         return ops.concat_score_reduce(P, Q, w2, b2, activation, off, ops.ALL_REDUCTIONS, TAU)
@@ -215,26 +223,27 @@ def test_gradcheck_float64(activation, shape, monkeypatch):
     assert torch.autograd.gradcheck(f, tuple(inputs), fast_mode=K > 32)
 
 
-def test_gradcheck_relu_away_from_the_kink():
+def test_gradcheck_relu_away_from_the_kink(device):
     P = torch.tensor([[0.5, -1.0, 2.0], [-0.7, 0.3, 1.1]], dtype=torch.float64)
     Q = torch.tensor([[0.2, -0.4, 0.1], [1.0, 0.8, -0.5], [-0.2, 2.0, 0.6]], dtype=torch.float64)
     w2 = torch.tensor([0.3, -0.6, 0.9], dtype=torch.float64)
     b2 = torch.tensor(0.1, dtype=torch.float64)
     assert (P[:, None] + Q[None]).abs().min() >= 0.1
-    inputs = [t.to(DEVICE).requires_grad_() for t in (P, Q, w2, b2)]
+    inputs = [t.to(device).requires_grad_() for t in (P, Q, w2, b2)]
     f = lambda P, Q, w2, b2: ops.concat_score_reduce(P, Q, w2, b2, "relu", 1, ops.ALL_REDUCTIONS, TAU)  # noqa: E731
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
-def test_opcheck():
-    P, Q, w2, b2 = on_device(make_inputs(5, 9, 3))
-    op = torch.ops.infomax_ext.concat_score_reduce
+@on_cuda_backends
+def test_opcheck(device):
+    P, Q, w2, b2 = on_device(make_inputs(5, 9, 3), device)
+    op = ops._ops().concat_score_reduce  # the emulated backend's inside the emulation
     torch.library.opcheck(op, (P, Q, w2, b2, ops.ACTIVATION_CODES["tanh"], 2, 31, TAU))
     torch.library.opcheck(op, (P, Q, w2, b2, ops.ACTIVATION_CODES["relu"], 0, ops.ROW_LSE, 5.0))
     det = [t.detach() for t in (P, Q, w2, b2)]
     outs = op(*det, 1, 2, 31, TAU)
     grads = [torch.randn_like(o) for o in outs]
-    torch.library.opcheck(torch.ops.infomax_ext._concat_score_reduce_backward,
+    torch.library.opcheck(ops._ops()._concat_score_reduce_backward,
                           (*grads, *det, 1, *outs[:4], 2, 31, TAU))
 
 
@@ -243,9 +252,10 @@ def test_opcheck():
 # ---------------------------------------------------------------------------
 
 
-def test_reruns_are_bitwise_identical(monkeypatch):
+@on_cuda_backends
+def test_reruns_are_bitwise_identical(monkeypatch, device):
     monkeypatch.setenv(TILE_ENV, "4096")  # several row chunks
-    dev = on_device(make_inputs(150, 1100, 40, seed=11, dtype=torch.float32))
+    dev = on_device(make_inputs(150, 1100, 40, seed=11, dtype=torch.float32), device)
     runs = []
     for _ in range(2):
         out = fused(*dev, "gelu", 0)
@@ -254,9 +264,8 @@ def test_reruns_are_bitwise_identical(monkeypatch):
         assert torch.equal(x, y)
 
 
+@needs_cuda
 def test_other_device_and_current_stream():
-    if DEVICE != "cuda":
-        pytest.skip("CUDA streams")
     dev = torch.device("cuda", torch.cuda.device_count() - 1)
     host = make_inputs(40, 90, 8, seed=6, dtype=torch.float32)
     inputs = [t.detach().to(dev).requires_grad_() for t in host]
@@ -273,10 +282,9 @@ def test_other_device_and_current_stream():
         close(f, o, rtol=1e-4, atol=1e-5)
 
 
+@needs_cuda
 def test_kernels_do_not_synchronise():
-    if DEVICE != "cuda":
-        pytest.skip("CUDA sync debug mode")
-    P, Q, w2, b2 = on_device(make_inputs(70, 600, 17, seed=12, dtype=torch.float32, requires_grad=False))
+    P, Q, w2, b2 = on_device(make_inputs(70, 600, 17, seed=12, dtype=torch.float32, requires_grad=False), "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(n, device="cuda", generator=g) for n in (70, 600, 70, 70, 70)]
     torch.cuda.synchronize()
@@ -290,9 +298,10 @@ def test_kernels_do_not_synchronise():
     assert all(torch.isfinite(t).all() for t in back)
 
 
-def test_bad_inputs_raise_the_cpu_messages():
-    P, Q, w2, b2 = on_device(make_inputs(3, 5, 4, requires_grad=False))
-    op = torch.ops.infomax_ext.concat_score_reduce
+@on_cuda_backends
+def test_bad_inputs_raise_the_cpu_messages(device):
+    P, Q, w2, b2 = on_device(make_inputs(3, 5, 4, requires_grad=False), device)
+    op = ops._ops().concat_score_reduce
     for match, args in [
         ("M >= K", (Q, P, w2, b2, 0, 0, 31, 5.0)),
         (r"pos_offset must be in \[0, M-K\] = \[0, 2\]", (P, Q, w2, b2, 0, 3, 31, 5.0)),
@@ -301,16 +310,15 @@ def test_bad_inputs_raise_the_cpu_messages():
     ]:
         with pytest.raises(RuntimeError, match=match):
             op(*args)
-    if DEVICE == "cuda":
+    if device == "cuda":
         with pytest.raises(RuntimeError, match="must be on one device"):
             op(P, Q.cpu(), w2, b2, 0, 0, 31, 5.0)
 
 
 @pytest.mark.slow
+@needs_cuda
 def test_int64_indexing_beyond_2_pow_31():
     """K * M > 2^31 (H = 2): a few rows and columns against torch on the same inputs."""
-    if DEVICE != "cuda":
-        pytest.skip("too large for the CPU sanity run")
     K = M = 47000
     g = torch.Generator(device="cuda").manual_seed(0)
     P = torch.randn(K, 2, device="cuda", generator=g)

@@ -1,7 +1,10 @@
-"""The CUDA kernels of score_reduce against the materialising reference and the CPU kernels.
+"""The kernels of score_reduce on every backend against the materialising reference,
+and the CUDA kernels (on a GPU, and their own code emulated on the CPU) against the CPU
+kernels.
 
-Every test here needs a CUDA device and skips cleanly without one. On a GPU
-machine a build without the CUDA kernels fails ``test_cuda_kernels_are_registered``
+Each test runs on the backends of the conftest fixture ``backend`` ("cpu", "emulated",
+"cuda"; "cuda" skips without a GPU), or on the CUDA ones only (``CUDA_BACKENDS``).
+On a GPU machine a build without the CUDA kernels fails ``test_cuda_kernels_are_registered``
 instead of skipping (a build that drops CUDA silently is a failure).
 
 Convention: S = scale * a b^T + row_bias + col_bias is (K, M), rows are anchors a
@@ -16,13 +19,10 @@ import torch
 
 import infomax_ext
 from infomax_ext import ops, reference as ref
-from helpers import set_tile
+from helpers import CUDA_BACKENDS, cpu_kernels, needs_cuda, set_tile
 
-pytestmark = [
-    pytest.mark.usefixtures("default_cuda_tiles"),
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = [pytest.mark.usefixtures("default_cuda_tiles")]
+on_cuda_backends = pytest.mark.parametrize("backend", CUDA_BACKENDS, indirect=True)
 
 ALL = ops.ALL_REDUCTIONS
 BITS = [ops.ROW_LSE, ops.COL_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS]
@@ -53,7 +53,7 @@ def _ids(shapes):
 
 
 
-def make_inputs(K, M, d, pos_offset, dtype=torch.float64, device="cuda", seed=0, noncontig=False,
+def make_inputs(K, M, d, pos_offset, dtype=torch.float64, device="cpu", seed=0, noncontig=False,
                 bias=True, masked=False, scale=1.3, requires_grad=True):
     """Arguments of score_reduce as a dict (created in float64 on the CPU, then moved, so
     every device and dtype sees the same values). masked: a few -inf column biases
@@ -120,6 +120,7 @@ def gtol(dtype):
 # ---------------------------------------------------------------------------
 
 
+@needs_cuda
 def test_cuda_kernels_are_registered():
     assert infomax_ext._backend.HAS_C, f"compiled module missing: {infomax_ext.build_info()}"
     assert "cuda" in infomax_ext.build_info()["backends"], infomax_ext.build_info()
@@ -139,17 +140,17 @@ needs_c = pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled mo
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
-def test_values_and_gradients_match_reference(shape, dtype, tile, monkeypatch):
+def test_values_and_gradients_match_reference(shape, dtype, tile, device, monkeypatch):
     if tile == "64" and shape not in SMALL_SHAPES:
         pytest.skip("tiny chunks only on small shapes (launch count)")
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
     n = SHAPES.index(shape)
-    kw = make_inputs(K, M, d, off, dtype, seed=n, noncontig=n % 2 == 1, bias=n % 3 != 0)
+    kw = make_inputs(K, M, d, off, dtype, device, seed=n, noncontig=n % 2 == 1, bias=n % 3 != 0)
     fused = ops.score_reduce(**kw, reductions=ALL, clamp_tau=2.0)
     oracle = ref.score_reduce(**kw, reductions=ALL, clamp_tau=2.0)
     for f, o in zip(fused, oracle):
-        assert f.device.type == "cuda"
+        assert f.device.type == device
         torch.testing.assert_close(f, o, **tol(dtype))
     w = weights_like(oracle, seed=n)
     for gf, go in zip(grads_of(fused, w, kw), grads_of(oracle, w, kw)):
@@ -161,13 +162,13 @@ def test_values_and_gradients_match_reference(shape, dtype, tile, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(7, 20, 8, 13), (64, 300, 17, 100), (300, 517, 33, 200)],
                          ids=_ids([(7, 20, 8, 13), (64, 300, 17, 100), (300, 517, 33, 200)]))
-def test_masked_biases_match_reference(shape, dtype, tile, monkeypatch):
+def test_masked_biases_match_reference(shape, dtype, tile, device, monkeypatch):
     """-inf column biases (partial masks, so the reference's own gradient is defined)."""
     if tile == "64" and shape not in SMALL_SHAPES:
         pytest.skip("tiny chunks only on small shapes (launch count)")
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
-    kw = make_inputs(K, M, d, off, dtype, seed=3, noncontig=True, masked=True)
+    kw = make_inputs(K, M, d, off, dtype, device, seed=3, noncontig=True, masked=True)
     # NB: no COL_LSE: a column whose bias is -inf is fully masked, and the
     # reference's logsumexp gradient of an all -inf column is NaN.
     red = ALL & ~ops.COL_LSE
@@ -183,9 +184,9 @@ def test_masked_biases_match_reference(shape, dtype, tile, monkeypatch):
 
 @needs_c
 @pytest.mark.parametrize("tile", TILES)
-def test_fully_masked_rows_and_columns_are_minus_inf_never_nan(tile, monkeypatch):
+def test_fully_masked_rows_and_columns_are_minus_inf_never_nan(tile, device, monkeypatch):
     set_tile(monkeypatch, tile)
-    kw = make_inputs(5, 9, 4, 2, torch.float64, seed=5)
+    kw = make_inputs(5, 9, 4, 2, torch.float64, device, seed=5)
     with torch.no_grad():
         kw["col_bias"][[0, 1, 5, 8]] = -math.inf  # fully masked columns
         kw["col_bias"][3] = -math.inf  # row 1's positive (column 3) masked
@@ -201,17 +202,19 @@ def test_fully_masked_rows_and_columns_are_minus_inf_never_nan(tile, monkeypatch
         assert not torch.isnan(g).any()
     # The CPU kernels share the guards (score_math.h): the gradients agree exactly in kind.
     kw_cpu = to_device(kw, "cpu")
-    fused_cpu = ops.score_reduce(**kw_cpu, reductions=ALL, clamp_tau=2.0)
-    for gc, gg in zip(grads_of(fused_cpu, weights_like(fused_cpu), kw_cpu), grads):
+    with cpu_kernels():
+        fused_cpu = ops.score_reduce(**kw_cpu, reductions=ALL, clamp_tau=2.0)
+        grads_cpu = grads_of(fused_cpu, weights_like(fused_cpu), kw_cpu)
+    for gc, gg in zip(grads_cpu, grads):
         torch.testing.assert_close(gg.cpu(), gc)
 
 
 @needs_c
 @pytest.mark.parametrize("bit", BITS)
 @pytest.mark.parametrize("tile", [None, "64"])
-def test_single_reduction_only_fills_its_output(bit, tile, monkeypatch):
+def test_single_reduction_only_fills_its_output(bit, tile, device, monkeypatch):
     set_tile(monkeypatch, tile)
-    kw = make_inputs(9, 70, 4, 3, torch.float64, seed=7)
+    kw = make_inputs(9, 70, 4, 3, torch.float64, device, seed=7)
     fused = ops.score_reduce(**kw, reductions=bit, clamp_tau=1.0)
     oracle = ref.score_reduce(**kw, reductions=bit, clamp_tau=1.0)
     idx = BITS.index(bit)
@@ -225,10 +228,11 @@ def test_single_reduction_only_fills_its_output(bit, tile, monkeypatch):
 
 
 @needs_c
-def test_larger_problem_several_chunks_float32(monkeypatch):
+@on_cuda_backends
+def test_larger_problem_several_chunks_float32(device, monkeypatch):
     """2048 x 2048 with 1 MiB chunks: 8 row chunks x 2 column chunks, rows longer than a block."""
     set_tile(monkeypatch, str(1 << 20))
-    kw = make_inputs(2048, 2048, 64, 0, torch.float32, seed=11, scale=0.5)
+    kw = make_inputs(2048, 2048, 64, 0, torch.float32, device, seed=11, scale=0.5)
     fused = ops.score_reduce(**kw, reductions=ALL, clamp_tau=5.0)
     oracle = ref.score_reduce(**kw, reductions=ALL, clamp_tau=5.0)
     for f, o in zip(fused, oracle):
@@ -239,6 +243,7 @@ def test_larger_problem_several_chunks_float32(monkeypatch):
 
 
 @needs_c
+@needs_cuda
 def test_int64_indexing_beyond_2_pow_31():
     """K * M = 2^32 pairs (d = 1, a_i = 1: every row is the same, so the answers follow
     in O(M) from b); 64 row chunks of 1024 x 65536 with the default chunk size."""
@@ -260,9 +265,9 @@ def test_int64_indexing_beyond_2_pow_31():
 
 
 @needs_c
-def test_large_logits_do_not_overflow():
-    kw = make_inputs(33, 80, 16, 5, torch.float32, seed=2, scale=40.0)
-    kw64 = to_device(kw, "cuda", torch.float64)
+def test_large_logits_do_not_overflow(device):
+    kw = make_inputs(33, 80, 16, 5, torch.float32, device, seed=2, scale=40.0)
+    kw64 = to_device(kw, device, torch.float64)
     kw64["scale"] = kw64["scale"].detach().double().requires_grad_(True)
     for k in ("row_bias", "col_bias"):
         kw64[k] = kw64[k].detach().double().requires_grad_(True)
@@ -281,10 +286,10 @@ def test_large_logits_do_not_overflow():
 @needs_c
 @pytest.mark.parametrize("tile", [None, "64"])
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2), (3, 5, 4, 1), (6, 11, 3, 4)], ids=str)
-def test_gradcheck_float64(shape, tile, monkeypatch):
+def test_gradcheck_float64(shape, tile, device, monkeypatch):
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
-    kw = make_inputs(K, M, d, off, torch.float64, seed=K)
+    kw = make_inputs(K, M, d, off, torch.float64, device, seed=K)
 
     def f(a, b, scale, rb, cb):
         return ops.score_reduce(a, b, scale, rb, cb, off, ALL, 1.5)
@@ -294,8 +299,8 @@ def test_gradcheck_float64(shape, tile, monkeypatch):
 
 @needs_c
 @pytest.mark.parametrize("red", [ops.ROW_LSE, ops.COL_LSE | ops.NEG_SOFTPLUS, ops.NEG_LSE | ops.NEG_CLAMP_LSE])
-def test_gradcheck_subsets_without_biases(red):
-    kw = make_inputs(4, 7, 3, 2, torch.float64, seed=9, bias=False)
+def test_gradcheck_subsets_without_biases(red, device):
+    kw = make_inputs(4, 7, 3, 2, torch.float64, device, seed=9, bias=False)
 
     def f(a, b, scale):
         return ops.score_reduce(a, b, scale, None, None, 2, red, 0.8)
@@ -304,18 +309,23 @@ def test_gradcheck_subsets_without_biases(red):
 
 
 @needs_c
-def test_opcheck_cuda():
-    kw = make_inputs(5, 9, 3, 2, torch.float64, seed=4)
+@on_cuda_backends
+def test_opcheck(device):
+    lib = ops._ops()  # the emulated backend's namespace inside the emulation
+    kw = make_inputs(5, 9, 3, 2, torch.float64, device, seed=4)
     a, b, scale, rb, cb = (kw[k] for k in ARGS)
-    torch.library.opcheck(torch.ops.infomax_ext.score_reduce, (a, b, scale, rb, cb, 2, ALL, 2.0))
-    torch.library.opcheck(torch.ops.infomax_ext.score_reduce, (a, b, scale, None, None, 0, ops.ROW_LSE, 5.0))
-    kw32 = make_inputs(6, 8, 4, 1, torch.float32, seed=5)
-    torch.library.opcheck(torch.ops.infomax_ext.score_reduce,
-                          tuple(kw32[k] for k in ARGS) + (1, ops.COL_LSE | ops.NEG_LSE, 1.0))
+    torch.library.opcheck(lib.score_reduce, (a, b, scale, rb, cb, 2, ALL, 2.0))
+    torch.library.opcheck(lib.score_reduce, (a, b, scale, None, None, 0, ops.ROW_LSE, 5.0))
+    kw32 = make_inputs(6, 8, 4, 1, torch.float32, device, seed=5)
+    torch.library.opcheck(lib.score_reduce, tuple(kw32[k] for k in ARGS) + (1, ops.COL_LSE | ops.NEG_LSE, 1.0))
     det = [t.detach() for t in (a, b, scale, rb, cb)]
     outs = ops.score_reduce(*det, 2, ALL, 2.0)
     grads = [torch.randn_like(o) for o in outs]
-    torch.library.opcheck(torch.ops.infomax_ext._score_reduce_backward, (*grads, *det, *outs[:4], 2, ALL, 2.0))
+    torch.library.opcheck(lib._score_reduce_backward, (*grads, *det, *outs[:4], 2, ALL, 2.0))
+    g = [torch.randn_like(outs[0]) for _ in range(4)]
+    red = ALL & ~ops.COL_LSE
+    torch.library.opcheck(lib._score_reduce_with_grad, (*g, *det, 2, red, 2.0))
+    torch.library.opcheck(lib.symmetric_softmax_mean, (a, scale, rb, True))
 
 
 # ---------------------------------------------------------------------------
@@ -324,31 +334,36 @@ def test_opcheck_cuda():
 
 
 @needs_c
+@on_cuda_backends
 @pytest.mark.parametrize("tile", [None, "4096"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
-def test_cpu_and_cuda_kernels_agree(shape, dtype, tile, monkeypatch):
+def test_cpu_and_cuda_kernels_agree(shape, dtype, tile, device, monkeypatch):
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
     n = SHAPES.index(shape)
-    kw = make_inputs(K, M, d, off, dtype, seed=100 + n, noncontig=n % 2 == 0, bias=n % 3 != 1,
+    kw = make_inputs(K, M, d, off, dtype, device, seed=100 + n, noncontig=n % 2 == 0, bias=n % 3 != 1,
                      masked=n % 4 == 3)
     kw_cpu = to_device(kw, "cpu")
     red = ALL if n % 4 != 3 else ALL & ~ops.COL_LSE
     out_gpu = ops.score_reduce(**kw, reductions=red, clamp_tau=2.5)
-    out_cpu = ops.score_reduce(**kw_cpu, reductions=red, clamp_tau=2.5)
+    w = weights_like(out_gpu, seed=n)
+    g_gpu = grads_of(out_gpu, w, kw)
+    with cpu_kernels():
+        out_cpu = ops.score_reduce(**kw_cpu, reductions=red, clamp_tau=2.5)
+        g_cpu = grads_of(out_cpu, [x.cpu() for x in w], kw_cpu)
     for g, c in zip(out_gpu, out_cpu):
         assert g.dtype == c.dtype and g.shape == c.shape
         torch.testing.assert_close(g.cpu(), c, **tol(dtype))
-    w = weights_like(out_cpu, seed=n)
-    for gg, gc in zip(grads_of(out_gpu, [x.cuda() for x in w], kw), grads_of(out_cpu, w, kw_cpu)):
+    for gg, gc in zip(g_gpu, g_cpu):
         assert gg.dtype == gc.dtype and gg.shape == gc.shape
         torch.testing.assert_close(gg.cpu(), gc, **gtol(dtype))
 
 
 @needs_c
-def test_reruns_are_bitwise_identical():
-    kw = make_inputs(300, 517, 33, 200, torch.float32, seed=8)
+@on_cuda_backends
+def test_reruns_are_bitwise_identical(device):
+    kw = make_inputs(300, 517, 33, 200, torch.float32, device, seed=8)
     first = ops.score_reduce(**kw)
     g1 = grads_of(first, weights_like(first), kw)
     second = ops.score_reduce(**kw)
@@ -358,8 +373,10 @@ def test_reruns_are_bitwise_identical():
 
 
 @needs_c
+@needs_cuda
 def test_other_device_and_current_stream():
-    """The kernels follow the input's device (CUDAGuard) and the current stream."""
+    """The kernels follow the input's device (the guard) and the current stream. NB: on a
+    one-GPU machine the device is cuda:0, the current one already: only the stream is tested."""
     dev = torch.device("cuda", torch.cuda.device_count() - 1)
     kw = to_device(make_inputs(40, 90, 8, 7, torch.float32, seed=6), dev)
     s = torch.cuda.Stream(device=dev)
@@ -404,13 +421,13 @@ def _err(x, y):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 20, 8, 13), (64, 300, 64, 100), (300, 517, 33, 200)],
                          ids=_ids([(7, 20, 8, 13), (64, 300, 64, 100), (300, 517, 33, 200)]))
-def test_low_precision_inputs_against_float32_reference(shape, dtype, tile, monkeypatch):
+def test_low_precision_inputs_against_float32_reference(shape, dtype, tile, device, monkeypatch):
     """Outputs are float32 and as exact as the float32 reference on the same (rounded)
     inputs; gradients (in the input dtype) err at most 2x plain torch in that dtype."""
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
-    kw = make_inputs(K, M, d, off, dtype, seed=21, scale=0.6)
-    kw32 = to_device(kw, "cuda", torch.float32)
+    kw = make_inputs(K, M, d, off, dtype, device, seed=21, scale=0.6)
+    kw32 = to_device(kw, device, torch.float32)
     red, tau = ALL, 3.0
     fused = ops.score_reduce(**kw, reductions=red, clamp_tau=tau)
     oracle = ref.score_reduce(**kw32, reductions=red, clamp_tau=tau)
@@ -454,15 +471,15 @@ ESTIMATORS = {
 @pytest.mark.parametrize("shape", [(2, 2, 5, 0), (7, 20, 8, 13), (64, 300, 17, 100)],
                          ids=_ids([(2, 2, 5, 0), (7, 20, 8, 13), (64, 300, 17, 100)]))
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
-def test_estimators_on_cuda_match_reference(name, shape, dtype):
+def test_estimators_match_reference(name, shape, dtype, device):
     assert infomax_ext.backend() == "compiled"
     fused_fn, ref_fn = ESTIMATORS[name]
     K, M, d, off = shape
-    kw = make_inputs(K, M, d, off, dtype, seed=31, bias=False, scale=0.9)
+    kw = make_inputs(K, M, d, off, dtype, device, seed=31, bias=False, scale=0.9)
     a, b, s = kw["a"], kw["b"], kw["scale"]
     v_fused = fused_fn(a, b, s, off)
     v_ref = ref_fn(ref.scores_dot(a, b, s), off)
-    assert v_fused.device.type == "cuda"
+    assert v_fused.device.type == device
     torch.testing.assert_close(v_fused, v_ref, **tol(dtype))
     for gf, gr in zip(torch.autograd.grad(v_fused, (a, b, s)), torch.autograd.grad(v_ref, (a, b, s))):
         torch.testing.assert_close(gf, gr, **gtol(dtype))
@@ -471,10 +488,10 @@ def test_estimators_on_cuda_match_reference(name, shape, dtype):
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("K", [2, 7, 300])
-def test_uniformity_on_cuda_matches_reference(K, dtype):
+def test_uniformity_matches_reference(K, dtype, device):
     g = torch.Generator().manual_seed(K)
     x = torch.nn.functional.normalize(torch.randn(K, 16, generator=g, dtype=torch.float64), dim=1)
-    x = x.to(device="cuda", dtype=dtype).requires_grad_(True)
+    x = x.to(device=device, dtype=dtype).requires_grad_(True)
     u_fused = infomax_ext.uniformity(x, t=2.0)
     u_ref = ref.uniformity(x, t=2.0)
     loose = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
@@ -490,10 +507,11 @@ def test_uniformity_on_cuda_matches_reference(K, dtype):
 
 
 @needs_c
+@needs_cuda
 def test_kernels_do_not_synchronise():
     """scale stays on the device (no .item()): neither CUDA entry point waits for the GPU.
     The ops are called directly so that only this extension's code is under test."""
-    kw = make_inputs(300, 517, 33, 200, torch.float32, seed=12, requires_grad=False)
+    kw = make_inputs(300, 517, 33, 200, torch.float32, "cuda", seed=12, requires_grad=False)
     args = tuple(kw[k] for k in ARGS)
     g = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(n, device="cuda", generator=g) for n in (300, 517, 300, 300, 300)]
