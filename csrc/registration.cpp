@@ -10,7 +10,11 @@
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 #include "cpu/cpu_isa.h"
 
@@ -79,7 +83,8 @@ namespace py = pybind11;
 #ifdef INFOMAX_WITH_EMULATED_CUDA
 namespace infomax_ext {
 namespace emu {
-int64_t launch_count();  // csrc/emulated/emulation.cpp
+int64_t launch_count();                                // csrc/emulated/emulation.cpp
+std::vector<int64_t> selftest(const std::string& name);  // csrc/emulated/emulation_selftest.cpp
 }
 }  // namespace infomax_ext
 #endif
@@ -114,5 +119,7 @@ PYBIND11_MODULE(_C, m) {
 #ifdef INFOMAX_WITH_EMULATED_CUDA
   m.def("_emulated_launch_count", &infomax_ext::emu::launch_count,
         "Kernel launches run by the emulated CUDA backend so far (for tests).");
+  m.def("_emulation_selftest", &infomax_ext::emu::selftest,
+        "Runs one of the emulation's own test kernels (tests/test_emulation.py).");
 #endif
 }

@@ -524,3 +524,126 @@ def test_kernels_do_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in back)
+
+
+# ---------------------------------------------------------------------------
+# Every op of the CUDA walkers at awkward sizes, and with several chunks
+# ---------------------------------------------------------------------------
+
+# K = 1, 2: partial warps everywhere; 31, 33: either side of a warp; 257: past a
+# column-kernel block of 256 rows. M > K with pos_offset > 0 in most.
+AWKWARD = [(1, 40, 3, 17), (2, 2, 5, 0), (31, 100, 6, 69), (33, 33, 8, 0), (257, 300, 5, 43)]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _every_op(kw, red_w, weights, w_pos):
+    """score_reduce (all five, with its backward), score_reduce_weighted (one walk or
+    two) and symmetric_softmax_mean (x = a) on kw: the outputs and input gradients."""
+    inputs = [kw[k] for k in ARGS if kw[k] is not None]
+    out = ops.score_reduce(**kw, reductions=ALL, clamp_tau=1.5)
+    finite = [o.masked_fill(~torch.isfinite(o), 0) for o in out]  # fully masked columns
+    grads = torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights_like(out), finite)), inputs)
+    value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=red_w, clamp_tau=1.5, weights=weights,
+                                                   w_pos=w_pos)
+    wgrads = torch.autograd.grad(value, inputs)
+    x = kw["a"]
+    lse, mean = ops.symmetric_softmax_mean(x, kw["scale"], kw["row_bias"])
+    sgrads = torch.autograd.grad(lse.sum(), [x])
+    return list(out) + [value, *stats, pos, lse, mean], list(grads) + list(wgrads) + list(sgrads)
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW], ids=str)
+@pytest.mark.parametrize("tile", [None, "2048"])
+@pytest.mark.parametrize("shape", AWKWARD, ids=_ids(AWKWARD))
+def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, device, monkeypatch):
+    """Masked columns (a third of the negatives), pos_offset, biases; the default chunk
+    and 2 KiB chunks (several row and column chunks)."""
+    set_tile(monkeypatch, tile)
+    K, M, d, off = shape
+    kw = make_inputs(K, M, d, off, dtype, device, seed=K + M, masked=True, scale=0.7)
+    kw_cpu = to_device(kw, "cpu")
+    red_w = ops.ROW_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE | ops.NEG_SOFTPLUS
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(K)
+    w = [torch.randn(K, generator=g, dtype=torch.float64).to(acc) for _ in range(5)]
+    if M - 1 < 1:
+        w[1] = w[2] = w[3] = None  # no negatives: their statistics are -inf / 0
+    got, grads = _every_op(kw, red_w, [None if x is None else x.to(device) for x in w[:4]], w[4].to(device))
+    with cpu_kernels():
+        want, wgrads = _every_op(kw_cpu, red_w, w[:4], w[4])
+    low = dtype in LOW
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        torch.testing.assert_close(x.cpu(), y, **(dict(rtol=1e-4, atol=1e-4) if low else tol(dtype)))
+    for x, y in zip(grads, wgrads):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.isfinite(x).all()
+        # NB: bf16 G (CUDA) and float32 G (CPU) round differently; judged at the gradient's scale
+        scale = y.abs().max().item()
+        t = dict(rtol=2e-2, atol=2e-2 * scale + 1e-3) if low else gtol(dtype)
+        torch.testing.assert_close(x.cpu(), y, **t)
+    if not low:
+        oracle = ref.score_reduce(**kw_cpu, reductions=ALL, clamp_tau=1.5)
+        for x, y in zip(got[:5], oracle):
+            torch.testing.assert_close(x.cpu(), y.detach(), **tol(dtype))
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape, tile", [
+    ((1100, 1100, 8, 0), str(1024 * 1100 * 4)),  # float32: one walk, two row chunks of whole rows
+    ((70, 1100, 5, 1030), str(70 * 256 * 4)),    # float32: column chunks, forward then backward
+    ((33, 90, 4, 7), "256"),                      # tiny chunks: many row and column chunks
+], ids=["one-walk-2-row-chunks", "column-chunks", "tiny-chunks"])
+def test_weighted_several_chunks_match_reference(shape, tile, dtype, device, monkeypatch):
+    set_tile(monkeypatch, tile)
+    K, M, d, off = shape
+    kw = make_inputs(K, M, d, off, dtype, device, seed=K, masked=True, scale=1.7)
+    red = ops.ROW_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE | ops.NEG_SOFTPLUS
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(K, generator=g, dtype=torch.float64).to(device=device, dtype=acc) for _ in range(5)]
+    value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=red, clamp_tau=2.0, weights=w[:4], w_pos=w[4])
+    out = ref.score_reduce(**kw, reductions=red, clamp_tau=2.0)
+    S = ref.scores_dot(kw["a"], kw["b"], kw["scale"], kw["row_bias"], kw["col_bias"])
+    pos_o = ref.positive_scores(S, off)
+    value_o = sum((x * o).sum() for x, o in zip(w, (out[0], out[2], out[3], out[4], pos_o)))
+    t = tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(value, value_o, **t)
+    for x, o in zip(stats, out):
+        torch.testing.assert_close(x, o.detach(), **t)
+    torch.testing.assert_close(pos, pos_o.detach(), **t)
+    inputs = [kw[k] for k in ARGS if kw[k] is not None]
+    for x, o in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(value_o, inputs)):
+        torch.testing.assert_close(x, o, **(gtol(dtype) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)))
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("K, tile", [(65, "128"), (257, "2048"), (1, None), (2, "8")])
+def test_symmetric_softmax_mean_several_chunks_match_reference(K, tile, device, monkeypatch):
+    set_tile(monkeypatch, tile)
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(K, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    bias = torch.randn(K, generator=g, dtype=torch.float64).to(device)
+    bias[K // 3] = -math.inf  # a masked row and column
+    lse, mean = ops.symmetric_softmax_mean(x, 0.9, bias)
+    lse_o, mean_o = ref.symmetric_softmax_mean(x, 0.9, bias)
+    torch.testing.assert_close(lse, lse_o)
+    torch.testing.assert_close(mean, mean_o)
+    w = torch.randn(K, generator=g, dtype=torch.float64).to(device)
+    fin = torch.isfinite(lse_o)
+    (gx,) = torch.autograd.grad((w * lse)[fin].sum(), [x])
+    # NB: the reference's gradient is NaN through the fully masked row: the CPU kernels
+    # (same -inf guards) are the oracle with the mask, the reference without it.
+    with cpu_kernels():
+        x_cpu = x.detach().cpu().requires_grad_()
+        lse_c = ops.symmetric_softmax_mean(x_cpu, 0.9, bias.cpu())[0]
+        (gc,) = torch.autograd.grad((w.cpu() * lse_c)[fin.cpu()].sum(), [x_cpu])
+    torch.testing.assert_close(gx.cpu(), gc)
+    bias[K // 3] = 0.0
+    (gx,) = torch.autograd.grad((w * ops.symmetric_softmax_mean(x, 0.9, bias)[0]).sum(), [x])
+    (go,) = torch.autograd.grad((w * ref.symmetric_softmax_mean(x, 0.9, bias)[0]).sum(), [x])
+    torch.testing.assert_close(gx, go)

@@ -332,3 +332,33 @@ def test_int64_indexing_beyond_2_pow_31():
     cols = torch.tensor([0, M // 3, M - 1], device="cuda")
     S_cols = (w2 * torch.tanh(P[:, None, :].double() + Q[None, cols].double())).sum(-1) + b2
     torch.testing.assert_close(col[cols].double(), torch.logsumexp(S_cols, 0), rtol=1e-5, atol=1e-5)
+
+
+# K = 1: partial tiles and warps; 31, 33: either side of the 32 x 32 tile; 257: nine row
+# tiles; H = 33, 40: past one 32-wide hidden chunk. 4 KiB workspaces: several row chunks.
+AWKWARD = [(1, 40, 5, 17), (31, 100, 33, 69), (33, 33, 8, 0), (257, 300, 40, 43)]
+
+
+@on_cuda_backends
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [None, "4096"])
+@pytest.mark.parametrize("case", AWKWARD, ids=case_id)
+def test_awkward_sizes_match_cpu_op_and_oracle(case, tile, dtype, monkeypatch, device):
+    set_tile(monkeypatch, tile)
+    K, M, H, off = case
+    host = make_inputs(K, M, H, seed=K, dtype=dtype)
+    dev = on_device(host, device)
+    weights = weights_for([torch.empty(n) for n in (K, M, K, K, K)], K)
+    got = fused(*dev, "gelu", off)
+    g_got = weighted_grads(got, [w.to(device=device, dtype=got[0].dtype) for w in weights], dev)
+    with cpu_kernels():
+        cpu = fused(*host, "gelu", off)
+        g_cpu = weighted_grads(cpu, [w.to(cpu[0].dtype) for w in weights], host)
+    for x, y in zip(got, cpu):
+        close(x, y, rtol=1e-5, atol=1e-5)
+    for x, y in zip(g_got, g_cpu):
+        assert x.dtype == dtype
+        close(x, y, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6 * y.abs().max().item() + 1e-6)
+    if dtype == torch.float64:
+        for x, y in zip(got, oracle(*host, "gelu", off)):
+            close(x, y)

@@ -6,7 +6,7 @@ import torch
 
 import infomax_ext
 from infomax_ext import estimators as est, ops, reference as ref
-from helpers import make_bias, make_pair, needs_cuda, sample_inputs, set_tile
+from helpers import CUDA_BACKENDS, make_bias, make_pair, sample_inputs, set_tile
 
 pytestmark = pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built")
 ARGS = ("a", "b", "scale", "row_bias", "col_bias")
@@ -203,23 +203,23 @@ def test_low_precision_inputs(dtype):
     torch.testing.assert_close(gb.double(), ob, **tol)
 
 
-@needs_cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS, indirect=True)
 @pytest.mark.usefixtures("default_cuda_tiles")
 @pytest.mark.parametrize("shape, tile", [
     ((1100, 1100, 8, 0), None),               # one walk, one chunk of whole rows
     ((1100, 1100, 8, 0), str(1024 * 1100 * 4)),  # one walk, two row chunks
     ((70, 300, 5, 3), "1024"),                # column chunks: forward then backward
 ])
-def test_cuda_one_walk_and_fallback_match_reference(shape, tile, monkeypatch):
-    """On CUDA the gradient is made in the same walk when a chunk spans whole rows
+def test_cuda_one_walk_and_fallback_match_reference(shape, tile, device, monkeypatch):
+    """On CUDA (and emulated) the gradient is made in the same walk when a chunk spans whole rows
     (INFOMAX_EXT_CUDA_TILE_BYTES sets the chunk budget); otherwise two walks."""
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
-    a, b = make_pair(K, M, d, device="cuda", dtype=torch.float32, seed=K, requires_grad=True)
-    rb = make_bias(K, device="cuda", dtype=torch.float32, requires_grad=True)
-    kw = dict(a=a, b=b, scale=torch.tensor(3.0, device="cuda"), row_bias=rb, col_bias=None, pos_offset=off)
+    a, b = make_pair(K, M, d, device=device, dtype=torch.float32, seed=K, requires_grad=True)
+    rb = make_bias(K, device=device, dtype=torch.float32, requires_grad=True)
+    kw = dict(a=a, b=b, scale=torch.tensor(3.0, device=device), row_bias=rb, col_bias=None, pos_offset=off)
     red = ops.ROW_LSE | ops.NEG_SOFTPLUS
-    w = weights_for(red, K, torch.empty(0, device="cuda"), 2)
+    w = weights_for(red, K, torch.empty(0, device=device), 2)
     value, *stats, _ = ops.score_reduce_weighted(**kw, reductions=red, clamp_tau=2.0, weights=w)
     value_o, stats_o = weighted_reference(kw, red, w)
     torch.testing.assert_close(value, value_o, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,149 @@
+"""The emulated CUDA backend itself: what its launches guarantee (real barriers, warp
+shuffles, errors for what a GPU leaves undefined), how the ops reach it, and that the
+walkers' multi-chunk paths really run (counted launches). The kernels' results on it are
+tested with the other backends in test_devices.py, test_devices_concat.py and the files
+that use the ``device`` fixture."""
+import pytest
+import torch
+
+import infomax_ext
+from infomax_ext import _backend, ops, reference as ref
+from helpers import cpu_kernels, make_bias, make_pair, needs_emulated, set_tile
+
+pytestmark = [needs_emulated, pytest.mark.usefixtures("default_cuda_tiles")]
+
+
+def selftest(name):
+    return infomax_ext._backend._C._emulation_selftest(name)
+
+
+def launches():
+    return infomax_ext._backend._C._emulated_launch_count()
+
+
+# ---------------------------------------------------------------------------
+# The execution model
+# ---------------------------------------------------------------------------
+
+
+def test_barrier_orders_shared_memory_and_a_missing_one_is_visible():
+    """Each of 2 x 64 threads writes its shared slot and reads its neighbour's. With
+    __syncthreads every read sees the neighbour's write; without it, a thread reads
+    before its neighbour (a later fiber) has written, and gets stale data."""
+    expected = [b * 1000 + (t + 1) % 64 + 1 for b in range(2) for t in range(64)]
+    assert selftest("barrier") == expected
+    assert selftest("no_barrier") != expected
+
+
+def test_warp_shuffle_exchanges_lanes():
+    assert selftest("warp_sum") == [496] * 64
+
+
+@pytest.mark.parametrize("name, match", [
+    ("partial_warp", "partial warp: the block has 48 threads"),
+    ("shuffle_after_exit", "only 31 of 32 lanes reached it"),
+    ("sync_after_exit", r"__syncthreads\(\) reached by 40 threads after 24 .* returned"),
+    ("divergent", r"__syncthreads\(\) reached by 32 threads"),
+    ("too_many_threads", "invalid configuration argument: block"),
+    ("grid_y", "invalid configuration argument: grid"),
+])
+def test_undefined_behaviour_fails_the_launch(name, match):
+    with pytest.raises(RuntimeError, match=match):
+        selftest(name)
+    # the scheduler recovers: the next launch runs normally
+    assert selftest("warp_sum") == [496] * 64
+
+
+# ---------------------------------------------------------------------------
+# Reaching the emulated ops
+# ---------------------------------------------------------------------------
+
+
+def test_ops_are_registered_and_selected_by_the_context():
+    assert "cuda_emulated" in infomax_ext.build_info()["backends"]
+    for op in ("score_reduce", "_score_reduce_backward", "_score_reduce_with_grad", "symmetric_softmax_mean",
+               "concat_score_reduce", "_concat_score_reduce_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"infomax_ext_emulated::{op}", "CPU"), op
+    a, b = make_pair(5, 9, 3)
+    n = launches()
+    ops.score_reduce(a, b)
+    assert launches() == n  # the CPU kernels: no launch
+    with _backend.emulated_cuda():
+        assert _backend.op_namespace() == "infomax_ext_emulated"
+        ops.score_reduce(a, b)
+        with _backend.emulated_cuda(False):
+            ops.score_reduce(a, b)
+    assert _backend.op_namespace() == "infomax_ext"
+    assert launches() > n
+
+
+def test_backward_runs_on_the_backend_of_its_forward():
+    a, b = make_pair(6, 11, 4, requires_grad=True)
+    with _backend.emulated_cuda():
+        row = ops.score_reduce(a, b, reductions=ops.ROW_LSE)[0]
+    n = launches()
+    (ga,) = torch.autograd.grad(row.sum(), [a])  # outside the context
+    assert launches() > n
+    with cpu_kernels():
+        (gc,) = torch.autograd.grad(ops.score_reduce(a, b, reductions=ops.ROW_LSE)[0].sum(), [a])
+    torch.testing.assert_close(ga, gc)
+
+
+def test_emulated_ops_take_cpu_tensors_only():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA tensor to pass")
+    a = torch.randn(3, 2, device="cuda")
+    with _backend.emulated_cuda(), pytest.raises(Exception):
+        ops.score_reduce(a, a)
+
+
+# ---------------------------------------------------------------------------
+# The multi-chunk paths run (launch counts); their values are checked in test_devices.py
+# ---------------------------------------------------------------------------
+
+
+def _weighted(K, M, d, dtype, seed=0):
+    a, b = make_pair(K, M, d, dtype=dtype, seed=seed, requires_grad=True)
+    rb = make_bias(K, dtype=dtype, seed=seed, requires_grad=True)
+    w = torch.full((K,), 1.0 / K, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    value = ops.score_reduce_weighted(a, b, 2.0, rb, None, M - K, ops.ROW_LSE, weights=(w, None, None, None),
+                                      w_pos=-w)[0]
+    S = ref.scores_dot(a, b, 2.0, rb)
+    oracle = (torch.logsumexp(S, 1) - ref.positive_scores(S, M - K)).mean()
+    return value, oracle, (a, b, rb)
+
+
+@pytest.mark.parametrize("tile, K, expected", [
+    # float32 chunks of 1024 x 1100 scores: two chunks of whole rows, one walk:
+    # per chunk the fold, the gradient and the two column-sum kernels
+    (str(1024 * 1100 * 4), 1100, 2 * 4),
+    # chunks of 70 x 256 scores: 5 column chunks, forward then backward:
+    # 5 x the row kernel, then 5 x (gradient + 2 column kernels)
+    (str(70 * 256 * 4), 70, 5 * 1 + 5 * 3),
+])
+def test_with_grad_one_walk_and_fallback_paths_run(tile, K, expected, monkeypatch):
+    set_tile(monkeypatch, tile)
+    M = 1100
+    with _backend.emulated_cuda():
+        n = launches()
+        value, oracle, inputs = _weighted(K, M, 4, torch.float32)
+        assert launches() - n == expected
+        torch.testing.assert_close(value, oracle, rtol=1e-5, atol=1e-5)
+        for g, o in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(oracle, inputs)):
+            torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+
+
+def test_symmetric_softmax_mean_walks_several_row_and_column_chunks(monkeypatch):
+    """K = 65 with 128-byte chunks (32 float32 scores): 3 row chunks (32, 32, 1 rows) x
+    65 one-column chunks, in the forward walk and in the weighted-mean walk."""
+    set_tile(monkeypatch, "128")
+    x = make_pair(65, 65, 7, dtype=torch.float32, seed=4)[0]
+    bias = make_bias(65, dtype=torch.float32, seed=4)
+    with _backend.emulated_cuda():
+        n = launches()
+        lse, mean = ops.symmetric_softmax_mean(x, 0.8, bias)
+        assert launches() - n == 2 * 3 * 65
+    with cpu_kernels():
+        lse_c, mean_c = ops.symmetric_softmax_mean(x, 0.8, bias)
+    torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, mean_c, rtol=1e-5, atol=1e-5)
