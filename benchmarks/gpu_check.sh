@@ -6,8 +6,9 @@
 #
 # 1. builds the extension for the local GPU arch only (TORCH_CUDA_ARCH_LIST from
 #    torch.cuda.get_device_capability()) and checks that the CUDA kernels are in it;
-# 2. runs the whole test suite (`pytest tests -q -x`), CUDA tests included;
-# 3. runs benchmarks/bench_gpu.py (InfoNCE fused vs eager vs torch.compile vs the GEMM floor).
+# 2. runs the device tests (every CUDA case, the multi-chunk ones included), then the rest;
+# 3. runs compute-sanitizer (memcheck, racecheck, synccheck) on a few small CUDA cases;
+# 4. runs benchmarks/bench_gpu.py (InfoNCE fused vs eager vs torch.compile vs the GEMM floor).
 # Every phase runs under a time limit taken from one deadline (GPU_CHECK_SECONDS, default
 # 470 s) so that the whole script ends within 8 minutes; the benchmark runs even if the
 # tests fail, and stops starting new cases shortly before the deadline. Exit status: 0
@@ -85,13 +86,31 @@ say "build ok"
 CUDA_TESTS="tests/test_build.py tests/test_devices.py tests/test_devices_concat.py"
 say "tests: pytest $CUDA_TESTS ${PYTEST_ARGS:--q}"
 # shellcheck disable=SC2086
-timeout "$(left 150)" "$PY" -m pytest $CUDA_TESTS ${PYTEST_ARGS:--q}
+timeout "$(left 150)" "$PY" -m pytest $CUDA_TESTS tests/test_weighted.py ${PYTEST_ARGS:--q} -k "not emulated"
 TESTS=$?
 say "tests: pytest tests -m 'not slow' (the rest, CPU)"
 timeout "$(left 60)" "$PY" -m pytest tests -q -m "not slow" --deselect tests/test_devices.py --deselect tests/test_devices_concat.py || say "CPU suite did not finish or failed (not counted)"
 [ "$TESTS" -eq 0 ] && say "tests ok" || say "TESTS FAILED (exit $TESTS)"
 
-# --- 3. benchmark -------------------------------------------------------------------
+# --- 3. compute-sanitizer -----------------------------------------------------------
+# NB: a few small cases of each CUDA walker (score_reduce and its one-walk gradient, the
+# symmetric op, the concat op; partial warps, several chunks), the emulated ones deselected.
+SAN="not slow and cuda and not emulated and (K7-M20 or K33-M33 or K7-M13 or tiny-chunks or 65-128)"
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+SANITIZERS=skipped
+if [ -n "$SANITIZER" ]; then
+    SANITIZERS=ok
+    for tool in memcheck racecheck synccheck; do
+        say "compute-sanitizer --tool $tool on: $SAN"
+        timeout "$(left 60)" "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all \
+            "$PY" -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_devices_concat.py -k "$SAN" \
+            2>&1 | tail -n 15 || { SANITIZERS=FAILED; say "compute-sanitizer $tool FAILED"; }
+    done
+else
+    say "compute-sanitizer not found: skipped"
+fi
+
+# --- 4. benchmark -------------------------------------------------------------------
 BENCH_S=$(left 400)
 say "benchmark: benchmarks/bench_gpu.py (${BENCH_S}s left)"
 # NB: bench_gpu.py checks its budget only between cases (the largest takes < 1 min).
@@ -100,5 +119,5 @@ timeout "$BENCH_S" "$PY" benchmarks/bench_gpu.py --time-budget $(( BENCH_S > 90 
 BENCH=$?
 [ "$BENCH" -eq 0 ] && say "benchmark ok" || say "BENCHMARK FAILED (exit $BENCH)"
 
-say "summary: build $BUILD, tests exit $TESTS, benchmark exit $BENCH"
-[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]
+say "summary: build $BUILD, tests exit $TESTS, compute-sanitizer $SANITIZERS, benchmark exit $BENCH"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ] && [ "$SANITIZERS" != FAILED ]

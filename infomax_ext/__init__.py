@@ -9,7 +9,7 @@ Estimators return the bound value in nats (to be maximised).
 """
 __version__ = "0.1.0"
 
-from ._backend import backend, build_info, use_reference  # noqa: E402
+from ._backend import backend, build_info, emulated_cuda, use_reference  # noqa: E402
 from . import ops, reference  # noqa: E402
 from .estimators import (  # noqa: E402
     alignment,
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "backend",
     "build_info",
+    "emulated_cuda",
     "use_reference",
     "ops",
     "reference",

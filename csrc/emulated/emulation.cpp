@@ -17,9 +17,10 @@
 // one fiber per pool slot and switches with no implicit synchronisation, so the only
 // happens-before edges between emulated threads are the ones CUDA guarantees: a
 // barrier (every arrival releases, every departure acquires), the launch (the host's
-// writes before it, the kernel's writes after it) and the end of a block (blocks run
+// writes before it, the kernel's writes after it) and the start of a block (blocks run
 // one after another here and share the `static` storage that stands in for
-// __shared__). A missing __syncthreads is then a reported data race.
+// __shared__: each starts after everything the earlier ones did). A missing
+// __syncthreads is then a reported data race.
 #define INFOMAX_CUDA_EMULATED 1
 #include "emulation.h"
 
@@ -37,6 +38,7 @@
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if defined(__SANITIZE_THREAD__)
@@ -146,7 +148,7 @@ struct Scheduler {
   // the next shuffle's value while slower lanes still read this one's.
   uint64_t exchange[kMaxThreads / kWarpSize][2][kWarpSize];
   // Objects whose addresses carry TSAN's happens-before edges.
-  char sync_barrier, sync_launch, sync_block_end;
+  char sync_barrier, sync_start;
 #if defined(__x86_64__)
   void* main_sp = nullptr;
 #else
@@ -214,6 +216,10 @@ INFOMAX_EMU_RUNTIME void landed(Scheduler& s) {
 // Switches from the running context (a fiber, or the scheduler when from == nullptr)
 // to `to` (a fiber, or the scheduler when nullptr).
 INFOMAX_EMU_RUNTIME void switch_context(Scheduler& s, Fiber* from, Fiber* to) {
+  // NB: released on the fiber's own object, which only restart_pool acquires: after a
+  // failed launch the host code is ordered after everything the stopped fibers did,
+  // while the fibers stay unordered among themselves.
+  if (from) tsan_release(from);
   s.running = to;
   s.from_scheduler = from == nullptr;
   g_coords = to ? &to->coords : nullptr;
@@ -253,22 +259,21 @@ INFOMAX_EMU_RUNTIME void fail(Scheduler& s, Fiber* self, std::string message) {
   if (s.error.empty()) s.error = std::move(message);
   self->state = State::kFailed;
   switch_context(s, self, nullptr);
-  __builtin_unreachable();  // NB: never resumed: launch() drops the pool
+  __builtin_unreachable();  // NB: never resumed: launch() restarts the pool
 }
 
 [[noreturn]] INFOMAX_EMU_RUNTIME void fiber_main(Fiber* self) {
   Scheduler& s = sched();
   landed(s);
   for (;;) {
-    tsan_acquire(&s.sync_launch);     // the host's writes before the launch
-    tsan_acquire(&s.sync_block_end);  // the previous block (same `static` shared storage)
+    // NB: the host's writes before the launch (its arguments) and the earlier blocks
+    // (same `static` storage for __shared__); not the other threads of this block.
+    tsan_acquire(&s.sync_start);
     try {
       (*s.body)();
     } catch (const std::exception& e) {
       fail(s, self, std::string("exception in an emulated CUDA thread: ") + e.what());
     }
-    tsan_release(&s.sync_launch);
-    tsan_release(&s.sync_block_end);
     self->state = State::kDone;
     switch_out(s, self);
   }
@@ -280,6 +285,38 @@ void fiber_entry_ucontext(unsigned lo, unsigned hi) {
 }
 #endif
 
+// Points the fiber at a fresh start: its next switch-in enters fiber_main.
+INFOMAX_EMU_RUNTIME void init_context(Fiber* f) {
+#if defined(__x86_64__)
+  // The first switch into the fiber pops 8 bytes of MXCSR/x87 control word, six
+  // registers and a return address (the trampoline), which calls fiber_main(f) with
+  // the 16-byte stack alignment of a call.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(f->stack) + kStackBytes) & ~uintptr_t(15);
+  uint64_t* frame = reinterpret_cast<uint64_t*>(top - 24 - 8 * 7);
+  uint32_t csr[2] = {0x1F80u, 0x037Fu};  // MXCSR and x87 control word: the ABI's defaults
+  std::memcpy(&frame[0], csr, sizeof(csr));
+  frame[1] = 0;                                                    // r15
+  frame[2] = 0;                                                    // r14
+  frame[3] = reinterpret_cast<uint64_t>(&fiber_main);              // r13: what the trampoline calls
+  frame[4] = reinterpret_cast<uint64_t>(f);                        // r12: its argument
+  frame[5] = 0;                                                    // rbx
+  frame[6] = 0;                                                    // rbp
+  frame[7] = reinterpret_cast<uint64_t>(&infomax_emu_trampoline);  // return address
+  f->sp = frame;
+#else
+  getcontext(&f->ctx);
+  f->ctx.uc_stack.ss_sp = f->stack;
+  f->ctx.uc_stack.ss_size = kStackBytes;
+  f->ctx.uc_link = nullptr;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(f);
+  makecontext(&f->ctx, reinterpret_cast<void (*)()>(&fiber_entry_ucontext), 2, unsigned(p & 0xffffffffu),
+              unsigned(p >> 32));
+#endif
+#if defined(__SANITIZE_THREAD__)
+  f->tsan = __tsan_create_fiber(0);
+#endif
+}
+
 std::unique_ptr<Fiber> make_fiber(unsigned index) {
   auto f = std::make_unique<Fiber>();
   f->index = index;
@@ -289,45 +326,26 @@ std::unique_ptr<Fiber> make_fiber(unsigned index) {
   // writing over its neighbour's.
   mprotect(f->mapping, kGuardBytes, PROT_NONE);
   f->stack = static_cast<char*>(f->mapping) + kGuardBytes;
-#if defined(__x86_64__)
-  // The first switch into the fiber pops 8 bytes of MXCSR/x87 control word, six
-  // registers and a return address (the trampoline), which calls fiber_main(f) with
-  // the 16-byte stack alignment of a call.
-  uintptr_t top = (reinterpret_cast<uintptr_t>(f->stack) + kStackBytes) & ~uintptr_t(15);
-  uint64_t* frame = reinterpret_cast<uint64_t*>(top - 24 - 8 * 7);
-  uint32_t csr[2] = {0x1F80u, 0x037Fu};  // MXCSR and x87 control word: the ABI's defaults
-  std::memcpy(&frame[0], csr, sizeof(csr));
-  frame[1] = 0;                                              // r15
-  frame[2] = 0;                                              // r14
-  frame[3] = reinterpret_cast<uint64_t>(&fiber_main);        // r13: what the trampoline calls
-  frame[4] = reinterpret_cast<uint64_t>(f.get());            // r12: its argument
-  frame[5] = 0;                                              // rbx
-  frame[6] = 0;                                              // rbp
-  frame[7] = reinterpret_cast<uint64_t>(&infomax_emu_trampoline);  // return address
-  f->sp = frame;
-#else
-  getcontext(&f->ctx);
-  f->ctx.uc_stack.ss_sp = f->stack;
-  f->ctx.uc_stack.ss_size = kStackBytes;
-  f->ctx.uc_link = nullptr;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(f.get());
-  makecontext(&f->ctx, reinterpret_cast<void (*)()>(&fiber_entry_ucontext), 2, unsigned(p & 0xffffffffu),
-              unsigned(p >> 32));
-#endif
-#if defined(__SANITIZE_THREAD__)
-  f->tsan = __tsan_create_fiber(0);
-#endif
+  init_context(f.get());
   return f;
 }
 
-void drop_pool(Scheduler& s) {
+// After a failed launch the fibers are stopped inside the kernel and can never be
+// resumed: each starts afresh. NB: the Fiber objects are kept, not freed (TSAN would
+// see their deletion race with the stopped fibers' reads), and their stacks are
+// unpoisoned (ASAN would keep the dead frames' redzones).
+INFOMAX_EMU_RUNTIME void restart_pool(Scheduler& s) {
   for (auto& f : s.pool) {
+    tsan_acquire(f.get());
 #if defined(__SANITIZE_THREAD__)
     __tsan_destroy_fiber(f->tsan);
 #endif
-    munmap(f->mapping, kStackBytes + kGuardBytes);
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_UNPOISON_MEMORY_REGION(f->stack, kStackBytes);
+    f->asan_fake_stack = nullptr;
+#endif
+    init_context(f.get());
   }
-  s.pool.clear();
 }
 
 // Releases the barriers that every participant has reached; returns false and sets
@@ -367,6 +385,19 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
   }
   for (unsigned i = 0; i < s.n; ++i) s.pool[i]->state = State::kRunnable;
   return true;
+}
+
+// Sets the coordinates of the block's threads and makes them runnable.
+INFOMAX_EMU_RUNTIME void start_block(Scheduler& s, dim3 grid, dim3 block, dim3 block_idx) {
+  for (unsigned i = 0; i < s.n; ++i) {
+    Fiber& f = *s.pool[i];
+    f.coords.thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    f.coords.block_idx = block_idx;
+    f.coords.block_dim = block;
+    f.coords.grid_dim = grid;
+    f.state = State::kRunnable;
+    f.shuffles = 0;
+  }
 }
 
 INFOMAX_EMU_RUNTIME void run_block(Scheduler& s) {
@@ -436,30 +467,24 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   s.body = &body;
   s.n = static_cast<unsigned>(n);
   s.error.clear();
-  tsan_release(&s.sync_launch);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        for (unsigned i = 0; i < s.n; ++i) {
-          Fiber& f = *s.pool[i];
-          f.coords.thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-          f.coords.block_idx = dim3(bx, by, bz);
-          f.coords.block_dim = block;
-          f.coords.grid_dim = grid;
-          f.state = State::kRunnable;
-          f.shuffles = 0;
-        }
+        // Everything before this block (the host's code, the earlier blocks: each fiber
+        // released its own object at its last switch) happens before it.
+        for (unsigned i = 0; i < s.n; ++i) tsan_acquire(s.pool[i].get());
+        tsan_release(&s.sync_start);
+        start_block(s, grid, block, dim3(bx, by, bz));
         run_block(s);
         if (!s.error.empty()) {
-          // NB: the fibers stopped inside the kernel and cannot be resumed: drop them.
-          drop_pool(s);
-          g_coords = nullptr;
+          restart_pool(s);
           TORCH_CHECK(false, "emulated CUDA kernel, block ", dims(dim3(bx, by, bz)), " of grid ", dims(grid),
                       ", block size ", dims(block), ": ", s.error);
         }
       }
-  tsan_acquire(&s.sync_launch);  // the kernel's writes, for the host code after the launch
-  g_coords = nullptr;
+  // The kernel's writes (and the scheduler's reads), for the host code after the launch:
+  // every fiber released its own object at its last switch.
+  for (unsigned i = 0; i < s.n; ++i) tsan_acquire(s.pool[i].get());
 }
 
 }  // namespace emu

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds the extension with ThreadSanitizer and with AddressSanitizer and runs the tests of
+# the emulated CUDA backend under each (the CUDA kernels' own code, executed on the CPU):
+# a data race on the storage that stands in for __shared__ (a missing __syncthreads) fails
+# the TSAN run, an out-of-bounds index fails the ASAN run.
+#
+#     tools/sanitize.sh            # both
+#     tools/sanitize.sh thread     # or: address
+#     tools/sanitize.sh address -x tests/test_emulation.py   # other pytest arguments
+#
+# Each sanitizer builds in its own copy of the working tree (build/sanitize-<name>/, the
+# CPU and emulated sources only, -O1 -g), so the checkout's own build is left alone. The
+# instrumented module is loaded into an uninstrumented Python with LD_PRELOAD. The CPU
+# kernels run on one thread (OMP_NUM_THREADS=1): TSAN cannot see OpenMP's barriers.
+# Exit status: non-zero when a build fails, a test fails or a sanitizer reports.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+WHICH=${1:-all}
+[ $# -gt 0 ] && shift
+case "$WHICH" in
+  all) SANITIZERS="thread address" ;;
+  thread|address) SANITIZERS=$WHICH ;;
+  *) echo "usage: tools/sanitize.sh [all|thread|address] [pytest arguments]" >&2; exit 2 ;;
+esac
+if [ $# -gt 0 ]; then ARGS=("$@"); else ARGS=(tests -k "emulated or emulation"); fi
+
+for san in $SANITIZERS; do
+  T0=$(date +%s)
+  dir=build/sanitize-$san
+  mkdir -p "$dir"
+  # NB: a copy of the tracked and untracked (not ignored) files; build outputs are kept
+  # between runs so a rebuild is incremental.
+  git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$dir"
+  echo "sanitize: building with -fsanitize=$san in $dir"
+  (cd "$dir" && FORCE_CPU=1 SANITIZE=$san MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py -q build_ext --inplace \
+     2>&1 | grep -E "building backends|error" || true)
+  [ -f "$dir"/infomax_ext/_C*.so ] || { echo "sanitize: the $san build failed" >&2; exit 1; }
+  if [ "$san" = thread ]; then
+    lib=$(gcc -print-file-name=libtsan.so)
+    export TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0 ${TSAN_OPTIONS:-}"
+  else
+    lib=$(gcc -print-file-name=libasan.so)
+    # NB: Python itself leaks by design at exit; leaks are not what this run looks for.
+    export ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 exitcode=66 ${ASAN_OPTIONS:-}"
+  fi
+  if [ "$san" = thread ]; then
+    # The check must be able to fail: a kernel without its __syncthreads is a reported race.
+    if out=$(cd "$dir" && LD_PRELOAD="$lib" "$PY" -c \
+        "import infomax_ext; infomax_ext._backend._C._emulation_selftest('no_barrier')" 2>&1) \
+        || ! grep -q "ThreadSanitizer: data race" <<<"$out"; then
+      echo "sanitize: TSAN did not report the kernel without its barrier" >&2; exit 1
+    fi
+    echo "sanitize: TSAN reports the self-test kernel without its barrier (as it must)"
+  fi
+  echo "sanitize: pytest ${ARGS[*]} under $san"
+  # NB: -s: a sanitizer report must reach the terminal before it ends the process.
+  (cd "$dir" && INFOMAX_SANITIZER=$san OMP_NUM_THREADS=1 LD_PRELOAD="$lib" \
+     "$PY" -m pytest -q -s -p no:cacheprovider "${ARGS[@]}")
+  echo "sanitize: $san passed in $(( $(date +%s) - T0 )) s"
+done
