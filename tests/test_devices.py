@@ -552,14 +552,20 @@ def _every_op(kw, red_w, weights, w_pos):
     return list(out) + [value, *stats, pos, lse, mean], list(grads) + list(wgrads) + list(sgrads)
 
 
+# The default chunk for all; small chunks (several row and column chunks): 2 KiB up to
+# K = 33, 32 KiB for K = 257 (10 column chunks of 31 in float32; 20 of 15 in float64).
+AWKWARD_TILES = [(s, None) for s in AWKWARD] + [(s, "2048") for s in AWKWARD if s[0] <= 33] + \
+    [(AWKWARD[-1], "32768")]
+
+
 @needs_c
 @on_cuda_backends
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW], ids=str)
-@pytest.mark.parametrize("tile", [None, "2048"])
-@pytest.mark.parametrize("shape", AWKWARD, ids=_ids(AWKWARD))
+@pytest.mark.parametrize("shape, tile", AWKWARD_TILES, ids=[f"{i}-{t}" for i, t in
+                                                            zip(_ids([s for s, _ in AWKWARD_TILES]),
+                                                                [t for _, t in AWKWARD_TILES])])
 def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, device, monkeypatch):
-    """Masked columns (a third of the negatives), pos_offset, biases; the default chunk
-    and 2 KiB chunks (several row and column chunks)."""
+    """Masked columns (a third of the negatives), pos_offset, biases."""
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
     kw = make_inputs(K, M, d, off, dtype, device, seed=K + M, masked=True, scale=0.7)
@@ -622,7 +628,7 @@ def test_weighted_several_chunks_match_reference(shape, tile, dtype, device, mon
 
 @needs_c
 @on_cuda_backends
-@pytest.mark.parametrize("K, tile", [(65, "128"), (257, "2048"), (1, None), (2, "8")])
+@pytest.mark.parametrize("K, tile", [(65, "128"), (257, "32768"), (1, None), (2, "8")])
 def test_symmetric_softmax_mean_several_chunks_match_reference(K, tile, device, monkeypatch):
     set_tile(monkeypatch, tile)
     g = torch.Generator().manual_seed(K)
