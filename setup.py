@@ -76,6 +76,18 @@ def decide_cuda():
     return True, f"torch {torch.__version__} (CUDA {torch_cuda}) and {nvcc}"
 
 
+def with_ptx(arch_list):
+    """The arch list with +PTX on its highest arch (unless some entry has it already), so
+    that the driver can JIT the kernels for GPUs newer than the list. Empty stays empty
+    (torch then builds for the visible GPU)."""
+    archs = [a for a in re.split(r"[;\s]+", arch_list.strip()) if a]
+    if not archs or any(a.endswith("+PTX") for a in archs):
+        return arch_list
+    key = lambda a: tuple(int(x) for x in re.findall(r"\d+", a)[:2])  # noqa: E731
+    top = max(archs, key=key)
+    return ";".join(a + "+PTX" if a == top else a for a in archs)
+
+
 def main():
     version = read_version()
     debug = env_flag("DEBUG")
@@ -108,7 +120,8 @@ def main():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # NB: without a visible GPU torch's arch detection raises IndexError.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        define_archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+        define_archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "native"
         extra["nvcc"] = opt[:1] + ["--expt-relaxed-constexpr", "-lineinfo"]
         if cuda_sources:  # build_info reports "cuda" only when kernels are compiled in
             cxx.append("-DINFOMAX_WITH_CUDA")

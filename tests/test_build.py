@@ -33,3 +33,19 @@ def test_cuda_kernels_compiled_where_nvcc_exists():
     info = infomax_ext.build_info()
     assert "cuda" in info["backends"], info
     assert torch._C._dispatch_has_kernel_for_dispatch_key("infomax_ext::score_reduce", "CUDA")
+
+
+@pytest.mark.skipif(os.environ.get("NO_EMULATED_CUDA", "0") == "1", reason="NO_EMULATED_CUDA=1 build")
+def test_emulated_cuda_backend_built():
+    """The default build carries the CUDA kernels' code compiled for the CPU (the tests run it)."""
+    info = infomax_ext.build_info()
+    assert "cuda_emulated" in info["backends"], info
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("infomax_ext_emulated::score_reduce", "CPU")
+
+
+def test_cuda_build_embeds_ptx_for_newer_gpus():
+    """The highest listed arch also carries PTX, so the module loads on newer GPUs."""
+    info = infomax_ext.build_info()
+    if "cuda" not in info["backends"] or not info["cuda_archs"] or info["cuda_archs"] == "native":
+        pytest.skip("no CUDA kernels, or archs chosen by torch for the local GPU")
+    assert "+PTX" in info["cuda_archs"], info["cuda_archs"]

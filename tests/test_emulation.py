@@ -112,31 +112,36 @@ def test_emulated_ops_take_cpu_tensors_only():
 # ---------------------------------------------------------------------------
 
 
-def _weighted(K, M, d, dtype, seed=0):
+def _weighted(K, M, d, dtype, seed=0, col_bias=False):
     a, b = make_pair(K, M, d, dtype=dtype, seed=seed, requires_grad=True)
     rb = make_bias(K, dtype=dtype, seed=seed, requires_grad=True)
+    cb = make_bias(M, dtype=dtype, seed=seed + 1, requires_grad=True) if col_bias else None
     w = torch.full((K,), 1.0 / K, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    value = ops.score_reduce_weighted(a, b, 2.0, rb, None, M - K, ops.ROW_LSE, weights=(w, None, None, None),
+    value = ops.score_reduce_weighted(a, b, 2.0, rb, cb, M - K, ops.ROW_LSE, weights=(w, None, None, None),
                                       w_pos=-w)[0]
-    S = ref.scores_dot(a, b, 2.0, rb)
+    S = ref.scores_dot(a, b, 2.0, rb, cb)
     oracle = (torch.logsumexp(S, 1) - ref.positive_scores(S, M - K)).mean()
-    return value, oracle, (a, b, rb)
+    return value, oracle, tuple(x for x in (a, b, rb, cb) if x is not None)
 
 
-@pytest.mark.parametrize("tile, K, expected", [
-    # float32 chunks of 1024 x 1100 scores: two chunks of whole rows, one walk:
-    # per chunk the fold, the gradient and the two column-sum kernels
-    (str(1024 * 1100 * 4), 1100, 2 * 4),
-    # chunks of 70 x 256 scores: 5 column chunks, forward then backward:
-    # 5 x the row kernel, then 5 x (gradient + 2 column kernels)
-    (str(70 * 256 * 4), 70, 5 * 1 + 5 * 3),
+@pytest.mark.parametrize("tile, K, chunks, forward", [
+    # float32 chunks of 1024 x 1100 scores: two chunks of whole rows, one walk: per chunk
+    # the fold, then the gradient kernel
+    (str(1024 * 1100 * 4), 1100, 2, 1),
+    # chunks of 70 x 256 scores: 5 column chunks, forward then backward: 5 x the row
+    # kernel, then 5 x the gradient kernel
+    (str(70 * 256 * 4), 70, 5, 1),
 ])
-def test_with_grad_one_walk_and_fallback_paths_run(tile, K, expected, monkeypatch):
+@pytest.mark.parametrize("col_bias", [False, True])
+def test_with_grad_one_walk_and_fallback_paths_run(tile, K, chunks, forward, col_bias, monkeypatch):
+    """Launch counts: the path taken, and the column-sum pass (two kernels per chunk)
+    only when there is a column bias to differentiate."""
     set_tile(monkeypatch, tile)
     M = 1100
+    expected = chunks * (forward + 1 + (2 if col_bias else 0))
     with _backend.emulated_cuda():
         n = launches()
-        value, oracle, inputs = _weighted(K, M, 4, torch.float32)
+        value, oracle, inputs = _weighted(K, M, 4, torch.float32, col_bias=col_bias)
         assert launches() - n == expected
         torch.testing.assert_close(value, oracle, rtol=1e-5, atol=1e-5)
         for g, o in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(oracle, inputs)):

@@ -11,8 +11,9 @@
 // switch, dispatch_activation, outside every kernel).
 //
 // Rows are walked in chunks of R rows (a multiple of 32, or all K) so that the
-// workspaces below stay within INFOMAX_EXT_CUDA_TILE_BYTES (256 MB by default;
-// tests shrink it to walk several chunks). Per chunk:
+// workspaces below stay within cuda::workspace_bytes() (from the free device memory,
+// at most 1 GiB; INFOMAX_EXT_CUDA_TILE_BYTES overrides it: tests shrink it to walk
+// several chunks). Per chunk:
 //   forward:  the tile kernel folds each row of its tile into partial states
 //             (negatives' log-sum-exp, clamped, softplus sum: one per row and
 //             column tile) and each column into a partial log-sum-exp state (one

@@ -15,9 +15,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/version.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <utility>
@@ -28,6 +32,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 #include "infomax_ext/score_math.h"
@@ -93,17 +98,56 @@ inline void mm_out_dtype(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   at::mm_out(out, x, y, out.scalar_type());
 #endif
 }
+
+// acc += x @ y for fp16/bf16 x, y and a float32 acc. On the GPU the GEMM accumulates
+// into acc itself (beta = 1: acc is read and written once) where torch's addmm takes a
+// float32 `self` with low-precision operands; torch versions that refuse it (the
+// first call tells: the check runs before any work) get a float32 product and an add,
+// which moves acc's bytes three times. Emulated: the same arithmetic in float32.
+inline void addmm_out_dtype(at::Tensor& acc, const at::Tensor& x, const at::Tensor& y) {
+#ifdef INFOMAX_CUDA_EMULATED
+  acc.addmm_(x.to(acc.scalar_type()), y.to(acc.scalar_type()));
+#else
+  static std::atomic<int> fused{-1};  // -1 untried, 1 works, 0 refused by this torch
+  if (fused.load() != 0) {
+    try {
+      at::addmm_out(acc, acc, x, y, acc.scalar_type());
+      fused.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (fused.load() == 1) throw;  // NB: it worked before: a real error, not the dtype check
+      fused.store(0);
+    }
+  }
+  at::Tensor prod = at::empty({x.size(0), y.size(1)}, acc.options());
+  mm_out_dtype(prod, x, y);
+  acc.add_(prod);
+#endif
+}
 #endif
 
-// Bytes of float32 scores a walker may hold at once (one chunk of S or of its
-// partial states): 256 MB, or INFOMAX_EXT_CUDA_TILE_BYTES.
+// Bytes a walker may hold at once in its chunk workspaces (one chunk of S and of G,
+// or of the concat op's partial states). INFOMAX_EXT_CUDA_TILE_BYTES overrides it;
+// otherwise, on the GPU, a quarter of the free device memory, at most 1 GiB and at
+// least 64 MiB: big chunks mean few passes over dB (every row chunk re-reads and
+// rewrites it) and a dA GEMM of thousands of rows that fills the SMs. (A chunk is far
+// larger than L2: the epilogues stream it from HBM.) Emulated: 256 MiB.
 // NB: read per call (cheap) so a test can shrink it and walk many chunks on small inputs.
 inline int64_t workspace_bytes() {
   if (const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_BYTES")) {
     const long long v = std::atoll(env);
     if (v > 0) return static_cast<int64_t>(v);
   }
+#ifdef INFOMAX_CUDA_EMULATED
   return int64_t(256) << 20;
+#else
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // NB: clear the sticky-free error state; use the floor
+    return int64_t(64) << 20;
+  }
+  return std::clamp<int64_t>(static_cast<int64_t>(free_bytes / 4), int64_t(64) << 20, int64_t(1) << 30);
+#endif
 }
 
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }

@@ -2,8 +2,9 @@
 //
 // S = scale * A B^T + row_bias + col_bias (K x M) is never held whole. The rows
 // are walked in chunks of R rows and, only when M is huge, the columns in
-// chunks of C columns, with R * C bounded (256 MB of float32 scores by default,
-// INFOMAX_EXT_CUDA_TILE_BYTES overrides it so tests can walk many small tiles).
+// chunks of C columns, with R * C bounded (cuda::workspace_bytes(): up to 1 GiB of
+// scores, from the free device memory; INFOMAX_EXT_CUDA_TILE_BYTES overrides it so
+// tests can walk many small tiles).
 // Per chunk:
 //   forward:  cuBLAS writes the chunk of dot products <a_i, b_j> (at::mm_out on
 //             the current stream); an epilogue kernel (a block per row) folds each
@@ -21,8 +22,8 @@
 // shared memory/registers (flash-attention style): the four GEMMs of K x M x d are
 // the floor of this op, and cuBLAS runs them near peak for every dtype, arch and
 // d, with tensor cores for fp16/bf16 (and TF32 when the user enables it); the
-// epilogues are memory-bound passes over a chunk that lives in L2/HBM for a few
-// microseconds. A single fused kernel would save those passes (roughly one read
+// epilogues are memory-bound passes over a chunk streamed from HBM (a chunk is far
+// larger than L2). A single fused kernel would save those passes (roughly one read
 // of S per reduction group, and a write + read of G in backward) but needs a
 // hand-written tensor-core GEMM per arch, dtype and d -- much more code to get
 // right, verify and maintain. The math is the same either way (score_math.h), so
@@ -115,11 +116,7 @@ void addmm_acc(Tensor acc, const Tensor& x, const Tensor& y) {
     acc.addmm_(x, y);
   } else {
 #if INFOMAX_MM_OUT_DTYPE
-    // NB: addmm's out_dtype overload accepts a float32 `self` only on recent
-    // torch; a float32 product plus add_ works on every version >= 2.8.
-    Tensor prod = at::empty({x.size(0), y.size(1)}, acc.options());
-    cuda::mm_out_dtype(prod, x, y);
-    acc.add_(prod);
+    cuda::addmm_out_dtype(acc, x, y);
 #else
     TORCH_INTERNAL_ASSERT(false, "score_reduce: mixed-dtype GEMM needs torch >= 2.8");
 #endif
@@ -497,14 +494,16 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
                    const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t active, const Tensor5& grads,
                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
                    const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol,
-                   const RowForwardArgs<T>* fold) {
+                   bool need_dcol, const RowForwardArgs<T>* fold) {
   constexpr bool kInPlace = std::is_same<T, TG>::value;
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
   const auto opts = A.options().dtype(c10::CppTypeToScalarType<T>::value);
   Tensor ws = at::empty({t.rows * t.cols}, opts);
   Tensor gws = kInPlace ? ws : at::empty({t.rows * t.cols}, opts.dtype(c10::CppTypeToScalarType<TG>::value));
-  Tensor part = at::empty({col_partials(t.rows) * t.cols, 2}, opts);
+  // NB: the column sums of G only feed the column bias's gradient: without one (InfoNCE's
+  // default) the pass would read all of G once more for nothing.
+  Tensor part = need_dcol ? at::empty({col_partials(t.rows) * t.cols, 2}, opts) : Tensor();
 
   GradArgs<T, TG> p{};
   p.sc = sc;
@@ -544,8 +543,10 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
       cuda::launch(row_forward_kernel<T>, static_cast<unsigned>(rows), row_threads(cols), stream, f);
     }
     cuda::launch(grad_rows_kernel<T, TG>, static_cast<unsigned>(rows), row_threads(cols), stream, p);
-    reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
-                                i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
+    if (need_dcol) {
+      reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
+    }
     addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
     addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
   });
@@ -571,12 +572,13 @@ template <typename T>
 void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau,
                        int64_t pos_offset, int64_t active, const Tensor5& grads, const Tensor& row_lse,
                        const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA,
-                       Tensor& dB, Tensor& drow, Tensor& dcol, const RowForwardArgs<T>* fold = nullptr) {
+                       Tensor& dB, Tensor& drow, Tensor& dcol, bool need_dcol,
+                       const RowForwardArgs<T>* fold = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
     if (bf16_input && A.scalar_type() == at::kBFloat16) {
       // NB: G in bf16 (float32's range, 8 bits of mantissa) for the two G GEMMs on tensor cores.
       backward_impl<float, at::BFloat16>(A, B, A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse,
-                                         neg_lse, clamp_lse, dA, dB, drow, dcol, fold);
+                                         neg_lse, clamp_lse, dA, dB, drow, dcol, need_dcol, fold);
       return;
     }
   }
@@ -585,7 +587,7 @@ void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const 
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const Tensor A_g = A.to(acc), B_g = B.to(acc);
   backward_impl<T, T>(A, B, A_g, B_g, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse,
-                      dA, dB, drow, dcol, fold);
+                      dA, dB, drow, dcol, need_dcol, fold);
 }
 
 Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
@@ -661,7 +663,8 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
     AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_backward_cuda", [&] {
       const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
       backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
-                                  pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol);
+                                  pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol,
+                                  has(col_bias));
     });
   }
   return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias);
@@ -772,7 +775,7 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
         row_forward_args(args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
     backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
                                 pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
-                                std::get<3>(out), dA, dB, drow, dcol, &fold);
+                                std::get<3>(out), dA, dB, drow, dcol, has(col_bias), &fold);
   });
   return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias));
 }
