@@ -31,6 +31,59 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Peak dense GEMM TFLOP/s and HBM TB/s of the GPUs this was sized for (others: --peak-tflops,
+# --bandwidth-tbs). fp32 GEMMs count at the TF32-off CUDA-core rate.
+DEVICE_PEAKS = {"H200": ({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 4.8),
+                "H100": ({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 3.35),
+                "A100": ({"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2.0)}
+CHUNK_BUDGET = 1 << 30  # cuda::workspace_bytes() on a large GPU: float32 scores per chunk
+
+
+def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
+    """HBM bytes one fused InfoNCE forward + backward moves by design on the CUDA walker
+    (the one-walk path: S, G B, G^T A per chunk of whole rows), as {part: bytes}.
+
+    Per chunk of R rows (R x M float32 scores within the budget): the S GEMM writes the
+    chunk and reads B; the fold kernel reads it; the gradient kernel reads it and writes G
+    (bf16 for bf16 inputs, float32 otherwise); with a column bias the column-sum pass
+    reads G; the two G GEMMs read G and their operands and accumulate into float32 dA rows
+    and all of dB (read + write). fp16 inputs multiply G with float32 copies of a and b.
+    After the walk: dscale, the scaling and the casts of dA and dB. O(K + M) terms and
+    the positive term (O((K + M) d)) are left out."""
+    e = ELEM[dtype]
+    g = 2 if dtype == "bf16" else 4
+    ge = 4 if dtype == "fp16" else e  # operand bytes of the G GEMMs
+    R = max(1, min(K, budget // (4 * M)))
+    n = -(-K // R)
+    KM = K * M
+    parts = {
+        "S write (GEMM)": 4 * KM,
+        "S read (fold)": 4 * KM,
+        "S read + G write (gradient)": (4 + g) * KM,
+        "G read (column sums)": g * KM if col_bias else 0,
+        "G read (2 G GEMMs)": 2 * g * KM,
+        "a, b reads (3 GEMMs, per chunk)": n * M * d * e + K * d * e + n * M * d * ge + K * d * ge,
+        "dA, dB accumulate (per chunk)": 2 * 4 * K * d + n * 2 * 4 * M * d,
+        "fp32 copies of a, b (fp16)": (K + M) * d * (e + 4 + 4) if dtype == "fp16" else 0,
+        "dscale, scale, cast": (K + M) * d * (4 + 4 + 4 + 4 + e) + K * d * e,
+    }
+    return {k: v for k, v in parts.items() if v}
+
+
+def design_table(sizes, d, dtypes, peaks, bandwidth_tbs):
+    """Lines of the design table: bytes moved, the bandwidth-bound time and the GEMM floor."""
+    lines = [f"By design (one-walk InfoNCE fwd+bwd, d = {d}, chunks of {CHUNK_BUDGET >> 20} MiB of scores, "
+             f"no column bias; {bandwidth_tbs:g} TB/s, peak TFLOP/s {peaks}):",
+             f"{'dtype':<6} {'K=M':>6} {'GB moved':>9} {'bw-bound ms':>12} {'3-GEMM ms':>10} {'bound by':>9}"]
+    for name in dtypes:
+        for K in sizes:
+            total = sum(design_bytes(K, K, d, name).values())
+            bw_ms = total / (bandwidth_tbs * 1e12) * 1e3
+            gemm_ms = 3 * 2 * K * K * d / (peaks[name] * 1e12) * 1e3
+            lines.append(f"{name:<6} {K:>6} {total / 1e9:>9.1f} {bw_ms:>12.2f} {gemm_ms:>10.2f} "
+                         f"{'memory' if bw_ms > gemm_ms else 'GEMM':>9}")
+    return lines
 
 
 def parse_args(argv=None):
@@ -50,6 +103,11 @@ def parse_args(argv=None):
                    help="seconds after which no new case starts")
     p.add_argument("--device", default="cuda",
                    help="cuda (default); cpu only smoke-tests this script (no memory numbers)")
+    p.add_argument("--design-only", action="store_true",
+                   help="print the bytes-by-design table and exit (no GPU needed)")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM TB/s (default: by device name)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense GEMM TFLOP/s for every dtype (default: by device name and dtype)")
     return p.parse_args(argv)
 
 
@@ -106,8 +164,19 @@ def time_fn(fn, args, cuda=True):
     return statistics.median(times), peak, first
 
 
+def device_peaks(args, name=""):
+    """(TFLOP/s by dtype, TB/s) from the flags, else the table above by device name (H200's
+    numbers for an unknown device)."""
+    known = next((v for k, v in DEVICE_PEAKS.items() if k in name), DEVICE_PEAKS["H200"])
+    flops = {k: args.peak_tflops for k in ELEM} if args.peak_tflops else known[0]
+    return flops, args.bandwidth_tbs or known[1]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.design_only:
+        print("\n".join(design_table(args.sizes, args.dim, args.dtypes, *device_peaks(args))))
+        return 0
     import torch
 
     dev = torch.device(args.device)
@@ -133,6 +202,7 @@ def main(argv=None):
         where = "CPU (smoke test of this script only)"
     log(f"{where}; torch {torch.__version__}; infomax_ext {info.get('version')} archs {info.get('cuda_archs')}; "
         f"fp32 matmul TF32: {torch.backends.cuda.matmul.allow_tf32}")
+    peaks, bandwidth = device_peaks(args, where)
     scale = args.scale
     d = args.dim
 
@@ -232,7 +302,8 @@ def main(argv=None):
     floors = {(r[0], r[1]): r[3] for r in rows if r[2] == "floor" and r[3] is not None}
     print()
     print(f"InfoNCE forward + backward, K = M, d = {d}, scale = {scale:.3g}; {where}, torch {torch.__version__}")
-    header = f"{'dtype':<6} {'K=M':>6} {'impl':<8} {'median ms':>10} {'peak+ MiB':>10} {'vs floor':>9}  note"
+    header = (f"{'dtype':<6} {'K=M':>6} {'impl':<8} {'median ms':>10} {'peak+ MiB':>10} {'vs floor':>9} "
+              f"{'bw-bound ms':>11}  note")
     print(header)
     print("-" * len(header))
     for name, K, impl, ms, peak, note in rows:
@@ -240,10 +311,15 @@ def main(argv=None):
         ratio = f"{ms / fl:.2f}x" if (ms is not None and fl) else ""
         ms_s = f"{ms:.2f}" if ms is not None else "-"
         peak_s = f"{peak / 2**20:.0f}" if peak is not None else "-"
-        print(f"{name:<6} {K:>6} {impl:<8} {ms_s:>10} {peak_s:>10} {ratio:>9}  {note}")
+        bw = sum(design_bytes(K, K, d, name).values()) / (bandwidth * 1e12) * 1e3 if impl == "fused" else None
+        bw_s = f"{bw:.2f}" if bw is not None else ""
+        print(f"{name:<6} {K:>6} {impl:<8} {ms_s:>10} {peak_s:>10} {ratio:>9} {bw_s:>11}  {note}")
     flops = {K: 4 * 2 * K * K * d for K in args.sizes}
     print(f"floor = 4 GEMMs of K x M x d ({', '.join(f'K={K}: {flops[K] / 1e12:.3g} TFLOP' for K in args.sizes)}) "
           "in the input dtype; peak+ = max_memory_allocated during the call minus what was allocated before.")
+    print("bw-bound = the bytes the fused call moves by design (below) at the device's bandwidth.")
+    print()
+    print("\n".join(design_table(args.sizes, d, args.dtypes, peaks, bandwidth)))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
     return 0
 
