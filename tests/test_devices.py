@@ -653,3 +653,31 @@ def test_symmetric_softmax_mean_several_chunks_match_reference(K, tile, device, 
     (gx,) = torch.autograd.grad((w * ops.symmetric_softmax_mean(x, 0.9, bias)[0]).sum(), [x])
     (go,) = torch.autograd.grad((w * ref.symmetric_softmax_mean(x, 0.9, bias)[0]).sum(), [x])
     torch.testing.assert_close(gx, go)
+
+
+@needs_c
+@on_cuda_backends
+def test_bf16_bias_gradients_are_sums_of_float32_g(device, monkeypatch):
+    """bf16 inputs: G goes to the GEMMs in bf16, but the row and column bias gradients
+    (float32 biases) are sums of the float32 G: as exact as the float32 reference on the
+    same rounded inputs, not bf16-rounded. Two row chunks, one walk and two walks."""
+    set_tile(monkeypatch, str(40 * 300 * 4))
+    K, M, off = 80, 300, 7
+    kw = make_inputs(K, M, 16, off, torch.bfloat16, device, seed=5, scale=0.8)
+    kw32 = to_device(kw, device, torch.float32)
+    red = ops.ROW_LSE | ops.COL_LSE | ops.NEG_SOFTPLUS
+    out = ops.score_reduce(**kw, reductions=red)
+    out32 = ref.score_reduce(**kw32, reductions=red)
+    w = weights_like(out32)
+    biases = lambda k: [k["row_bias"], k["col_bias"]]  # noqa: E731
+    for g, o in zip(torch.autograd.grad(sum((x * y).sum() for x, y in zip(w, out)), biases(kw)),
+                    torch.autograd.grad(sum((x * y).sum() for x, y in zip(w, out32)), biases(kw32))):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-4 * o.abs().max().item())
+    wr = torch.randn(K, generator=torch.Generator().manual_seed(2)).to(device)
+    value = ops.score_reduce_weighted(**kw, reductions=ops.ROW_LSE, weights=(wr, None, None, None), w_pos=-wr)[0]
+    S = ref.scores_dot(kw32["a"], kw32["b"], kw32["scale"], kw32["row_bias"], kw32["col_bias"])
+    oracle = (wr * (torch.logsumexp(S, 1) - ref.positive_scores(S, off))).sum()
+    # NB: d value / d row_bias = w (1 - 1): cancels to rounding; judged at the terms' scale (|w| ~ 1).
+    for g, o in zip(torch.autograd.grad(value, biases(kw)), torch.autograd.grad(oracle, biases(kw32))):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-5)

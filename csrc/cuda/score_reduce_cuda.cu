@@ -450,6 +450,8 @@ struct GradArgs {
   const T *g_row, *row_lse, *g_neg, *neg_lse, *g_clamp, *clamp_lse, *g_sp;  // (K,)
   const T *g_col, *col_lse;                                                 // (M,)
   T* drow;  // (K,), zero-initialised, accumulated over column chunks
+  T* g_acc;  // G again in the accumulation dtype (over dot), for the column sums; nullptr
+             // when G itself is in that dtype or no column sums are needed
 };
 
 // A block per row of the chunk: G_ij = score_grad(S_ij) written over the chunk,
@@ -481,7 +483,9 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
       const T g = score_grad(s, c == pc, rg, p.g_col ? p.g_col[j] : T(0), p.col_lse ? p.col_lse[j] : T(0),
                              p.tau, p.reductions);
       grow[c] = static_cast<TG>(g);  // NB: same thread read this element above: in-place is safe
-      sum += g;                      // NB: drow from the float32 G even when G is stored in bf16
+      // NB: drow and dcol from the float32 G even when G is stored in bf16 for the GEMMs.
+      if (p.g_acc) p.g_acc[r * p.cols + c] = g;
+      sum += g;
     }
   }
   sum = block_sum(sum);
@@ -521,6 +525,9 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
   p.clamp_lse = ptr_or_null<T>(clamp_lse);
   p.drow = drow.data_ptr<T>();
   T* dcol_p = dcol.data_ptr<T>();
+  // NB: with G in bf16 the column sums read a float32 copy of G written over the dots
+  // (the chunk's dots are dead once the gradient kernel has read them).
+  p.g_acc = (need_dcol && !kInPlace) ? ws.data_ptr<T>() : nullptr;
   const cudaStream_t stream = cuda::current_stream();
 
   for_each_dot_chunk(A, B, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
@@ -544,8 +551,9 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
     }
     cuda::launch(grad_rows_kernel<T, TG>, static_cast<unsigned>(rows), row_threads(cols), stream, p);
     if (need_dcol) {
-      reduce_columns<T, TG, true>(p.g, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
-                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
+      const T* g_acc = kInPlace ? reinterpret_cast<const T*>(p.g) : p.g_acc;
+      reduce_columns<T, T, true>(g_acc, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
+                                 i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
     }
     addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
     addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
