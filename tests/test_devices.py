@@ -564,7 +564,7 @@ AWKWARD_TILES = [(s, None) for s in AWKWARD] + [(s, "2048") for s in AWKWARD if 
 @pytest.mark.parametrize("shape, tile", AWKWARD_TILES, ids=[f"{i}-{t}" for i, t in
                                                             zip(_ids([s for s, _ in AWKWARD_TILES]),
                                                                 [t for _, t in AWKWARD_TILES])])
-def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, device, monkeypatch):
+def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, backend, device, monkeypatch):
     """Masked columns (a third of the negatives), pos_offset, biases."""
     set_tile(monkeypatch, tile)
     K, M, d, off = shape
@@ -580,9 +580,14 @@ def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, device, 
     with cpu_kernels():
         want, wgrads = _every_op(kw_cpu, red_w, w[:4], w[4])
     low = dtype in LOW
-    for x, y in zip(got, want):
+    for n, (x, y) in enumerate(zip(got, want)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        torch.testing.assert_close(x.cpu(), y, **(dict(rtol=1e-4, atol=1e-4) if low else tol(dtype)))
+        t = dict(rtol=1e-4, atol=1e-4) if low else tol(dtype)
+        if n == len(got) - 1 and dtype == torch.bfloat16 and backend != "cpu":
+            # NB: symmetric_softmax_mean's weights go to the GEMM in bf16 on CUDA (relative
+            # error 2^-9 each, summing to 1): |error| <= 2^-9 max |x|.
+            t = dict(rtol=0, atol=2.0 ** -8 * kw["a"].abs().max().item())
+        torch.testing.assert_close(x.cpu(), y, **t)
     for x, y in zip(grads, wgrads):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.isfinite(x).all()
         # NB: bf16 G (CUDA) and float32 G (CPU) round differently; judged at the gradient's scale

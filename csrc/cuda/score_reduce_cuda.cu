@@ -691,13 +691,14 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
 // Uniformity's backward is O(K d) either way, against a forward plus a recomputing
 // backward (four GEMMs) through score_reduce.
 
-// A block per row of the chunk: W_ij = softmax_weight(S_ij, lse_i), W_ii = 0,
-// written over the chunk of dots (each thread rewrites only what it read).
-template <typename T>
-__global__ void softmax_weights_kernel(T* dot, int64_t cols, int64_t i0, int64_t j0, ScoreArgs<T> sc,
-                                       const T* lse) {
+// A block per row of the chunk: W_ij = softmax_weight(S_ij, lse_i), W_ii = 0, written
+// to w (over the chunk of dots when TW is T: each thread rewrites only what it read).
+template <typename T, typename TW>
+__global__ void softmax_weights_kernel(const T* dot, TW* w, int64_t cols, int64_t i0, int64_t j0,
+                                       ScoreArgs<T> sc, const T* lse) {
   const int64_t r = blockIdx.x, i = i0 + r;
-  T* row = dot + r * cols;
+  const T* row = dot + r * cols;
+  TW* wrow = w + r * cols;
   const T scale = *sc.scale;
   const T rb = sc.row_bias ? sc.row_bias[i] : T(0);
   const T l = lse[i];
@@ -705,23 +706,43 @@ __global__ void softmax_weights_kernel(T* dot, int64_t cols, int64_t i0, int64_t
     const int64_t j = j0 + c;
     const T s = score_from_dot(row[c], scale, rb, sc.col_bias ? sc.col_bias[j] : T(0));
     // NB: softmax_weight gives a masked (-inf) entry 0 even when lse_i is -inf too.
-    row[c] = j == i ? T(0) : softmax_weight(s, l);
+    wrow[c] = static_cast<TW>(j == i ? T(0) : softmax_weight(s, l));
   }
 }
 
-// mean (K x d, zero-initialised) += W X over all chunks; X: the GEMM operand of the
-// scores, X_acc: x in the accumulation dtype for the weighted sum.
-template <typename T>
-void softmax_mean_impl(const Tensor& X, const Tensor& X_acc, const ScoreArgs<T>& sc, const Tensor& lse,
-                       Tensor& mean) {
+// mean (K x d, float32 or float64, zero-initialised) += W X over all chunks. X: the GEMM
+// operand of the scores (bf16/fp16 on the tensor-core path). NB: bf16 inputs: W in
+// bf16 (weights in [0, 1], float32's range), the GEMM on tensor cores with float32
+// accumulation, as the score_reduce backward's G. fp16 inputs: W and x in float32 (W
+// underflows fp16's normal range at 6e-5), like G there.
+template <typename T, typename TW>
+void softmax_mean_impl(const Tensor& X, const ScoreArgs<T>& sc, const Tensor& lse, Tensor& mean) {
+  constexpr bool kInPlace = std::is_same<T, TW>::value;
   const int64_t K = X.size(0);
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const Tensor X_w = kInPlace ? X.to(acc) : X;  // the weighted sum's operand
   const Tiling t = choose_tiling(K, K, sizeof(T));
-  Tensor ws = at::empty({t.rows * t.cols}, X_acc.options());
+  Tensor ws = at::empty({t.rows * t.cols}, X.options().dtype(acc));
+  Tensor wws = kInPlace ? ws : at::empty({t.rows * t.cols}, X.options().dtype(c10::CppTypeToScalarType<TW>::value));
   const cudaStream_t stream = cuda::current_stream();
-  for_each_dot_chunk(X, X, t, ws, [&](const Tensor& W, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    cuda::launch(softmax_weights_kernel<T>, static_cast<unsigned>(rows), row_threads(cols), stream, W.data_ptr<T>(), cols, i0, j0, sc, lse.data_ptr<T>());
-    mean.narrow(0, i0, rows).addmm_(W, X_acc.narrow(0, j0, cols));
+  for_each_dot_chunk(X, X, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    Tensor W = wws.narrow(0, 0, rows * cols).view({rows, cols});
+    cuda::launch(softmax_weights_kernel<T, TW>, static_cast<unsigned>(rows), row_threads(cols), stream,
+                 S.data_ptr<T>(), reinterpret_cast<TW*>(W.data_ptr()), cols, i0, j0, sc, lse.data_ptr<T>());
+    addmm_acc(mean.narrow(0, i0, rows), W, X_w.narrow(0, j0, cols));
   });
+}
+
+// Picks the dtype of W: bf16 for bf16 inputs on the tensor-core path, else T.
+template <typename T>
+void softmax_mean_dispatch(const Tensor& X, const ScoreArgs<T>& sc, const Tensor& lse, Tensor& mean) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (X.scalar_type() == at::kBFloat16) {
+      softmax_mean_impl<float, at::BFloat16>(X, sc, lse, mean);
+      return;
+    }
+  }
+  softmax_mean_impl<T, T>(X, sc, lse, mean);
 }
 
 std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         // (K, d)
@@ -731,7 +752,7 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
   check_symmetric_args(x, scale, bias);
   const cuda::DeviceGuard guard(x.device());
   const auto acc = acc_dtype(x.scalar_type());
-  const Tensor X = gemm_operand(x, acc), X_acc = x.detach().to(acc).contiguous();
+  const Tensor X = gemm_operand(x, acc);
   const Tensor b = bias_acc(bias, acc);
   const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
   Tensor5 out = alloc_reductions(x, x.size(0), x.size(0), kNegLse);
@@ -741,7 +762,7 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
     forward_impl<scalar_t>(X, X, args, scalar_t(1), 0, kNegLse, out);
     if (with_mean) {
       mean.zero_();
-      softmax_mean_impl<scalar_t>(X, X_acc, args, std::get<2>(out), mean);
+      softmax_mean_dispatch<scalar_t>(X, args, std::get<2>(out), mean);
     }
   });
   return {std::get<2>(out), mean};
