@@ -61,6 +61,6 @@ for san in $SANITIZERS; do
   echo "sanitize: pytest ${ARGS[*]} under $san"
   # NB: -s: a sanitizer report must reach the terminal before it ends the process.
   (cd "$dir" && INFOMAX_SANITIZER=$san OMP_NUM_THREADS=1 LD_PRELOAD="$lib" \
-     "$PY" -m pytest -q -s -p no:cacheprovider "${ARGS[@]}")
+     "$PY" -m pytest -q -s -p no:cacheprovider -p no:faulthandler "${ARGS[@]}")
   echo "sanitize: $san passed in $(( $(date +%s) - T0 )) s"
 done
