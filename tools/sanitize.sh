@@ -28,6 +28,7 @@ esac
 # K = 300 with 1 KiB chunks, 1100 and 2048 rows): the same kernels and code paths as the
 # smaller cases, at 10-50x the time under a sanitizer.
 SKIP="K300 or K257 or 257- or 1100 or larger_problem or one-walk"
+[ -x "$PY" ] || { echo "sanitize: no Python at $PY (run ./setup.sh, or set PYTHON)" >&2; exit 2; }
 if [ $# -gt 0 ]; then ARGS=("$@"); else ARGS=(tests -k "(emulated or emulation) and not ($SKIP)"); fi
 
 for san in $SANITIZERS; do
@@ -38,9 +39,12 @@ for san in $SANITIZERS; do
   # between runs so a rebuild is incremental.
   git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$dir"
   echo "sanitize: building with -fsanitize=$san in $dir"
-  (cd "$dir" && FORCE_CPU=1 SANITIZE=$san MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py -q build_ext --inplace \
-     2>&1 | grep -E "building backends|error" || true)
-  [ -f "$dir"/infomax_ext/_C*.so ] || { echo "sanitize: the $san build failed" >&2; exit 1; }
+  if ! (cd "$dir" && FORCE_CPU=1 SANITIZE=$san MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py -q build_ext --inplace \
+          >build.log 2>&1); then
+    tail -n 30 "$dir/build.log" >&2
+    echo "sanitize: the $san build failed (log: $dir/build.log)" >&2
+    exit 1
+  fi
   if [ "$san" = thread ]; then
     lib=$(gcc -print-file-name=libtsan.so)
     export TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0 ${TSAN_OPTIONS:-}"
