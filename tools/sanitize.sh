@@ -29,10 +29,14 @@ esac
 # smaller cases, at 10-50x the time under a sanitizer.
 SKIP="K300 or K257 or 257- or 1100 or larger_problem or one-walk"
 [ -x "$PY" ] || { echo "sanitize: no Python at $PY (run ./setup.sh, or set PYTHON)" >&2; exit 2; }
-if [ $# -gt 0 ]; then ARGS=("$@"); else ARGS=(tests -k "(emulated or emulation) and not ($SKIP)"); fi
 
 for san in $SANITIZERS; do
   T0=$(date +%s)
+  if [ $# -gt 0 ]; then
+    ARGS=("$@")
+  else
+    ARGS=(tests -k "(emulated or emulation) and not ($SKIP)")
+  fi
   dir=build/sanitize-$san
   mkdir -p "$dir"
   # NB: a copy of the tracked and untracked (not ignored) files; build outputs are kept
@@ -49,7 +53,9 @@ for san in $SANITIZERS; do
     lib=$(gcc -print-file-name=libtsan.so)
     export TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0 ${TSAN_OPTIONS:-}"
   else
-    lib=$(gcc -print-file-name=libasan.so)
+    # NB: libstdc++ preloaded beside ASan, so ASan finds the real __cxa_throw for its
+    # interceptor (triton, which torch.compile imports, throws while loading).
+    lib="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
     # NB: Python itself leaks by design at exit; leaks are not what this run looks for.
     export ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 exitcode=66 ${ASAN_OPTIONS:-}"
   fi

@@ -3,8 +3,8 @@
 //     S[i, j] = sum_h w2[h] * act(P[i, h] + Q[j, h]) + b2      (K x M, never stored whole)
 //
 // There is no matmul here (O(K M H) elementwise activations), so the tiles of S
-// come from a hand-written kernel, not cuBLAS. A block of 256 threads (16 x 16)
-// computes a 32 x 32 tile of S (2 x 2 pairs per thread), staging the tile's 32
+// come from a hand-written kernel, not cuBLAS. A block of 64 threads (8 x 8)
+// computes a 32 x 32 tile of S (4 x 4 pairs per thread), staging the tile's 32
 // rows of P and 32 rows of Q in shared memory over chunks of 32 hidden units,
 // accumulating in float32 (float64 for float64; fp16/bf16 inputs are upcast to
 // float32 once, O((K + M) H)). The activation is a template parameter (one
@@ -73,11 +73,16 @@ using cuda::warp_sum;
 
 constexpr int kTile = 32;     // rows and columns of S per tile
 constexpr int kHC = 32;       // hidden units staged in shared memory per step
-constexpr int kHalf = 16;     // the tile kernels' block is kHalf x kHalf threads, 2 x 2 pairs each
-constexpr int kThreads = 256; // every kernel's block
+constexpr int kSide = 8;      // the tile kernels' block is kSide x kSide threads,
+constexpr int kPairs = 4;     // each computing kPairs x kPairs scores of the tile
+constexpr int kTileThreads = kSide * kSide;  // 64: the tile kernels' block
+constexpr int kThreads = 256; // every other kernel's block
 constexpr int kHPerThread = kHC * kTile / kThreads;  // 4: outputs (h values) per thread in dP/dQ
 
-static_assert(kHalf * kHalf == kThreads && 2 * kHalf == kTile, "tile kernel shape");
+// NB: 4 x 4 scores per thread: per hidden unit a thread loads 4 + 4 + 1 values from
+// shared memory for 16 activations (2 x 2 pairs needed 5 for 4), so the activation
+// loop, not shared memory, bounds the tile kernels, ReLU included.
+static_assert(kSide * kPairs == kTile && kTileThreads == 64, "tile kernel shape: two warps");
 static_assert(kThreads / 32 * kHPerThread == kHC, "dP/dQ kernels: 8 warps x 4 h = kHC");
 
 
@@ -104,11 +109,12 @@ struct ConcatParams {
 
 
 // Loads rows [x0, x0 + kTile) (those below n) of X (n x H), hidden units
-// [h0, h0 + hc), transposed into s[h][r]; zeros elsewhere. t: the thread's index.
-template <typename T>
+// [h0, h0 + hc), transposed into s[h][r]; zeros elsewhere. t: the thread's index in a
+// block of kN threads.
+template <int kN, typename T>
 __device__ __forceinline__ void load_rows_t(const T* X, int64_t n, int64_t H, int64_t x0, int64_t h0, int hc,
                                             T (*s)[kTile + 1], int t) {
-  for (int e = t; e < kTile * kHC; e += kThreads) {
+  for (int e = t; e < kTile * kHC; e += kN) {
     const int r = e / kHC, h = e % kHC;  // NB: consecutive threads read consecutive h (coalesced)
     const int64_t x = x0 + r;
     s[h][r] = (x < n && h < hc) ? X[x * H + h0 + h] : T(0);
@@ -116,37 +122,46 @@ __device__ __forceinline__ void load_rows_t(const T* X, int64_t n, int64_t H, in
 }
 
 // The scores of the tile at rows i0.., columns j0..: thread (tx, ty) gets
-// s[a][b] = S[i0 + ty + 16 a, j0 + tx + 16 b] (b2 included). Rows >= K and
+// s[a][b] = S[i0 + ty + kSide a, j0 + tx + kSide b] (b2 included). Rows >= K and
 // columns >= M are computed from zeros and must be ignored by the caller.
 // Every thread of the block must call it (it synchronises).
 template <int64_t A, typename T>
-__device__ __forceinline__ void tile_scores(const ConcatParams<T>& d, int64_t i0, int64_t j0, T (&s)[2][2],
-                                            T (*sP)[kTile + 1], T (*sQ)[kTile + 1], T* sW) {
-  const int tx = threadIdx.x, ty = threadIdx.y, t = ty * kHalf + tx;
-  T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+__device__ __forceinline__ void tile_scores(const ConcatParams<T>& d, int64_t i0, int64_t j0,
+                                            T (&s)[kPairs][kPairs], T (*sP)[kTile + 1], T (*sQ)[kTile + 1],
+                                            T* sW) {
+  const int tx = threadIdx.x, ty = threadIdx.y, t = ty * kSide + tx;
+  T acc[kPairs][kPairs];
+#pragma unroll
+  for (int a = 0; a < kPairs; ++a)
+#pragma unroll
+    for (int b = 0; b < kPairs; ++b) acc[a][b] = T(0);
   for (int64_t h0 = 0; h0 < d.H; h0 += kHC) {
     const int hc = static_cast<int>(std::min<int64_t>(kHC, d.H - h0));
-    load_rows_t(d.P, d.K, d.H, i0, h0, hc, sP, t);
-    load_rows_t(d.Q, d.M, d.H, j0, h0, hc, sQ, t);
+    load_rows_t<kTileThreads>(d.P, d.K, d.H, i0, h0, hc, sP, t);
+    load_rows_t<kTileThreads>(d.Q, d.M, d.H, j0, h0, hc, sQ, t);
     if (t < kHC) sW[t] = t < hc ? d.w2[h0 + t] : T(0);
     __syncthreads();
-#pragma unroll 4
+#pragma unroll 2
     for (int h = 0; h < hc; ++h) {
       const T w = sW[h];
-      const T p0 = sP[h][ty], p1 = sP[h][ty + kHalf];
-      const T q0 = sQ[h][tx], q1 = sQ[h][tx + kHalf];
-      acc[0][0] += w * act_value<A>(p0 + q0);
-      acc[0][1] += w * act_value<A>(p0 + q1);
-      acc[1][0] += w * act_value<A>(p1 + q0);
-      acc[1][1] += w * act_value<A>(p1 + q1);
+      T pv[kPairs], qv[kPairs];
+#pragma unroll
+      for (int a = 0; a < kPairs; ++a) {
+        pv[a] = sP[h][ty + kSide * a];
+        qv[a] = sQ[h][tx + kSide * a];
+      }
+#pragma unroll
+      for (int a = 0; a < kPairs; ++a)
+#pragma unroll
+        for (int b = 0; b < kPairs; ++b) acc[a][b] += w * act_value<A>(pv[a] + qv[b]);
     }
     __syncthreads();  // NB: before the next chunk overwrites sP / sQ
   }
   const T b2 = *d.b2;
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int a = 0; a < kPairs; ++a)
 #pragma unroll
-    for (int b = 0; b < 2; ++b) s[a][b] = acc[a][b] + b2;
+    for (int b = 0; b < kPairs; ++b) s[a][b] = acc[a][b] + b2;
 }
 
 // ---------------------------------------------------------------------------
@@ -171,22 +186,22 @@ struct ForwardArgs {
 
 // A block per 32 x 32 tile (grid: column tiles x row tiles of the chunk).
 template <int64_t A, typename T>
-__global__ void __launch_bounds__(kThreads) concat_forward_tile_kernel(const ForwardArgs<T> p) {
+__global__ void __launch_bounds__(kTileThreads) concat_forward_tile_kernel(const ForwardArgs<T> p) {
   __shared__ T sP[kHC][kTile + 1];
   __shared__ T sQ[kHC][kTile + 1];
   __shared__ T sW[kHC];
   __shared__ T sS[kTile][kTile + 1];
   const int64_t ct = blockIdx.x, rt = blockIdx.y;
   const int64_t j0 = ct * kTile, r0 = rt * kTile;  // r0: row in the chunk
-  T s[2][2];
+  T s[kPairs][kPairs];
   tile_scores<A>(p.d, p.i0 + r0, j0, s, sP, sQ, sW);
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int a = 0; a < kPairs; ++a)
 #pragma unroll
-    for (int b = 0; b < 2; ++b) sS[threadIdx.y + kHalf * a][threadIdx.x + kHalf * b] = s[a][b];
+    for (int b = 0; b < kPairs; ++b) sS[threadIdx.y + kSide * a][threadIdx.x + kSide * b] = s[a][b];
   __syncthreads();
 
-  const int t = threadIdx.y * kHalf + threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int t = threadIdx.y * kSide + threadIdx.x, lane = t & 31, warp = t >> 5;
   const int64_t M = p.d.M;
   const int64_t red = p.reductions;
   if (warp == 0 && (red & (kRowLse | kNegLse | kNegClampLse | kNegSoftplus))) {
@@ -312,7 +327,7 @@ void forward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t r
     p.rows = std::min(R, K - i0);
     p.n_rt = ceil_div(p.rows, kTile);
     const dim3 grid(static_cast<unsigned>(n_ct), static_cast<unsigned>(p.n_rt));
-    cuda::launch(concat_forward_tile_kernel<A, T>, grid, dim3(kHalf, kHalf), stream, p);
+    cuda::launch(concat_forward_tile_kernel<A, T>, grid, dim3(kSide, kSide), stream, p);
     if (row_red) {
       cuda::launch(concat_row_finish_kernel<T>, static_cast<unsigned>(ceil_div(p.rows, kThreads)), kThreads, stream, p, o);
     }
@@ -342,26 +357,26 @@ struct GradTileArgs {
 
 // A block per 32 x 32 tile: recomputes S, writes G = score_grad(S) and the tile's sum of G.
 template <int64_t A, typename T>
-__global__ void __launch_bounds__(kThreads) concat_grad_tile_kernel(const GradTileArgs<T> p) {
+__global__ void __launch_bounds__(kTileThreads) concat_grad_tile_kernel(const GradTileArgs<T> p) {
   __shared__ T sP[kHC][kTile + 1];
   __shared__ T sQ[kHC][kTile + 1];
   __shared__ T sW[kHC];
-  __shared__ T sSum[kThreads];
+  __shared__ T sSum[kTileThreads];
   const int64_t ct = blockIdx.x, rt = blockIdx.y;
   const int64_t j0 = ct * kTile, r0 = rt * kTile;
   const int64_t M = p.d.M;
-  T s[2][2];
+  T s[kPairs][kPairs];
   tile_scores<A>(p.d, p.i0 + r0, j0, s, sP, sQ, sW);
   T local = T(0);
 #pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t rr = r0 + threadIdx.y + kHalf * a;
+  for (int a = 0; a < kPairs; ++a) {
+    const int64_t rr = r0 + threadIdx.y + kSide * a;
     if (rr >= p.rows) continue;
     const int64_t i = p.i0 + rr;
     const RowGrad<T> rg = row_grad_at<T>(p, i);
 #pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t j = j0 + threadIdx.x + kHalf * b;
+    for (int b = 0; b < kPairs; ++b) {
+      const int64_t j = j0 + threadIdx.x + kSide * b;
       if (j >= M) continue;
       const T g = score_grad(s[a][b], j == i + p.pos_offset, rg, p.g_col ? p.g_col[j] : T(0),
                              p.col_lse ? p.col_lse[j] : T(0), p.tau, p.reductions);
@@ -369,13 +384,13 @@ __global__ void __launch_bounds__(kThreads) concat_grad_tile_kernel(const GradTi
       local += g;
     }
   }
-  const int t = threadIdx.y * kHalf + threadIdx.x;
+  const int t = threadIdx.y * kSide + threadIdx.x;
   sSum[t] = local;
   __syncthreads();
   if (t == 0) {
     // NB: a fixed order: reruns are bitwise identical.
     T total = T(0);
-    for (int k = 0; k < kThreads; ++k) total += sSum[k];
+    for (int k = 0; k < kTileThreads; ++k) total += sSum[k];
     p.gsum[(p.rt0 + rt) * p.n_ct + ct] = total;
   }
 }
@@ -404,7 +419,7 @@ __global__ void __launch_bounds__(kThreads) concat_grad_p_kernel(const GradAccAr
   const int64_t M = p.d.M, H = p.d.H;
   const int hc = static_cast<int>(std::min<int64_t>(kHC, H - h0));
   const int64_t row_end = p.i0 + p.rows;  // rows of other chunks are not loaded
-  load_rows_t(p.d.P, row_end, H, p.i0 + r0, h0, hc, sP, t);
+  load_rows_t<kThreads>(p.d.P, row_end, H, p.i0 + r0, h0, hc, sP, t);
   __syncthreads();
   T pv[kHPerThread], accP[kHPerThread], accW[kHPerThread];
 #pragma unroll
@@ -414,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) concat_grad_p_kernel(const GradAccAr
   }
   for (int64_t j0 = 0; j0 < M; j0 += kTile) {
     __syncthreads();  // NB: the previous step's reads of sQ / sG are done
-    load_rows_t(p.d.Q, M, H, j0, h0, hc, sQ, t);
+    load_rows_t<kThreads>(p.d.Q, M, H, j0, h0, hc, sQ, t);
     for (int e = t; e < kTile * kTile; e += kThreads) {
       const int r = e / kTile, c = e % kTile;
       const int64_t rr = r0 + r, j = j0 + c;
@@ -458,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) concat_grad_q_kernel(const GradAccAr
   const int64_t M = p.d.M, H = p.d.H;
   const int hc = static_cast<int>(std::min<int64_t>(kHC, H - h0));
   const int64_t row_end = p.i0 + p.rows;
-  load_rows_t(p.d.Q, M, H, c0, h0, hc, sQ, t);
+  load_rows_t<kThreads>(p.d.Q, M, H, c0, h0, hc, sQ, t);
   __syncthreads();
   T qv[kHPerThread], accQ[kHPerThread];
 #pragma unroll
@@ -468,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) concat_grad_q_kernel(const GradAccAr
   }
   for (int64_t r0 = 0; r0 < p.rows; r0 += kTile) {
     __syncthreads();
-    load_rows_t(p.d.P, row_end, H, p.i0 + r0, h0, hc, sP, t);
+    load_rows_t<kThreads>(p.d.P, row_end, H, p.i0 + r0, h0, hc, sP, t);
     for (int e = t; e < kTile * kTile; e += kThreads) {
       const int r = e / kTile, c = e % kTile;
       const int64_t rr = r0 + r, j = c0 + c;
@@ -540,7 +555,7 @@ void backward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t 
     q.i0 = a.i0 = i0;
     q.rows = a.rows = rows;
     q.rt0 = a.rt0 = i0 / kTile;  // NB: i0 is a multiple of kTile (R is, unless R == K)
-    cuda::launch(concat_grad_tile_kernel<A, T>, dim3(static_cast<unsigned>(n_ct), static_cast<unsigned>(n_rt)), dim3(kHalf, kHalf), stream, q);
+    cuda::launch(concat_grad_tile_kernel<A, T>, dim3(static_cast<unsigned>(n_ct), static_cast<unsigned>(n_rt)), dim3(kSide, kSide), stream, q);
     cuda::launch(concat_grad_p_kernel<A, T>, dim3(static_cast<unsigned>(n_rt), n_hc), kThreads, stream, a);
     cuda::launch(concat_grad_q_kernel<A, T>, dim3(static_cast<unsigned>(n_ct), n_hc), kThreads, stream, a);
   }
