@@ -134,7 +134,17 @@ def test_raw_ops_gradgradcheck(device):
     torch.autograd.gradgradcheck(
         lambda a, b, s, rb: w(a, b, s, rb, None, 2, ops.ROW_LSE | ops.NEG_SOFTPLUS, weights=wts,
                               w_pos=-wts[0])[0], (a, b, scale, rb))
-    # b is a and col_bias is row_bias: one tensor in two roles gets its gradient once
+    # one tensor in two roles (b is a, col_bias is row_bias) gets its gradient once
+    x5 = leaf(5, 2, seed=12, device=device)
+    torch.autograd.gradgradcheck(lambda x, rb: reduce(x, x, scale, rb, rb), (x5, cb))
+    penalty = []
+    for fn in (ops.score_reduce, ref.score_reduce):
+        def f(x):
+            return sum(o.sum() * (k + 1) for k, o in enumerate(fn(x, x, scale, cb, cb, 0, 31, 0.8)))
+        (g,) = torch.autograd.grad(f(x5), x5, create_graph=True)
+        penalty.append(torch.autograd.grad(g.pow(2).sum(), (x5, cb, scale)))
+    for p, q in zip(*penalty):
+        torch.testing.assert_close(p, q)
     torch.autograd.gradgradcheck(lambda x, rb: w(x, x, 0.5, rb, rb, 0, ops.NEG_LSE,
                                                  weights=(None, wts[0], None, None))[0], (a, rb))
     P, Q, w2 = leaf(3, 4, seed=9, device=device), leaf(4, 4, seed=10, device=device), leaf(4, seed=11, device=device)
