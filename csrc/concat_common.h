@@ -48,4 +48,13 @@ inline void check_concat_args(const Tensor& P, const Tensor& Q, const Tensor& w2
               "concat_score_reduce: clamp_tau must be > 0, got ", clamp_tau);
 }
 
+// _concat_score_reduce_backward's gradients and saved statistics (after check_concat_args).
+inline void check_concat_backward_args(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
+                                       const Tensor& g_clamp, const Tensor& g_sp, const Tensor& P, const Tensor& Q,
+                                       const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
+                                       const Tensor& clamp_lse, int64_t reductions) {
+  check_backward_args("_concat_score_reduce_backward", P, P.size(0), Q.size(0), reductions, g_row, g_col, g_neg,
+                      g_clamp, g_sp, row_lse, col_lse, neg_lse, clamp_lse);
+}
+
 }  // namespace infomax_ext

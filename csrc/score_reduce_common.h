@@ -69,6 +69,78 @@ inline void check_score_reduce_args(const Tensor& a, const Tensor& b, const Tens
               "score_reduce: clamp_tau must be > 0, got ", clamp_tau);
 }
 
+// A per-row or per-column vector argument of a backward op (an upstream gradient or a
+// saved statistic): 1-D of length n, or empty (0,) for "not given"; floating, on the
+// inputs' device. NB: the walkers index these by row and column without bounds checks,
+// so a wrong length must stop here.
+inline void check_vector_arg(const Tensor& t, const char* op, const char* name, int64_t n, const char* n_name,
+                             const Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && (t.size(0) == n || t.size(0) == 0), op, ": ", name, " must have shape (", n_name,
+              ",) = (", n, ",) or be empty (0,), got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ",
+              like.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+// The upstream gradients of the five reductions: (K,), (M,), (K,), (K,), (K,) or empty.
+inline void check_reduction_grads(const char* op, const Tensor& like, int64_t K, int64_t M, const Tensor& g_row,
+                                  const Tensor& g_col, const Tensor& g_neg, const Tensor& g_clamp,
+                                  const Tensor& g_sp) {
+  check_vector_arg(g_row, op, "grad_row_lse", K, "K", like);
+  check_vector_arg(g_col, op, "grad_col_lse", M, "M", like);
+  check_vector_arg(g_neg, op, "grad_neg_lse", K, "K", like);
+  check_vector_arg(g_clamp, op, "grad_clamp_lse", K, "K", like);
+  check_vector_arg(g_sp, op, "grad_softplus", K, "K", like);
+}
+
+// A recomputing backward's gradients and saved forward statistics: each statistic
+// (K,) / (M,) or empty, and present wherever its gradient takes part (see active_grads).
+inline void check_backward_args(const char* op, const Tensor& like, int64_t K, int64_t M, int64_t reductions,
+                                const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
+                                const Tensor& g_clamp, const Tensor& g_sp, const Tensor& row_lse,
+                                const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse) {
+  check_reduction_grads(op, like, K, M, g_row, g_col, g_neg, g_clamp, g_sp);
+  const struct {
+    int64_t bit;
+    const Tensor& g;
+    const Tensor& stat;
+    const char* name;
+    int64_t n;
+    const char* n_name;
+  } saved[] = {{kRowLse, g_row, row_lse, "row_lse", K, "K"},
+               {kColLse, g_col, col_lse, "col_lse", M, "M"},
+               {kNegLse, g_neg, neg_lse, "neg_lse", K, "K"},
+               {kNegClampLse, g_clamp, clamp_lse, "clamp_lse", K, "K"}};
+  for (const auto& s : saved) {
+    check_vector_arg(s.stat, op, s.name, s.n, s.n_name, like);
+    TORCH_CHECK(!((reductions & s.bit) && s.g.numel() > 0) || s.stat.numel() == s.n, op, ": ", s.name,
+                " (the saved forward output) must have shape (", s.n_name, ",) = (", s.n,
+                ",) when its gradient is given, got ", s.stat.sizes());
+  }
+}
+
+// _score_reduce_backward's gradients and saved statistics (after check_score_reduce_args).
+inline void check_score_reduce_backward_args(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
+                                             const Tensor& g_clamp, const Tensor& g_sp, const Tensor& a,
+                                             const Tensor& b, const Tensor& row_lse, const Tensor& col_lse,
+                                             const Tensor& neg_lse, const Tensor& clamp_lse, int64_t reductions) {
+  check_backward_args("_score_reduce_backward", a, a.size(0), b.size(0), reductions, g_row, g_col, g_neg, g_clamp,
+                      g_sp, row_lse, col_lse, neg_lse, clamp_lse);
+}
+
+// _score_reduce_with_grad's upstream gradients (after check_score_reduce_args): (K,) or empty.
+inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor& g_neg, const Tensor& g_clamp,
+                                              const Tensor& g_sp, const Tensor& a, int64_t reductions) {
+  TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only (no col_lse), got ",
+              reductions);
+  const int64_t K = a.size(0);
+  check_vector_arg(g_row, "_score_reduce_with_grad", "grad_row_lse", K, "K", a);
+  check_vector_arg(g_neg, "_score_reduce_with_grad", "grad_neg_lse", K, "K", a);
+  check_vector_arg(g_clamp, "_score_reduce_with_grad", "grad_clamp_lse", K, "K", a);
+  check_vector_arg(g_sp, "_score_reduce_with_grad", "grad_softplus", K, "K", a);
+}
+
 // _score_reduce_with_grad's outputs: the five statistics, then the five gradients.
 using Tensor10 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,

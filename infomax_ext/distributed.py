@@ -96,6 +96,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # NB: the collectives below record no graph: a create_graph backward would
+            # return a gradient cut off from the other ranks' terms (a wrong second derivative).
+            raise RuntimeError("gather_with_grad (the losses' gather_distributed=True) is not twice "
+                               "differentiable; for a gradient penalty score the local batch "
+                               "(gather_distributed=False)")
         # NB: a fresh contiguous buffer; the collectives write in place and the
         # incoming gradient may be shared with other autograd nodes.
         grad = grad.contiguous().clone()

@@ -15,6 +15,7 @@ the compiled module absent, or ``use_reference(True)``, the source materialises
 S and the estimator of the same name in ``reference.py`` runs instead.
 """
 import math
+import numbers
 
 import torch
 
@@ -37,6 +38,8 @@ def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_
         raise ValueError(f"feature sizes differ: {na} has d={a.shape[1]}, {nb} has d={b.shape[1]}")
     if M < K:
         raise ValueError(f"need M >= K so every row has a positive, got K={K} ({na}), M={M} ({nb})")
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral):
+        raise ValueError(f"pos_offset must be an int, got {pos_offset!r}")
     if not 0 <= pos_offset <= M - K:
         raise ValueError(f"pos_offset must be in [0, M-K] = [0, {M - K}], got {pos_offset}")
     if need_negatives and M < 2:
@@ -45,6 +48,17 @@ def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_
         raise ValueError(f"{na} and {nb} are on different devices: {a.device} and {b.device}")
     if not (a.is_floating_point() and b.is_floating_point()) or a.dtype != b.dtype:
         raise ValueError(f"{na} and {nb} must share one floating dtype, got {a.dtype} and {b.dtype}")
+
+
+def check_like(t, like, name):
+    """A tensor argument besides the inputs (scale, a bias) must be floating point and on
+    their device; a number passes."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {like.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
 
 
 class DotScores:
@@ -62,6 +76,8 @@ class DotScores:
         for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
             if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
                 raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
+            check_like(bias, a, name)
+        check_like(scale, a, "scale")
         self.a, self.b, self.row_bias, self.col_bias = a, b, row_bias, col_bias
         self.scale = ops.as_scale(scale, a)
         self.K, self.M, self.pos_offset = a.shape[0], b.shape[0], pos_offset
@@ -123,39 +139,39 @@ class _Terms:
 
     ``js_gradient=True`` (for JS, its objective and SMILE, whose gradient is the JS
     objective's): on a DotScores source that needs a gradient, the statistics come from
-    one ``ops.score_reduce_weighted`` walk that also makes the JS objective's gradient,
-    and come back detached; ``js_objective()`` then carries that gradient.
+    one ``ops.score_reduce_weighted`` walk that also makes the gradient of the negatives'
+    term ``-mean_neg softplus(S)``, and come back detached; ``js_objective()`` carries
+    that gradient (the positives' term is plain torch, O(K d)).
     """
 
     def __init__(self, src, reductions, clamp_tau=5.0, js_gradient=False):
         self.K, self.M = src.K, src.M
         self.n_neg = src.K * (src.M - 1)
-        self._js_surrogate = None
+        self.pos = src.positive()
+        self._neg_softplus_mean = None
         if js_gradient and _backend.fused_enabled() and isinstance(src, DotScores) and src.wants_grad():
-            # NB: the JS objective's gradient is linear in one upstream scalar: weight
-            # -1/n_neg on the softplus sums and, on the positives, its derivative
-            # sigmoid(-pos)/K taken at the current positives (O(K d) to compute first).
-            pos = src.positive().detach()
-            w_sp = torch.full_like(pos, -1.0 / self.n_neg)
-            out = src.reduce_weighted(reductions | NEG_SOFTPLUS, (None, None, None, w_sp),
-                                      w_pos=torch.sigmoid(-pos) / src.K, clamp_tau=clamp_tau)
-            self._js_surrogate, self.pos = out[0], pos
+            # NB: the weights are constants (-1/n_neg), so the walk's value is exactly
+            # -mean_neg softplus(S) with its gradient (and its second derivative, through
+            # the create_graph backward).
+            w_sp = torch.full((self.K,), -1.0 / self.n_neg, dtype=self.pos.dtype, device=self.pos.device)
+            out = src.reduce_weighted(reductions | NEG_SOFTPLUS, (None, None, None, w_sp), clamp_tau=clamp_tau)
+            self._neg_softplus_mean = -out[0]
             self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = out[1:6]
             return
-        self.pos = src.positive()
         self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = src.reduce(
             reductions, clamp_tau)
 
     def log_mean_exp_neg(self, lse_rows=None):
-        """log of the mean over all negatives of exp(S), from per-row log-sum-exps."""
+        """log of the mean over all negatives of exp(S), from per-row log-sum-exps
+        (``-inf`` with zero gradient when every negative is masked)."""
         rows = self.neg_lse if lse_rows is None else lse_rows
-        return torch.logsumexp(rows, 0) - math.log(self.n_neg)
+        return ref.logsumexp(rows, 0) - math.log(self.n_neg)
 
     def js_objective(self):
-        obj = -torch.nn.functional.softplus(-self.pos).mean() - self.softplus.sum() / self.n_neg
-        if self._js_surrogate is None:
-            return obj
-        return self._js_surrogate + (obj - self._js_surrogate).detach()
+        neg = self._neg_softplus_mean
+        if neg is None:
+            neg = self.softplus.sum() / self.n_neg
+        return -torch.nn.functional.softplus(-self.pos).mean() - neg
 
 
 def _need_negatives(src):
@@ -345,7 +361,12 @@ def smile(a, b, tau=5.0, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
 
 
 def alignment(x, y, alpha=2.0):
-    """Wang & Isola's alignment ``mean_i |x_i - y_i|^alpha`` (a loss: minimise it). O(K d)."""
+    """Wang & Isola's alignment ``mean_i |x_i - y_i|^alpha`` (a loss: minimise it). O(K d).
+
+    x, y: (K, d) paired rows, non-empty, one floating dtype and device."""
+    check_pair(x, y, names=("x", "y"))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     return ref.alignment(x, y, alpha)
 
 
@@ -358,6 +379,29 @@ def _check_uniformity_args(x, t):
     return float(t)
 
 
+def _centred(x, t):
+    """``(xc, bias)``: x in the accumulation dtype minus the mean of its finite rows, and
+    ``bias = -t |xc|^2``; a row holding an infinite coordinate (and no NaN) is infinitely
+    far from every other point: its xc is 0 and its bias ``-inf`` (masked).
+
+    NB: uniformity depends on differences only. Centring first keeps
+    ``-t |x_i - x_j|^2 = 2t <xc_i, xc_j> - t |xc_i|^2 - t |xc_j|^2`` free of the
+    cancellation that ``|x|^2 ~ |offset|^2`` causes far from the origin; each
+    ``x_i - mean`` is exact (Sterbenz) for a cluster, and a rounded mean is a common
+    shift, which cancels.
+    """
+    acc = ops.acc_dtype(x.dtype)
+    xa = x.detach().to(acc)
+    far = torch.isinf(xa).any(1) & ~torch.isnan(xa).any(1)
+    xa = torch.where(far[:, None], torch.zeros_like(xa), xa)
+    mean = xa.sum(0) / (~far).sum().clamp(min=1)
+    # NB: back in x's dtype, so fp16/bf16 inputs keep their GEMM dtype; the bias is taken
+    # from the rounded xc, so S is still exactly -t |xc_i - xc_j|^2.
+    xc = torch.where(far[:, None], torch.zeros_like(xa), xa - mean).to(x.dtype)
+    bias = torch.where(far, torch.full_like(xa[:, 0], -math.inf), -t * xc.to(acc).pow(2).sum(-1))
+    return xc, bias
+
+
 class _Uniformity(torch.autograd.Function):
     """Uniformity's value and per-row terms from one ``symmetric_softmax_mean`` call.
 
@@ -367,35 +411,41 @@ class _Uniformity(torch.autograd.Function):
     of the forward call, so the value's backward is O(K d): no second pass over S (the
     "input gradients during the forward" trick of fused linear cross-entropy, here exact
     for any upstream gradient because the loss is a scalar). A gradient of the per-row
-    terms (not symmetric) takes the general recomputing backward of score_reduce.
+    terms (not symmetric) takes the general recomputing backward of score_reduce. Both
+    are taken on the centred xc (see ``_centred``) and are the gradients w.r.t. x as they
+    are: the terms do not change under translation, so the gradients sum to 0 over the
+    rows and centring's projection leaves them alone. With ``create_graph=True`` the
+    backward is ``reference.uniformity_terms``'s (materialises S), differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, t):
-        acc = ops.acc_dtype(x.dtype)
-        # NB: |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>: scale 2t and bias -t |x|^2.
-        bias = -t * x.detach().to(acc).pow(2).sum(-1)
-        scale = torch.tensor(2.0 * t, dtype=acc, device=x.device)
-        lse, mean = ops.symmetric_softmax_mean(x.detach(), scale, bias)
+        xc, bias = _centred(x, t)
+        scale = torch.tensor(2.0 * t, dtype=bias.dtype, device=x.device)
+        lse, mean = ops.symmetric_softmax_mean(xc, scale, bias)
         K = x.shape[0]
         total = torch.logsumexp(lse, 0)
-        ctx.save_for_backward(x, scale, bias, lse, mean, total)
+        # NB: x is saved (no copy) for torch's version check and a create_graph backward.
+        ctx.save_for_backward(x, xc, scale, bias, lse, mean, total)
         ctx.t, ctx.ops = t, ops._ops()
         ctx.set_materialize_grads(False)
         return total - math.log(K * (K - 1)), lse - math.log(K - 1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_value, g_rows):
-        x, scale, bias, lse, mean, total = ctx.saved_tensors
-        t, xa = ctx.t, x.to(lse.dtype)
+        x, xc, scale, bias, lse, mean, total = ctx.saved_tensors
+        t = ctx.t
+        if torch.is_grad_enabled():  # create_graph=True
+            return ops._grads_by_reference(lambda x: ref.uniformity_terms(x, t), (x,), (g_value, g_rows))[0], None
+        xa = xc.to(lse.dtype)
         dx = torch.zeros_like(xa)
         if g_value is not None:
+            # NB: q_k = 0 for a masked (infinitely far) row, whose mean_k - xc_k is finite.
             dx = dx + (4.0 * t * g_value * torch.exp(lse - total))[:, None] * (mean - xa)
         if g_rows is not None:
             empty = lse.new_empty((0,))
             da, db, _, drow, dcol = ctx.ops._score_reduce_backward(
-                empty, empty, g_rows.to(lse.dtype), empty, empty, x, x, scale, bias, bias,
+                empty, empty, g_rows.to(lse.dtype), empty, empty, xc, xc, scale, bias, bias,
                 empty, empty, lse, empty, 0, NEG_LSE, 5.0)
             dx = dx + da.to(xa.dtype) + db.to(xa.dtype) - (2.0 * t) * (drow + dcol)[:, None] * xa
         return dx.to(x.dtype), None
@@ -405,22 +455,23 @@ def uniformity_terms(x, t=2.0):
     """``(value, per_row)`` of Wang & Isola's uniformity from one fused call.
 
     value = ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; per_row[i] =
-    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as the symmetric S with scale
-    2t, bias ``-t |x|^2`` and the diagonal excluded (``ops.symmetric_softmax_mean``:
-    half of S, and the value's gradient in the same pass), so it stays finite where
-    ``log(mean(exp(.)))`` underflows to -inf. With the fused path off, the same
-    reductions come from ``reference.score_reduce``.
+    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as the symmetric S of the centred
+    points with scale 2t, bias ``-t |x_c|^2`` and the diagonal excluded
+    (``ops.symmetric_softmax_mean``: half of S, and the value's gradient in the same
+    pass), so it stays finite where ``log(mean(exp(.)))`` underflows to -inf, and exact
+    under translation. A point with an infinite coordinate drops out of every pair (its
+    per_row is -inf, its gradient 0). With the fused path off,
+    ``reference.uniformity_terms``.
     """
     t = _check_uniformity_args(x, t)
     check_pair(x, x, 0, True, names=("x", "x"))
-    fused = _backend.fused_enabled()
-    if fused and torch.is_grad_enabled() and x.requires_grad:
+    if not _backend.fused_enabled():
+        return ref.uniformity_terms(x, t)
+    if torch.is_grad_enabled() and x.requires_grad:
         return _Uniformity.apply(x, t)
-    bias = -t * x.to(ops.acc_dtype(x.dtype)).pow(2).sum(-1)
-    if fused:  # NB: no gradient wanted: the log-sum-exps alone, from half of S
-        neg_lse = ops.symmetric_softmax_mean(x, 2.0 * t, bias, with_mean=False)[0]
-    else:
-        neg_lse = ref.score_reduce(x, x, 2.0 * t, bias, bias, 0, NEG_LSE)[2]
+    # NB: no gradient wanted: the log-sum-exps alone, from half of S
+    xc, bias = _centred(x, t)
+    neg_lse = ops.symmetric_softmax_mean(xc, 2.0 * t, bias, with_mean=False)[0]
     K = x.shape[0]
     return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
 

@@ -286,6 +286,8 @@ class ClipLoss(nn.Module):
 
     Args:
         init_logit_scale: initial ``log scale``, ``log(1 / 0.07)`` as in CLIP.
+        max_logit_scale: the module's ``logit_scale`` is clamped to it before ``exp``
+            (``log 100``: CLIP's cap on the scale, open_clip's clamp); None: no clamp.
         learnable: the scale (and bias) are ``nn.Parameter``s; else buffers.
         bias: None for no bias, or the initial value of a bias added to every logit.
         normalize: L2-normalise the features first. False by default: open_clip's loss
@@ -302,10 +304,17 @@ class ClipLoss(nn.Module):
     """
 
     def __init__(self, init_logit_scale=math.log(1 / 0.07), learnable=True, bias=None,
-                 normalize=False, gather_distributed=False):
+                 normalize=False, gather_distributed=False, max_logit_scale=math.log(100)):
         super().__init__()
+        if max_logit_scale is not None and not math.isfinite(float(max_logit_scale)):
+            raise ValueError(f"max_logit_scale must be finite or None, got {max_logit_scale!r}")
+        self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
         if not math.isfinite(float(init_logit_scale)):
             raise ValueError(f"init_logit_scale must be finite, got {init_logit_scale!r}")
+        if self.max_logit_scale is not None and float(init_logit_scale) > self.max_logit_scale:
+            raise ValueError(f"init_logit_scale={init_logit_scale!r} is above max_logit_scale="
+                             f"{self.max_logit_scale:g} (log 100, CLIP's clamp); pass a smaller one or "
+                             "raise max_logit_scale")
         scale = torch.tensor(float(init_logit_scale))
         if learnable:
             self.logit_scale = nn.Parameter(scale)
@@ -320,7 +329,8 @@ class ClipLoss(nn.Module):
         self.normalize, self.gather_distributed = bool(normalize), bool(gather_distributed)
 
     def extra_repr(self):
-        return f"normalize={self.normalize}, gather_distributed={self.gather_distributed}"
+        return (f"normalize={self.normalize}, gather_distributed={self.gather_distributed}, "
+                f"max_logit_scale={self.max_logit_scale}")
 
     def forward(self, image_features, text_features, logit_scale=None, logit_bias=None,
                 return_diagnostics=False):
@@ -331,9 +341,21 @@ class ClipLoss(nn.Module):
         if self.normalize:
             img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
         acc = ops.acc_dtype(img.dtype)
-        scale = self.logit_scale.exp() if logit_scale is None else torch.as_tensor(logit_scale)
-        scale = scale.to(device=img.device, dtype=acc).reshape(())
+        if logit_scale is None:
+            # NB: CLIP caps the scale at 100 (open_clip clamps the parameter to log 100
+            # after each step); the clamp here keeps exp() from overflowing in between.
+            log_scale = self.logit_scale
+            if self.max_logit_scale is not None:
+                log_scale = log_scale.clamp(max=self.max_logit_scale)
+            scale = log_scale.exp()
+        else:
+            scale = torch.as_tensor(logit_scale)
         bias = self.logit_bias if logit_bias is None else torch.as_tensor(logit_bias)
+        for name, t in (("logit_scale", scale), ("logit_bias", bias)):
+            if t is not None and t.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor (one value for every "
+                                 f"logit), got shape {tuple(t.shape)}")
+        scale = scale.to(device=img.device, dtype=acc).reshape(())
         K = img.shape[0]
         row_bias = None if bias is None else bias.to(device=img.device, dtype=acc).reshape(()).expand(K)
         pos = _positive(img, txt, scale, row_bias)

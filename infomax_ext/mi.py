@@ -112,6 +112,8 @@ def _as_2d(name, t, device, dtype):
         t = t.unsqueeze(1)
     if t.dim() != 2 or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be an (n, d) array of numbers, got shape {tuple(t.shape)} ({t.dtype})")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature (d >= 1), got shape {tuple(t.shape)}")
     return t.to(device=device if device is not None else t.device, dtype=dtype)
 
 
@@ -153,12 +155,17 @@ def estimate_mi(x, y, estimator="smile", critic="separable", steps=2000, batch_s
         seed: seeds the split, the batches and the critic's initialisation (the global
             RNG state is left as it was).
         progress: show a tqdm progress bar with the running bound.
-        device, dtype: where and in what precision to train (default: x's device, float32).
+        device, dtype: where and in what precision to train (default: x's device, float32;
+            float32 or float64).
 
     Returns:
         :class:`MIEstimate` with ``estimate``, ``std``, ``eval_values``, ``curve`` and the
         trained ``critic``.
     """
+    if dtype not in (torch.float32, torch.float64):
+        # NB: Adam's eps (1e-8) is 0 in float16: the first step divides by zero.
+        raise ValueError(f"estimate_mi trains in float32 or float64, got dtype={dtype}; for half precision "
+                         "train a loss yourself under torch.autocast")
     x = _as_2d("x", x, device, dtype)
     y = _as_2d("y", y, x.device, dtype)
     n = x.shape[0]

@@ -13,6 +13,7 @@ import functools
 import torch
 
 from . import _backend
+from . import reference as ref
 
 ROW_LSE, COL_LSE, NEG_LSE, NEG_CLAMP_LSE, NEG_SOFTPLUS = 1, 2, 4, 8, 16
 ALL_REDUCTIONS = 31
@@ -26,6 +27,8 @@ def acc_dtype(dtype):
 def as_scale(scale, like):
     """A learnable scale stays a tensor (and gets a gradient); a number becomes one."""
     if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
         return scale.reshape(()) if scale.dim() else scale
     return torch.tensor(float(scale), dtype=acc_dtype(like.dtype), device=like.device)
 
@@ -67,8 +70,41 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (pos_offset, reductions, clamp_tau)
 
 
+def _grads_by_reference(fn, inputs, grad_outputs):
+    """The input gradients of ``fn(*inputs)`` (a tuple of outputs) for ``grad_outputs``,
+    as differentiable torch ops: the backward of every op here when it runs with
+    ``create_graph=True`` (grad mode on), so second derivatives are exact.
+
+    ``fn`` is the op's materialising formula from ``reference.py``: O(K M) memory (the
+    fused backward kernels are not differentiable). A tensor given twice (``b is a``)
+    gets its whole gradient in its first slot, None in the other; so does an input
+    without ``requires_grad`` (None).
+    """
+    uniq = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.requires_grad and not any(t is u for u in uniq):
+            uniq.append(t)
+    result = [None] * len(inputs)
+    with torch.enable_grad():
+        outs = fn(*inputs) if uniq else ()
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    if not pairs:
+        return result
+    grads = torch.autograd.grad([o for o, _ in pairs], uniq, [g.to(o.dtype) for o, g in pairs],
+                                create_graph=True, allow_unused=True)
+    for u, g in zip(uniq, grads):
+        result[next(i for i, t in enumerate(inputs) if t is u)] = g
+    return result
+
+
 def _backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        pos_offset, reductions, clamp_tau = ctx.args
+        grads = _grads_by_reference(
+            lambda *x: ref.score_reduce(*x, pos_offset, reductions, clamp_tau),
+            (a, b, scale, row_bias, col_bias), (g_row, g_col, g_neg, g_clamp, g_sp))
+        return (*grads, None, None, None)
     empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
     da, db, dscale, drow, dcol = lib._score_reduce_backward(
@@ -85,6 +121,8 @@ class _ReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, shared):
+        inputs = (a, b, scale, row_bias, col_bias)
+        ctx.weights, ctx.args = weights, (pos_offset, reductions, clamp_tau)
         # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
         # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
         b = a if shared[0] else b
@@ -102,22 +140,41 @@ class _ReduceWithGrad(torch.autograd.Function):
         if w_pos is not None:
             pos = _add_positive_term(grads, w_pos, a, b, scale, d[0], d[1], pos_offset)
             value = value + (w_pos * pos).sum()
-        ctx.save_for_backward(*grads)
+        # NB: the inputs are saved too (no copy): torch's version counter then catches an
+        # in-place change before the backward, and a create_graph backward needs them.
+        ctx.save_for_backward(*inputs, *grads)
         ctx.shared, ctx.has_rb, ctx.has_cb = shared, row_bias is not None, col_bias is not None
         ctx.mark_non_differentiable(*stats, pos)
         return (value, *stats, pos)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, *_):
-        da, db, dscale, drow, dcol = ctx.saved_tensors
+        a, b, scale, row_bias, col_bias, *grads = ctx.saved_tensors
         (same_ab, same_bias), has_rb, has_cb = ctx.shared, ctx.has_rb, ctx.has_cb
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _grads_by_reference(
+                lambda *x: (_weighted_value_reference(*x, *ctx.args, ctx.weights),),
+                (a, a if same_ab else b, scale, row_bias, row_bias if same_bias else col_bias), (g,))
+            return (*grads, None, None, None, None, None)
+        da, db, dscale, drow, dcol = grads
         da, db = (da + db, None) if same_ab else (da, db)
         drow, dcol = (drow + dcol, None) if same_bias and has_rb else (drow, dcol)
         scaled = [None if x is None else g * x for x in (da, db, dscale, drow, dcol)]
         scaled[3] = scaled[3] if has_rb else None
         scaled[4] = scaled[4] if has_cb and not same_bias else None
         return (*scaled, None, None, None, None, None)
+
+
+def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights):
+    """``_ReduceWithGrad``'s value from the materialising reference (differentiable)."""
+    acc = acc_dtype(a.dtype)
+    up = [None if t is None else t.to(acc) for t in (a, b, scale, row_bias, col_bias)]
+    S = ref.scores_dot(*up)
+    stats = ref.reduce_scores(S, pos_offset, reductions, clamp_tau)
+    terms = [(w * st).sum() for w, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if w is not None]
+    if weights[4] is not None:
+        terms.append((weights[4] * ref.positive_scores(S, pos_offset)).sum())
+    return sum(terms)
 
 
 def _add_positive_term(grads, w_pos, a, b, scale, row_bias, col_bias, pos_offset):
@@ -164,8 +221,8 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     the forward walk, from each row block's scores kept in cache: three K x M x d GEMMs
     instead of the four of score_reduce plus its recomputing backward, O((K + M) d) saved.
     Use it when a backward follows; for a forward alone, score_reduce is cheaper. The
-    backward may run more than once (retain_graph); like any op here it is not twice
-    differentiable.
+    backward may run more than once (retain_graph); with ``create_graph=True`` it is
+    recomputed from ``reference.py`` (materialises S) so that it is differentiable.
     """
     if reductions & COL_LSE:
         raise ValueError("score_reduce_weighted takes row reductions only (no COL_LSE)")
@@ -251,6 +308,9 @@ def _symmetric_backward(lib, ctx, g_lse, _g_mean):
     x, scale, bias, lse = ctx.saved_tensors
     if g_lse is None:
         return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _grads_by_reference(lambda *x: ref.symmetric_softmax_mean(*x)[:1], (x, scale, bias), (g_lse,))
+        return (*grads, None)
     # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
     # its backward, with x in both roles and bias on both sides.
     empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
@@ -316,6 +376,13 @@ def _concat_setup_context(ctx, inputs, output):
 
 def _concat_backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     P, Q, w2, b2, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        name = next(k for k, v in ACTIVATION_CODES.items() if v == ctx.activation)
+        acc = acc_dtype(P.dtype)
+        grads = _grads_by_reference(
+            lambda *x: ref.reduce_scores(ref.scores_concat_hidden(*(t.to(acc) for t in x), name), *ctx.args),
+            (P, Q, w2, b2), (g_row, g_col, g_neg, g_clamp, g_sp))
+        return (*grads, None, None, None, None)
     empty = P.new_empty((0,), dtype=acc_dtype(P.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
     dP, dQ, dw2, db2 = lib._concat_score_reduce_backward(
@@ -351,6 +418,11 @@ def _symmetric_softmax_mean_fake(x, scale, bias, with_mean=True):
 def _ops():
     """The op namespace the wrappers above call: ``torch.ops.infomax_ext``, or the
     emulated CUDA backend's inside ``_backend.emulated_cuda()``."""
+    if torch.jit.is_tracing():
+        # NB: the tracer cannot record the ops' Python autograd (it fails deep inside
+        # with "unordered_map::at").
+        raise RuntimeError("infomax_ext's fused ops cannot be traced by torch.jit.trace; use torch.compile or "
+                           "torch.export, or trace the reference path (infomax_ext.use_reference(True))")
     return getattr(torch.ops, _backend.op_namespace())
 
 

@@ -56,7 +56,11 @@ __all__ = [
     "smile",
     "alignment",
     "uniformity",
+    "uniformity_terms",
     "uniformity_pdist",
+    "logsumexp",
+    "reduce_scores",
+    "scores_concat_hidden",
 ]
 
 # Bits of the ``reductions`` mask of :func:`score_reduce`.
@@ -144,17 +148,29 @@ def negative_mask(K, M, pos_offset=0, device=None):
     return cols != rows + pos_offset
 
 
+def logsumexp(x, dim=None):
+    """``torch.logsumexp`` whose gradient is 0, not NaN, where every entry is ``-inf``.
+
+    An empty (fully masked) reduction is ``-inf`` with zero gradient, as in the fused
+    kernels. NB: torch's backward takes ``exp(x - lse) = exp(-inf + inf)`` there; the
+    reduction runs on zeros instead and ``torch.where`` picks ``-inf``, so neither branch
+    makes a NaN. ``dim=None`` reduces over all entries.
+    """
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    empty = (x == -math.inf).all(dim)
+    lse = torch.logsumexp(torch.where(empty.unsqueeze(dim), torch.zeros_like(x), x), dim)
+    return torch.where(empty, torch.full_like(lse, -math.inf), lse)
+
+
 def _masked_lse(x, mask, dim=None):
     """logsumexp of ``x`` over entries where ``mask`` is True.
 
     Masked entries are replaced by ``-inf`` with ``torch.where``, whose backward
-    sends zero gradient to them (even when the logsumexp backward produced NaN
-    for an all ``-inf`` slice). ``dim=None`` reduces over all entries.
+    sends zero gradient to them; a slice without a finite entry is ``-inf`` with zero
+    gradient (:func:`logsumexp`). ``dim=None`` reduces over all entries.
     """
-    xm = torch.where(mask, x, torch.full_like(x, -math.inf))
-    if dim is None:
-        return torch.logsumexp(xm.reshape(-1), dim=0)
-    return torch.logsumexp(xm, dim=dim)
+    return logsumexp(torch.where(mask, x, torch.full_like(x, -math.inf)), dim)
 
 
 def _masked_sum(x, mask, dim=None):
@@ -320,9 +336,14 @@ def scores_concat(u, v, Wu, Wv, b1, w2, b2=0.0, activation="relu"):
         raise ValueError(f"b1 must have shape ({H},), got {tuple(b1.shape)}")
     if tuple(w2.shape) != (H,):
         raise ValueError(f"w2 must have shape ({H},), got {tuple(w2.shape)}")
-    P = u @ Wu.T + b1  # (K, H)
-    Q = v @ Wv.T  # (M, H)
-    hidden = act(P.unsqueeze(1) + Q.unsqueeze(0))  # (K, M, H)
+    return scores_concat_hidden(u @ Wu.T + b1, v @ Wv.T, w2, b2, activation)
+
+
+def scores_concat_hidden(P, Q, w2, b2=0.0, activation="relu"):
+    """``S[i, j] = w2 . act(P_i + Q_j) + b2`` from the first layer's pre-activations
+    ``P = u Wu^T + b1`` (K, H) and ``Q = v Wv^T`` (M, H): the concat critic as the fused
+    ``concat_score_reduce`` sees it. Materialises the ``(K, M, H)`` hidden tensor."""
+    hidden = activation_fn(activation)(P.unsqueeze(1) + Q.unsqueeze(0))  # (K, M, H)
     return hidden @ w2 + b2
 
 
@@ -395,13 +416,18 @@ def score_reduce(
     scale_ = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
     rb = row_bias.to(acc) if row_bias is not None else None
     cb = col_bias.to(acc) if col_bias is not None else None
-    S = scores_dot(a_, b_, scale_, rb, cb)
+    return reduce_scores(scores_dot(a_, b_, scale_, rb, cb), pos_offset, reductions, clamp_tau)
 
+
+def reduce_scores(S, pos_offset=0, reductions=ALL_REDUCTIONS, clamp_tau=5.0):
+    """The five reductions of :func:`score_reduce` on a materialised ``S`` (K, M), in its
+    dtype; those not requested are empty ``(0,)``. Differentiable (twice and more)."""
+    K, M = S.shape
     mask = negative_mask(K, M, pos_offset, device=S.device)
-    empty = torch.empty(0, dtype=acc, device=S.device)
+    empty = torch.empty(0, dtype=S.dtype, device=S.device)
 
-    row_lse = torch.logsumexp(S, dim=1) if reductions & ROW_LSE else empty
-    col_lse = torch.logsumexp(S, dim=0) if reductions & COL_LSE else empty
+    row_lse = logsumexp(S, dim=1) if reductions & ROW_LSE else empty
+    col_lse = logsumexp(S, dim=0) if reductions & COL_LSE else empty
     neg_lse = _masked_lse(S, mask, dim=1) if reductions & NEG_LSE else empty
     if reductions & NEG_CLAMP_LSE:
         neg_clamp_lse = _masked_lse(S.clamp(-clamp_tau, clamp_tau), mask, dim=1)
@@ -738,13 +764,21 @@ def uniformity(x, t=2.0):
     Returns:
         0-dim tensor.
     """
+    return uniformity_terms(x, t)[0]
+
+
+def uniformity_terms(x, t=2.0):
+    """``(value, per_row)`` of :func:`uniformity`: per_row[i] is
+    ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. From the differences ``x_i - x_j``, so
+    exact under translation; differentiable (twice and more)."""
     _check_2d("x", x)
     K = x.shape[0]
     if K < 2:
         raise ValueError(f"uniformity needs at least 2 points (K >= 2), got K={K}")
     d2 = ((x.unsqueeze(1) - x.unsqueeze(0)) ** 2).sum(-1)  # (K, K), exact
     off_diag = ~torch.eye(K, dtype=torch.bool, device=x.device)
-    return _masked_lse(-t * d2, off_diag) - math.log(K * (K - 1))
+    S = -t * d2
+    return _masked_lse(S, off_diag) - math.log(K * (K - 1)), _masked_lse(S, off_diag, 1) - math.log(K - 1)
 
 
 def uniformity_pdist(x, t=2.0):

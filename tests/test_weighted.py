@@ -116,14 +116,6 @@ def test_bad_arguments():
                                                       ops.ROW_LSE | ops.COL_LSE, 5.0)
 
 
-def test_double_backward_raises():
-    a, b = make_pair(4, 6, 3, requires_grad=True)
-    value = ops.score_reduce_weighted(a, b, weights=(torch.full((4,), 0.25, dtype=torch.float64), None, None, None))[0]
-    (g,) = torch.autograd.grad(value, a, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g.sum(), a)
-
-
 def test_reruns_are_bitwise_identical_and_threads_agree():
     a, b = make_pair(200, 1030, 8, dtype=torch.float32, seed=2, requires_grad=True)
     w = torch.full((200,), 1 / 200)

@@ -255,6 +255,8 @@ Tensor4 concat_score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) 
                                          const Tensor& clamp_lse, int64_t pos_offset,
                                          int64_t reductions, double clamp_tau) {
   check_concat_args(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau);
+  check_concat_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, P, Q, row_lse,
+                             col_lse, neg_lse, clamp_lse, reductions);
   const ConcatInputs in = concat_inputs(P, Q, w2, b2);
   const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse,
                                              grad_softplus, row_lse, col_lse, neg_lse, clamp_lse, in.acc);

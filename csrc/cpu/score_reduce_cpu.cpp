@@ -96,6 +96,8 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
                                   const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
                                   double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b,
+                                   row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
   const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse,
                                              grad_softplus, row_lse, col_lse, neg_lse, clamp_lse, in.acc);
@@ -130,6 +132,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
                                     const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
                                     double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
   if (reductions & kColLse || cpu::kept_rows_bytes(in.B.size(0), in.A.element_size()) > cpu::kKeptRowsBudget)
     return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,

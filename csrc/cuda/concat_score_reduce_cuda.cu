@@ -613,6 +613,7 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
                                           const Tensor& clamp_lse, int64_t pos_offset,
                                           int64_t reductions, double clamp_tau) {
   check_concat_args(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau);
+  check_concat_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, P, Q, row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
   const Tensor Pc = acc_contiguous(P, acc), Qc = acc_contiguous(Q, acc), wc = acc_contiguous(w2, acc);

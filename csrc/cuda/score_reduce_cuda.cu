@@ -652,6 +652,7 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                                    const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
                                    double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
@@ -779,6 +780,7 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                      const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
                                      double clamp_tau) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
