@@ -156,7 +156,9 @@ inline Tensor10 join_stats_grads(const Tensor5& s, const Tensor5& g) {
 }
 
 // _score_reduce_with_grad as a backend's forward op followed by its recomputing
-// backward op: the same results as the one-walk version, with four GEMMs.
+// backward op: the same results as the one-walk version, with four GEMMs. NB: da and db
+// come back in the accumulation dtype, as from the one walk (the backward op has rounded
+// them to the input dtype once already: this path is for huge M only).
 inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
                                       const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
                                       const Tensor& a, const Tensor& b, const Tensor& scale,
@@ -167,7 +169,9 @@ inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, co
   const Tensor none = std::get<1>(out);  // (0,): no column statistic, no gradient for it
   const Tensor5 grads = backward(g_row, none, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, std::get<0>(out),
                                  none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau);
-  return join_stats_grads(out, grads);
+  const auto acc = acc_dtype(a.scalar_type());
+  return join_stats_grads(out, Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads),
+                                       std::get<3>(grads), std::get<4>(grads)});
 }
 
 // symmetric_softmax_mean(x, scale, bias): the same messages as score_reduce.

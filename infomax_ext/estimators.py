@@ -457,8 +457,8 @@ def uniformity_terms(x, t=2.0):
     value = ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; per_row[i] =
     ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as the symmetric S of the centred
     points with scale 2t, bias ``-t |x_c|^2`` and the diagonal excluded
-    (``ops.symmetric_softmax_mean``: half of S, and the value's gradient in the same
-    pass), so it stays finite where ``log(mean(exp(.)))`` underflows to -inf, and exact
+    (``ops.symmetric_softmax_mean``: half of S on CPU, and the value's gradient in the
+    same pass), so it stays finite where ``log(mean(exp(.)))`` underflows to -inf, and exact
     under translation. A point with an infinite coordinate drops out of every pair (its
     per_row is -inf, its gradient 0). With the fused path off,
     ``reference.uniformity_terms``.
@@ -469,7 +469,7 @@ def uniformity_terms(x, t=2.0):
         return ref.uniformity_terms(x, t)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Uniformity.apply(x, t)
-    # NB: no gradient wanted: the log-sum-exps alone, from half of S
+    # NB: no gradient wanted: the log-sum-exps alone (from half of S on CPU)
     xc, bias = _centred(x, t)
     neg_lse = ops.symmetric_softmax_mean(xc, 2.0 * t, bias, with_mean=False)[0]
     K = x.shape[0]

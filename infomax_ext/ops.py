@@ -160,6 +160,10 @@ class _ReduceWithGrad(torch.autograd.Function):
         da, db = (da + db, None) if same_ab else (da, db)
         drow, dcol = (drow + dcol, None) if same_bias and has_rb else (drow, dcol)
         scaled = [None if x is None else g * x for x in (da, db, dscale, drow, dcol)]
+        # NB: da and db are kept in the accumulation dtype until here: one rounding to
+        # the inputs' dtype, after the positive term was added.
+        scaled[0] = scaled[0].to(a.dtype)
+        scaled[1] = None if scaled[1] is None else scaled[1].to(b.dtype)
         scaled[3] = scaled[3] if has_rb else None
         scaled[4] = scaled[4] if has_cb and not same_bias else None
         return (*scaled, None, None, None, None, None)
@@ -180,7 +184,7 @@ def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reduc
 def _add_positive_term(grads, w_pos, a, b, scale, row_bias, col_bias, pos_offset):
     """The positives ``S[i, i + pos_offset]`` (K,), with the gradient of
     ``sum_i w_pos_i S[i, i + pos_offset]`` added in place to ``grads`` (da, db, dscale,
-    drow, dcol): O(K d), in the accumulation dtype."""
+    drow, dcol; da and db in the accumulation dtype): O(K d), in the accumulation dtype."""
     da, db, dscale, drow, dcol = grads
     K, acc = a.shape[0], w_pos.dtype
     sl = slice(pos_offset, pos_offset + K)
@@ -263,7 +267,8 @@ def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_b
     grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                         col_bias, empty, empty, empty, empty, pos_offset, reductions,
                                         clamp_tau)
-    return (*_fake_outputs(a, b, reductions), *grads)
+    # NB: da and db in the accumulation dtype: _ReduceWithGrad adds the positive term, then casts once.
+    return (*_fake_outputs(a, b, reductions), empty.new_empty(a.shape), empty.new_empty(b.shape), *grads[2:])
 
 
 # ---------------------------------------------------------------------------
@@ -276,13 +281,14 @@ def symmetric_softmax_mean(x, scale=1.0, bias=None, with_mean=True):
 
         S[i, j] = scale * <x_i, x_j> + bias[i] + bias[j],   j != i (diagonal excluded)
 
-    from the upper half of S (never stored).
+    (never stored). On CPU from the upper half of S; on CUDA from all of it (three
+    K x K x d GEMMs with the mean, one without).
 
     Args:
         x: (K, d). scale: float or one-element tensor. bias: (K,) or None; ``-inf`` masks
             every pair of that row and column.
-        with_mean: False skips the weighted sums (then ``mean`` is empty ``(0,)``): half a
-            K x K x d GEMM instead of 1.5.
+        with_mean: False skips the weighted sums (then ``mean`` is empty ``(0,)``): on CPU
+            half a K x K x d GEMM instead of 1.5.
 
     Returns:
         ``(lse (K,), mean (K, d))`` in float32 (float64 for float64 inputs):

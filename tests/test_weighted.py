@@ -242,3 +242,21 @@ def test_estimators_on_the_one_walk_path(name, monkeypatch):
         torch.testing.assert_close(g, o)
     if name in ("infonce", "js_objective"):
         torch.autograd.gradcheck(lambda a, b, s: fn(a, b, scale=s, pos_offset=5), (a, b, scale))
+
+
+@pytest.mark.parametrize("name", ["infonce"])
+def test_low_precision_gradients_are_rounded_once(name, device):
+    """fp16 inputs: the op's float32 gradient and the positive term are added before one
+    rounding to fp16, so the result is the float32 reference's gradient rounded once: all
+    but a few elements (those within float32 noise of a rounding boundary) agree exactly.
+    Two roundings (the op's, then after the positive term) disagreed on about a third."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1).half().to(device).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1).half().to(device).requires_grad_()
+    value = getattr(est, name)(a, b, scale=10.0)
+    grads = torch.autograd.grad(value, (a, b))
+    a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
+    oracle = getattr(ref, name)(ref.scores_dot(a32, b32, 10.0))
+    for x, y in zip(grads, torch.autograd.grad(oracle, (a32, b32))):
+        assert x.dtype == torch.float16
+        assert (x != y.half()).float().mean().item() < 0.01

@@ -71,14 +71,17 @@ struct DotGrads {
     dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
   }
 
-  // (da, db, dscale, drow, dcol) in the dtypes of the inputs. NB: scaled in place.
+  // (da, db, dscale, drow, dcol) in the dtypes of the inputs, or da and db in the
+  // accumulation dtype with keep_acc (the caller adds to them before one cast). NB: scaled
+  // in place.
   Tensor5 result(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
-                 const OptTensor& col_bias, T s) {
+                 const OptTensor& col_bias, T s, bool keep_acc = false) {
     for (int64_t t = 0; t < dB_rest.size(0); ++t) dB.add_(dB_rest[t]);
     dB_rest = Tensor();
     double dscale = 0.0;
     for (double v : dscale_part) dscale += v;
-    return Tensor5{dA.mul_(s).to(a.scalar_type()), dB.mul_(s).to(b.scalar_type()),
+    return Tensor5{dA.mul_(s).to(keep_acc ? in.acc : a.scalar_type()),
+                   dB.mul_(s).to(keep_acc ? in.acc : b.scalar_type()),
                    at::full_like(scale, dscale), drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
                    dcol.to(has(col_bias) ? col_bias->scalar_type() : in.acc)};
   }
@@ -152,7 +155,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
           acc.consume(tid, G, i0, tk, j0, tm);
         },
         [&](int tid, int64_t i0, int64_t tk) { acc.finish(tid, i0, tk); });
-    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale);
+    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale, /*keep_acc=*/true);
   });
   return join_stats_grads(out, grads);
 }

@@ -623,10 +623,11 @@ Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
 
 // The gradients of a walk's unscaled dA = G B, dB = G^T A: d scale = sum_ij G_ij
 // <a_i, b_j> = sum_i <(G B)_i, a_i> on the device (no host sync), summed in float64
-// like the CPU walker; then dA, dB scaled; all in the dtypes of the inputs.
+// like the CPU walker; then dA, dB scaled; all in the dtypes of the inputs, or dA and dB
+// in the accumulation dtype with keep_acc (the caller adds to them before one cast).
 Tensor5 finish_grads(Tensor& dA, Tensor& dB, const Tensor& drow, const Tensor& dcol, const Tensor& A,
                      const Tensor& sc, bool active, const Tensor& a, const Tensor& b, const Tensor& scale,
-                     const OptTensor& row_bias, const OptTensor& col_bias) {
+                     const OptTensor& row_bias, const OptTensor& col_bias, bool keep_acc = false) {
   Tensor dscale = at::zeros({}, dA.options());
   if (active) {
     dscale = at::sum(at::mul(dA, A), at::kDouble);
@@ -634,7 +635,7 @@ Tensor5 finish_grads(Tensor& dA, Tensor& dB, const Tensor& drow, const Tensor& d
     dB.mul_(sc);
   }
   const auto acc = dA.scalar_type();
-  return Tensor5{dA.to(a.scalar_type()), dB.to(b.scalar_type()),
+  return Tensor5{keep_acc ? dA : dA.to(a.scalar_type()), keep_acc ? dB : dB.to(b.scalar_type()),
                  dscale.to(scale.scalar_type()).reshape(scale.sizes()),
                  drow.to(has(row_bias) ? row_bias->scalar_type() : acc),
                  dcol.to(has(col_bias) ? col_bias->scalar_type() : acc)};
@@ -808,7 +809,8 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                 pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
                                 std::get<3>(out), dA, dB, drow, dcol, has(col_bias), &fold);
   });
-  return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias));
+  return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias,
+                                            /*keep_acc=*/true));
 }
 
 }  // namespace
