@@ -39,11 +39,13 @@ void define_ops(torch::Library& m) {
       "score_reduce(Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
       "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients (a, b, scale, row_bias, col_bias) of score_reduce by tile recomputation.
+  // needs_grad: bit mask of kNeedA | kNeedB | kNeedScale (score_reduce_common.h); a
+  // gradient outside it comes back as zeros and its GEMM is skipped.
   m.def(
       "_score_reduce_backward(Tensor grad_row_lse, Tensor grad_col_lse, Tensor grad_neg_lse, "
       "Tensor grad_clamp_lse, Tensor grad_softplus, Tensor a, Tensor b, Tensor scale, "
       "Tensor? row_bias, Tensor? col_bias, Tensor row_lse, Tensor col_lse, Tensor neg_lse, "
-      "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau) "
+      "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // score_reduce's row statistics and, in the same walk, the gradients (a, b, scale,
   // row_bias, col_bias) of sum_i g . stats_i for upstream gradients given up front
@@ -51,7 +53,7 @@ void define_ops(torch::Library& m) {
   m.def(
       "_score_reduce_with_grad(Tensor grad_row_lse, Tensor grad_neg_lse, Tensor grad_clamp_lse, "
       "Tensor grad_softplus, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
-      "int pos_offset, int reductions, float clamp_tau) "
+      "int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // For the symmetric S = scale * x x^T + bias_i + bias_j with the diagonal excluded:
   // (lse (K,) = logsumexp_{j != i} S_ij, mean (K, d) = sum_{j != i} softmax_i(S)_j x_j),

@@ -141,6 +141,17 @@ inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor&
   check_vector_arg(g_sp, "_score_reduce_with_grad", "grad_softplus", K, "K", a);
 }
 
+// Bits of the backward ops' needs_grad argument: which of the inputs' gradients to make.
+// dA (G B) feeds d scale too, so kNeedScale alone still takes the dA GEMM.
+enum NeedGrad : int64_t { kNeedA = 1, kNeedB = 2, kNeedScale = 4, kNeedAll = 7 };
+
+inline void check_needs_grad(int64_t needs_grad, const char* op) {
+  TORCH_CHECK(needs_grad >= 0 && needs_grad <= kNeedAll, op, ": needs_grad must be a bit mask in [0, 7] (a = 1, ",
+              "b = 2, scale = 4), got ", needs_grad);
+}
+inline bool need_dA(int64_t needs_grad) { return needs_grad & (kNeedA | kNeedScale); }
+inline bool need_dB(int64_t needs_grad) { return needs_grad & kNeedB; }
+
 // _score_reduce_with_grad's outputs: the five statistics, then the five gradients.
 using Tensor10 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
@@ -148,7 +159,7 @@ using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const
 using BackwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                               double);
+                               double, int64_t);
 
 inline Tensor10 join_stats_grads(const Tensor5& s, const Tensor5& g) {
   return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s), std::get<4>(s),
@@ -163,12 +174,13 @@ inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, co
                                       const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
                                       const Tensor& a, const Tensor& b, const Tensor& scale,
                                       const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                                      int64_t reductions, double clamp_tau) {
+                                      int64_t reductions, double clamp_tau, int64_t needs_grad) {
   TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only, got ", reductions);
   const Tensor5 out = forward(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   const Tensor none = std::get<1>(out);  // (0,): no column statistic, no gradient for it
   const Tensor5 grads = backward(g_row, none, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, std::get<0>(out),
-                                 none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau);
+                                 none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau,
+                                 needs_grad);
   const auto acc = acc_dtype(a.scalar_type());
   return join_stats_grads(out, Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads),
                                        std::get<3>(grads), std::get<4>(grads)});

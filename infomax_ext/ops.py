@@ -108,10 +108,17 @@ def _backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
     da, db, dscale, drow, dcol = lib._score_reduce_backward(
-        *grads, a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args
+        *grads, a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args,
+        _needs_grad(*ctx.needs_input_grad[:3])
     )
     return (da, db, dscale, drow if row_bias is not None else None,
             dcol if col_bias is not None else None, None, None, None)
+
+
+def _needs_grad(a, b, scale):
+    """The backward ops' needs_grad mask: a GEMM for a gradient nobody needs (a frozen
+    tower, a fixed scale) is skipped."""
+    return int(bool(a)) | 2 * int(bool(b)) | 4 * int(bool(scale))
 
 
 class _ReduceWithGrad(torch.autograd.Function):
@@ -131,8 +138,10 @@ class _ReduceWithGrad(torch.autograd.Function):
         empty = a.new_empty((0,), dtype=acc)
         w = [empty if x is None else x for x in weights[:4]]
         d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        needs = _needs_grad(need_a, need_a if shared[0] else need_b, need_scale)
         out = _ops()._score_reduce_with_grad(
-            *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau)
+            *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau, needs)
         stats, grads = out[:5], out[5:]
         used = [(x, st) for x, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if x is not None]
         value = sum((x * st).sum() for x, st in used)
@@ -249,7 +258,7 @@ def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, 
 
 def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                 col_bias, row_lse, col_lse, neg_lse, clamp_lse, pos_offset,
-                                reductions, clamp_tau):
+                                reductions, clamp_tau, needs_grad=7):
     acc = acc_dtype(a.dtype)
     K, M = a.shape[0], b.shape[0]
     return (
@@ -262,7 +271,7 @@ def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale,
 
 
 def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
-                                 pos_offset, reductions, clamp_tau):
+                                 pos_offset, reductions, clamp_tau, needs_grad=7):
     empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
     grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                         col_bias, empty, empty, empty, empty, pos_offset, reductions,
@@ -320,9 +329,10 @@ def _symmetric_backward(lib, ctx, g_lse, _g_mean):
     # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
     # its backward, with x in both roles and bias on both sides.
     empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
+    need_x, need_scale = ctx.needs_input_grad[:2]
     da, db, dscale, drow, dcol = lib._score_reduce_backward(
         empty, empty, g_lse, empty, empty, x, x, scale, bias, bias, empty, empty, lse, empty,
-        0, NEG_LSE, 5.0
+        0, NEG_LSE, 5.0, _needs_grad(need_x, need_x, need_scale)
     )
     return da + db, dscale, (drow + dcol) if bias is not None else None, None
 

@@ -260,3 +260,71 @@ def test_low_precision_gradients_are_rounded_once(name, device):
     for x, y in zip(grads, torch.autograd.grad(oracle, (a32, b32))):
         assert x.dtype == torch.float16
         assert (x != y.half()).float().mean().item() < 0.01
+
+
+def _gemm_calls(fn):
+    """aten matmul calls made by fn (the walkers' GEMMs go through at::mm / addmm)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = ("aten::addmm", "aten::addmm_", "aten::mm")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+# NB: the symmetric op has one input (x) in both roles: freezing it leaves only the scale.
+FROZEN = [(p, f) for p in ("score_reduce", "weighted") for f in ("a", "b", "scale", "a+scale")] + \
+    [("symmetric", "a"), ("symmetric", "scale")]
+
+
+@pytest.mark.parametrize("path, frozen", FROZEN)
+@pytest.mark.usefixtures("one_thread")  # NB: the profiler counts the calling thread's ops
+def test_frozen_inputs_skip_their_gemms_and_keep_the_others_exact(frozen, path, device):
+    """A gradient nobody asked for (a frozen tower, a fixed scale) costs no GEMM, and the
+    gradients that are asked for still equal the reference's."""
+    a, b = make_pair(70, 90, 5, device=device, seed=4)
+    scale = torch.tensor(1.3, dtype=torch.float64, device=device)
+    wants = {name: name not in frozen.split("+") for name in ("a", "b", "scale")}
+    for t, name in ((a, "a"), (b, "b"), (scale, "scale")):
+        t.requires_grad_(wants[name])
+    if path == "symmetric":
+        inputs = [t for t, n in ((a, "a"), (scale, "scale")) if wants[n]]
+        run = lambda: ops.symmetric_softmax_mean(a, scale)[0].sum()  # noqa: E731
+        oracle = lambda: ref.symmetric_softmax_mean(a, scale)[0].sum()  # noqa: E731
+    elif path == "weighted":
+        inputs = [t for t, n in ((a, "a"), (b, "b"), (scale, "scale")) if wants[n]]
+        w = torch.full((70,), 1 / 70, dtype=torch.float64, device=device)
+        run = lambda: ops.score_reduce_weighted(a, b, scale, pos_offset=3, weights=(w, None, None, None),  # noqa: E731
+                                                w_pos=-w)[0]
+        oracle = lambda: (torch.logsumexp(ref.scores_dot(a, b, scale), 1)  # noqa: E731
+                          - ref.positive_scores(ref.scores_dot(a, b, scale), 3)).mean()
+    else:
+        inputs = [t for t, n in ((a, "a"), (b, "b"), (scale, "scale")) if wants[n]]
+        run = lambda: ops.score_reduce(a, b, scale, pos_offset=3, reductions=ops.ROW_LSE)[0].sum()  # noqa: E731
+        oracle = lambda: ref.score_reduce(a, b, scale, pos_offset=3, reductions=ops.ROW_LSE)[0].sum()  # noqa: E731
+    for g, o in zip(torch.autograd.grad(run(), inputs), torch.autograd.grad(oracle(), inputs)):
+        torch.testing.assert_close(g, o)
+    if path == "symmetric":
+        return  # its forward's GEMMs dominate the count; the backward is the general op's, counted above
+    full = _gemm_calls(lambda: torch.autograd.grad(run(), inputs))
+    for t, name in ((a, "a"), (b, "b"), (scale, "scale")):
+        t.requires_grad_(True)
+    every = [a, b, scale]
+    all_grads = _gemm_calls(lambda: torch.autograd.grad(run(), every))
+    # NB: dA (G B) also gives d scale: a frozen a alone keeps that GEMM.
+    skipped = {"a": 0, "b": 1, "scale": 0, "a+scale": 1}[frozen]
+    assert (full < all_grads) if skipped else (full == all_grads), (full, all_grads)
+
+
+@pytest.mark.parametrize("bad", [-1, 8])
+def test_needs_grad_out_of_range_is_refused(bad, device):
+    a, b = make_pair(4, 6, 3, device=device)
+    scale = torch.tensor(1.0, dtype=torch.float64, device=device)
+    K = a.shape[0]
+    g = torch.ones(K, dtype=torch.float64, device=device)
+    empty = g.new_empty(0)
+    lib = ops._ops()
+    with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
+        lib._score_reduce_with_grad(g, empty, empty, empty, a, b, scale, None, None, 0, ops.ROW_LSE, 1.0, bad)
+    row = ops.score_reduce(a, b, scale, reductions=ops.ROW_LSE)[0]
+    with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
+        lib._score_reduce_backward(g, empty, empty, empty, empty, a, b, scale, None, None, row, empty, empty, empty,
+                                   0, ops.ROW_LSE, 1.0, bad)

@@ -47,28 +47,37 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 // thread 0 and into a partial per other thread ((threads - 1) * M * d extra memory,
 // added in a fixed order: no atomics, bitwise reruns), so the matmuls of the gradient
 // are all BLAS calls; d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i> per row block.
+// needs_grad (kNeedA | kNeedB | kNeedScale): a GEMM whose gradient nobody needs is
+// skipped, and so is the per-thread dB memory.
 template <typename T>
 struct DotGrads {
   const DotInputs& in;
+  const bool with_dA, with_dB, with_dscale;
   Tensor dA, dB, dB_rest, drow, dcol;
   std::vector<double> dscale_part;
 
-  DotGrads(const DotInputs& in_, int64_t K, int64_t M)
+  DotGrads(const DotInputs& in_, int64_t K, int64_t M, int64_t needs_grad = kNeedAll)
       : in(in_),
+        with_dA(need_dA(needs_grad)),
+        with_dB(need_dB(needs_grad)),
+        with_dscale(needs_grad & kNeedScale),
         dA(at::zeros_like(in_.A)),
         dB(at::zeros_like(in_.B)),
-        dB_rest(at::zeros({at::get_num_threads() - 1, M, in_.B.size(1)}, in_.A.options())),
+        dB_rest(at::zeros({with_dB ? at::get_num_threads() - 1 : 0, M, in_.B.size(1)}, in_.A.options())),
         drow(at::zeros({K}, in_.A.options())),
         dcol(at::zeros({M}, in_.A.options())),
         dscale_part(at::get_num_threads(), 0.0) {}
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
-    dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
-    Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
-    dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
+    if (with_dA) dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
+    if (with_dB) {
+      Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
+      dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
+    }
   }
   void finish(int tid, int64_t i0, int64_t tk) {
-    dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
+    if (with_dscale)
+      dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
   }
 
   // (da, db, dscale, drow, dcol) in the dtypes of the inputs, or da and db in the
@@ -97,8 +106,9 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
                                   const Tensor& row_lse,  // saved forward outputs
                                   const Tensor& col_lse, const Tensor& neg_lse,
                                   const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
-                                  double clamp_tau) {
+                                  double clamp_tau, int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_needs_grad(needs_grad, "_score_reduce_backward");
   check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b,
                                    row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
@@ -108,7 +118,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
   Tensor5 grads;
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_backward_cpu", [&] {
     const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
-    DotGrads<scalar_t> acc(in, w.K, w.M);
+    DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
     if (w.reductions) {
       cpu::reduce_backward<scalar_t>(
           w, in.A.options(), g, acc.drow, acc.dcol, tile,
@@ -133,14 +143,15 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
                                     const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                                     const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
-                                    double clamp_tau) {
+                                    double clamp_tau, int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_needs_grad(needs_grad, "_score_reduce_with_grad");
   check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
   if (reductions & kColLse || cpu::kept_rows_bytes(in.B.size(0), in.A.element_size()) > cpu::kKeptRowsBudget)
     return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
                                  grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
-                                 reductions, clamp_tau);
+                                 reductions, clamp_tau, needs_grad);
   const Tensor none = at::empty({0}, in.A.options());
   const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus,
                                              none, none, none, none, in.acc);
@@ -148,7 +159,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
   Tensor5 out = alloc_reductions(a, w.K, w.M, reductions), grads;
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_with_grad_cpu", [&] {
     const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
-    DotGrads<scalar_t> acc(in, w.K, w.M);
+    DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
     cpu::reduce_forward_backward<scalar_t>(
         w, in.A.options(), out, g, acc.drow, acc.dcol, tile,
         [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {

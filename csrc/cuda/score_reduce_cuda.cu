@@ -498,7 +498,7 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
                    const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t active, const Tensor5& grads,
                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
                    const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol,
-                   bool need_dcol, const RowForwardArgs<T>* fold) {
+                   bool need_dcol, int64_t needs_grad, const RowForwardArgs<T>* fold) {
   constexpr bool kInPlace = std::is_same<T, TG>::value;
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
@@ -555,8 +555,9 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
       reduce_columns<T, T, true>(g_acc, rows, cols, i0, j0, sc, as_states<T>(part), i0 == 0,
                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
     }
-    addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));    // (G B) rows, unscaled
-    addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows, unscaled
+    // NB: a GEMM whose gradient nobody needs (a frozen tower) is skipped.
+    if (need_dA(needs_grad)) addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));  // (G B) rows
+    if (need_dB(needs_grad)) addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows
   });
 }
 
@@ -580,13 +581,13 @@ template <typename T>
 void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau,
                        int64_t pos_offset, int64_t active, const Tensor5& grads, const Tensor& row_lse,
                        const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA,
-                       Tensor& dB, Tensor& drow, Tensor& dcol, bool need_dcol,
+                       Tensor& dB, Tensor& drow, Tensor& dcol, bool need_dcol, int64_t needs_grad,
                        const RowForwardArgs<T>* fold = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
     if (bf16_input && A.scalar_type() == at::kBFloat16) {
       // NB: G in bf16 (float32's range, 8 bits of mantissa) for the two G GEMMs on tensor cores.
       backward_impl<float, at::BFloat16>(A, B, A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse,
-                                         neg_lse, clamp_lse, dA, dB, drow, dcol, need_dcol, fold);
+                                         neg_lse, clamp_lse, dA, dB, drow, dcol, need_dcol, needs_grad, fold);
       return;
     }
   }
@@ -595,7 +596,7 @@ void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const 
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const Tensor A_g = A.to(acc), B_g = B.to(acc);
   backward_impl<T, T>(A, B, A_g, B_g, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse,
-                      dA, dB, drow, dcol, need_dcol, fold);
+                      dA, dB, drow, dcol, need_dcol, needs_grad, fold);
 }
 
 Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
@@ -627,10 +628,11 @@ Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
 // in the accumulation dtype with keep_acc (the caller adds to them before one cast).
 Tensor5 finish_grads(Tensor& dA, Tensor& dB, const Tensor& drow, const Tensor& dcol, const Tensor& A,
                      const Tensor& sc, bool active, const Tensor& a, const Tensor& b, const Tensor& scale,
-                     const OptTensor& row_bias, const OptTensor& col_bias, bool keep_acc = false) {
+                     const OptTensor& row_bias, const OptTensor& col_bias, int64_t needs_grad,
+                     bool keep_acc = false) {
   Tensor dscale = at::zeros({}, dA.options());
   if (active) {
-    dscale = at::sum(at::mul(dA, A), at::kDouble);
+    if (needs_grad & kNeedScale) dscale = at::sum(at::mul(dA, A), at::kDouble);
     dA.mul_(sc);  // NB: sc is a one-element device tensor: broadcast, no sync
     dB.mul_(sc);
   }
@@ -651,8 +653,9 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                                    const Tensor& row_lse,  // saved forward outputs
                                    const Tensor& col_lse, const Tensor& neg_lse,
                                    const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
-                                   double clamp_tau) {
+                                   double clamp_tau, int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_needs_grad(needs_grad, "_score_reduce_backward");
   check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
@@ -674,10 +677,10 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
       const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
       backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
                                   pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol,
-                                  has(col_bias));
+                                  has(col_bias), needs_grad);
     });
   }
-  return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias);
+  return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias, needs_grad);
 }
 
 // ---------------------------------------------------------------------------
@@ -779,8 +782,9 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                      const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
                                      const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                                      const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
-                                     double clamp_tau) {
+                                     double clamp_tau, int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_needs_grad(needs_grad, "_score_reduce_with_grad");
   check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
@@ -793,7 +797,7 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
   if ((reductions & kColLse) || !active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
     return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
                                  grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias,
-                                 pos_offset, reductions, clamp_tau);
+                                 pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
   const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
@@ -807,10 +811,10 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
         row_forward_args(args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
     backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
                                 pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
-                                std::get<3>(out), dA, dB, drow, dcol, has(col_bias), &fold);
+                                std::get<3>(out), dA, dB, drow, dcol, has(col_bias), needs_grad, &fold);
   });
   return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias,
-                                            /*keep_acc=*/true));
+                                            needs_grad, /*keep_acc=*/true));
 }
 
 }  // namespace
