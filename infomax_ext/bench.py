@@ -3,11 +3,14 @@
 A short report (default under 3 minutes on 2 cores): forward + backward time and
 peak extra memory against K = M for
 
-  infonce      fused ``infonce``  vs the materialising reference (eager and under
-               ``torch.compile``) and the *matmul floor*: the four plain K x M x d
-               matmuls a recomputing op needs (S, S again in backward, G b, G^T a);
-               the fused op takes three (each row block's S is kept for its gradient,
-               ``ops.score_reduce_weighted``), so it can run below this "floor"
+  infonce      fused ``infonce`` vs the line a user writes, ``F.cross_entropy(scale *
+               a @ b.T, arange(K))`` (eager and under ``torch.compile``), the
+               materialising reference (eager and compiled) and the *matmul floors*:
+               the three K x M x d matmuls of a forward + backward that keeps S (S, G b,
+               G^T a: what the fused op does, ``ops.score_reduce_weighted``) and the four
+               of a recomputing one
+  clip, ntxent (``--ops``) fused CLIP (``infonce_symmetric``) and NT-Xent against their
+               eager lines (rows and columns; 2K x 2K with the diagonal masked)
   uniformity   fused ``uniformity`` vs Wang & Isola's ``torch.pdist`` formula, the
                matmul + logsumexp form a careful user writes, and that form compiled
   concat       the fused concat-MLP critic (InfoNCE, H = 256, d = 64) vs the
@@ -284,14 +287,23 @@ def measure(target, case, repeats=3, env=None, paths=(), device=None):
 INFONCE_SCALE = 10.0  # cosine similarity / temperature 0.1
 UNIFORMITY_T = 2.0
 OPS = {
-    "infonce": ("fused", "reference", "compile", "floor"),
+    "infonce": ("fused", "eager", "eager_compile", "reference", "compile", "floor3", "floor"),
+    "clip": ("fused", "eager", "eager_compile"),
+    "ntxent": ("fused", "eager", "eager_compile"),
     "uniformity": ("fused", "pdist", "matmul", "compile"),
     "concat": ("fused", "reference"),
 }
 LABELS = {
+    ("infonce", "eager"): "F.cross_entropy line (eager)",
+    ("infonce", "eager_compile"): "F.cross_entropy line (compiled)",
     ("infonce", "reference"): "reference (eager)",
     ("infonce", "compile"): "reference (compiled)",
+    ("infonce", "floor3"): "matmul floor (3 matmuls)",
     ("infonce", "floor"): "matmul floor (4 matmuls)",
+    ("clip", "eager"): "2 x cross_entropy (eager)",
+    ("clip", "eager_compile"): "2 x cross_entropy (compiled)",
+    ("ntxent", "eager"): "masked cross_entropy (eager)",
+    ("ntxent", "eager_compile"): "masked cross_entropy (compile)",
     ("uniformity", "pdist"): "torch.pdist (Wang & Isola)",
     ("uniformity", "matmul"): "matmul + logsumexp",
     ("uniformity", "compile"): "matmul + logsumexp (compiled)",
@@ -302,6 +314,38 @@ LABELS = {
 def reference_infonce(a, b, scale=INFONCE_SCALE):
     """The materialising InfoNCE of ``reference.py``: S = scale a b^T, then the bound."""
     return ref.infonce(ref.scores_dot(a, b, scale))
+
+
+# What a user writes without this library: one or two lines of torch each. The values
+# are the losses (fused: log K - the bound for InfoNCE and CLIP).
+def eager_infonce(a, b, scale=INFONCE_SCALE):
+    """InfoNCE as the one line ``F.cross_entropy(scale * a @ b.T, arange(K))``."""
+    return F.cross_entropy(scale * a @ b.T, torch.arange(a.shape[0], device=a.device))
+
+
+def eager_clip(a, b, scale=INFONCE_SCALE):
+    """CLIP's symmetric loss: the cross entropies of the rows and of the columns."""
+    logits = scale * a @ b.T
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def eager_ntxent(a, b, temperature=1.0 / INFONCE_SCALE):
+    """NT-Xent (SimCLR) as lightly writes it: 2K x 2K similarities, the diagonal masked."""
+    K = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * K, dtype=torch.bool, device=a.device), -math.inf)
+    labels = torch.cat([torch.arange(K, 2 * K), torch.arange(K)]).to(a.device)
+    return F.cross_entropy(logits, labels)
+
+
+def matmul_floor3(a, b):
+    """The three K x M x d matmuls of a forward + backward that keeps S: S, G b, G^T a."""
+    with torch.no_grad():
+        G = a @ b.T
+        G @ b
+        G.T @ a
+    return None
 
 
 def uniformity_matmul(x, t=UNIFORMITY_T):
@@ -387,12 +431,19 @@ def make_case(op, impl, K, d=128, dtype="float32", backward=True, H=256, seed=0,
     if op == "concat":
         return _concat_case(impl, K, d, H, dt, backward, seed, device)
 
-    if op == "infonce":
+    if op in ("infonce", "clip", "ntxent"):
         a0 = F.normalize(torch.randn(K, d, generator=g), dim=1)
         b0 = F.normalize(a0 + 0.5 * torch.randn(K, d, generator=g), dim=1)
         inputs = [leaf(a0), leaf(b0)]
-        fns = {"fused": lambda a, b: ie.infonce(a, b, INFONCE_SCALE), "reference": reference_infonce}
-        oracle = reference_infonce
+        logK = math.log(K)
+        eager = {"infonce": eager_infonce, "clip": eager_clip, "ntxent": eager_ntxent}[op]
+        fused = {"infonce": lambda a, b: logK - ie.infonce(a, b, INFONCE_SCALE),
+                 "clip": lambda a, b: logK - ie.infonce_symmetric(a, b, INFONCE_SCALE),
+                 "ntxent": ie.NTXentLoss(temperature=1.0 / INFONCE_SCALE)}[op]
+        fns = {"fused": fused, "eager": eager, "reference": reference_infonce}
+        oracle = reference_infonce if op == "infonce" and impl in ("reference", "compile") else eager
+        if impl == "eager_compile":
+            fns["eager_compile"] = torch.compile(eager, dynamic=False)
     else:
         inputs = [leaf(F.normalize(torch.randn(K, d, generator=g), dim=1))]
         fns = {"fused": lambda x: ie.uniformity(x, UNIFORMITY_T), "pdist": ref.uniformity_pdist,
@@ -401,9 +452,11 @@ def make_case(op, impl, K, d=128, dtype="float32", backward=True, H=256, seed=0,
     if impl == "compile":
         base = reference_infonce if op == "infonce" else uniformity_matmul
         fns["compile"] = torch.compile(base, dynamic=False)
-    if impl == "floor":
+    if impl in ("floor", "floor3"):
+        floor = matmul_floor if impl == "floor" else matmul_floor3
+
         def run():
-            matmul_floor(*inputs)
+            floor(*inputs)
         return run
 
     run = step(fns[impl], inputs, backward)
@@ -456,7 +509,8 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m infomax_ext bench",
                                 description="Fused ops vs reference, compiled reference and peers: "
                                             "time and peak memory against K (table, CSV, PNG).")
-    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    p.add_argument("--ops", nargs="+", default=["infonce", "uniformity", "concat"], choices=list(OPS),
+                   help="also: clip, ntxent (fused CLIP and NT-Xent against their eager lines)")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048, 4096],
                    help="K = M for infonce and uniformity")
     p.add_argument("--concat-sizes", type=int, nargs="+", default=[256, 1024], help="K = M for concat")
@@ -474,6 +528,8 @@ def _parse(argv):
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the measuring processes (default: torch's)")
     p.add_argument("--out", default=os.path.join("infomax_out", "bench"),
                    help="folder for bench.csv and bench.png (created)")
     p.add_argument("--no-plot", action="store_true")
@@ -486,11 +542,11 @@ def _plan(args):
     for op in args.ops:
         sizes = args.concat_sizes if op == "concat" else args.sizes
         for impl in OPS[op]:
-            if impl == "compile" and args.no_compile:
+            if impl in ("compile", "eager_compile") and args.no_compile:
                 continue
-            if impl == "floor" and args.forward_only:
+            if impl in ("floor", "floor3") and args.forward_only:
                 continue
-            Ks = (args.compile_sizes or [max(sizes)]) if impl == "compile" else sizes
+            Ks = (args.compile_sizes or [max(sizes)]) if impl in ("compile", "eager_compile") else sizes
             cases = []
             for K in sorted(Ks):
                 c = dict(op=op, impl=impl, K=K, dtype=args.dtype, backward=not args.forward_only,
@@ -558,9 +614,15 @@ def _summary(rows):
     def verdict(x, ok):
         return "" if x is None else ("  [target met]" if ok(x) else "  [target not met]")
 
+    for op in ("infonce", "clip", "ntxent"):
+        # NB: the line a user writes without us, at every K (fused / eager < 1: we win).
+        Ks = sorted({k for (o, k, i) in by if o == op and i == "eager"})
+        if Ks:
+            out.append(f"{op:<10} fused/eager time: " + ", ".join(
+                f"K={K} {_fmt(ratio(op, K, 'eager'), '.2f')}" for K in Ks))
     for op in OPS:
         Ks = sorted({k for (o, k, _) in by if o == op})
-        if not Ks:
+        if not Ks or op in ("clip", "ntxent"):
             continue
         K = Ks[-1]
         parts = []
@@ -596,7 +658,7 @@ def _summary(rows):
 
 
 def _write_csv(rows, path):
-    fields = ["op", "pass", "K", "M", "d", "H", "dtype", "device", "impl", "time_ms", "peak_mib", "reps",
+    fields = ["op", "pass", "K", "M", "d", "H", "dtype", "device", "threads", "impl", "time_ms", "peak_mib", "reps",
               "first_s", "fused_over_this_time", "fused_over_this_peak", "check", "error"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -671,8 +733,10 @@ def main(argv=None):
     plan = _plan(args)
     total = sum(len(c) for _, _, c in plan)
     dev = "CPU" if args.device == "cpu" else args.device
+    # NB: the measuring processes read OMP_NUM_THREADS when torch starts.
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     head = (f"infomax_ext {ie.__version__} bench: backend={ie.backend()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {dev}, {args.dtype}, "
+            f"{args.threads or torch.get_num_threads()} threads, {dev}, {args.dtype}, "
             f"{'forward' if args.forward_only else 'forward+backward'}")
     print(head, flush=True)
     if ie.backend() != "compiled":
@@ -686,6 +750,7 @@ def main(argv=None):
                 rows.append({
                     "op": op, "pass": "fwd" if args.forward_only else "fwd+bwd", "K": c["K"], "M": c["K"],
                     "d": c["d"], "H": c.get("H", ""), "dtype": args.dtype, "device": args.device, "impl": impl,
+                    "threads": args.threads or torch.get_num_threads(),
                     "time_ms": res["time_s"] * 1e3 if "time_s" in res else None,
                     "peak_mib": res["peak_bytes"] / 2**20 if res.get("peak_bytes") is not None else None,
                     "reps": res.get("reps"), "first_s": res.get("first_s"),
@@ -701,9 +766,11 @@ def main(argv=None):
             bar.set_postfix_str(f"{op} {impl} K={cases[0]['K']}")
             if args.fresh:
                 for i, c in enumerate(cases):
-                    progress(i, measure_many("infomax_ext.bench:make_case", [c], device=args.device, **opts)[0])
+                    progress(i, measure_many("infomax_ext.bench:make_case", [c], env=env, device=args.device,
+                                             **opts)[0])
             else:
-                measure_many("infomax_ext.bench:make_case", cases, device=args.device, on_result=progress, **opts)
+                measure_many("infomax_ext.bench:make_case", cases, env=env, device=args.device, on_result=progress,
+                             **opts)
 
     order = {(op, impl): i for i, (op, impl, _) in enumerate(plan)}
     rows.sort(key=lambda r: (list(OPS).index(r["op"]), r["K"], order[(r["op"], r["impl"])]))
