@@ -8,7 +8,7 @@ Commands (``--help`` after any of them lists its options):
 - ``estimate``: the MI staircase of Poole et al. / Song & Ermon (d=20, 2..10 nats):
   estimate per step against the truth, and bias / variance / MSE per estimator (CSV).
 - ``represent``: Tschannen et al.'s two-view experiment on 8x8 digits with a linear probe.
-- ``experiments NAME``: the seed slides' other experiments (issue 9): ``alignuniform``,
+- ``experiments NAME``: the follow-up experiments of the MI-maximisation study: ``alignuniform``,
   ``jacobian``, ``threshold``, ``invertible`` (``infomax_ext/experiments/seed.py``).
 - ``bench``: the benchmark suite (``infomax_ext.bench.main(args)``).
 """

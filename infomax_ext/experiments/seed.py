@@ -1,4 +1,4 @@
-"""The seed slides' other experiments (issue 9): ``python -m infomax_ext experiments <name>``.
+"""The follow-up experiments of the MI-maximisation study: ``python -m infomax_ext experiments <name>``.
 
 Names:
 
