@@ -119,17 +119,12 @@ constexpr size_t kGuardBytes = 4096;
 
 enum class State { kRunnable, kAtSync, kAtShuffle, kDone, kFailed };
 
-struct Fiber {
-  Coords coords;
-  unsigned index = 0;  // linear thread index in the block
-  State state = State::kDone;
-  unsigned shuffles = 0;  // shuffles done in this block (picks the exchange slot)
-  void* mapping = nullptr;
-  char* stack = nullptr;  // lowest usable address
+// A saved execution context: a fiber's, or the scheduler's (the launching OS thread's).
+struct Context {
 #if defined(__x86_64__)
   void* sp = nullptr;
 #else
-  ucontext_t ctx;
+  ucontext_t uc;
 #endif
 #if defined(__SANITIZE_THREAD__)
   void* tsan = nullptr;
@@ -137,6 +132,16 @@ struct Fiber {
 #if defined(__SANITIZE_ADDRESS__)
   void* asan_fake_stack = nullptr;
 #endif
+};
+
+struct Fiber {
+  Coords coords;
+  unsigned index = 0;  // linear thread index in the block
+  State state = State::kDone;
+  unsigned shuffles = 0;  // shuffles done in this block (picks the exchange slot)
+  void* mapping = nullptr;
+  char* stack = nullptr;  // lowest usable address
+  Context ctx;
 };
 
 struct Scheduler {
@@ -149,18 +154,10 @@ struct Scheduler {
   uint64_t exchange[kMaxThreads / kWarpSize][2][kWarpSize];
   // Objects whose addresses carry TSAN's happens-before edges.
   char sync_barrier, sync_start;
-#if defined(__x86_64__)
-  void* main_sp = nullptr;
-#else
-  ucontext_t main_ctx;
-#endif
-#if defined(__SANITIZE_THREAD__)
-  void* main_tsan = nullptr;
-#endif
+  Context main;  // the scheduler's
 #if defined(__SANITIZE_ADDRESS__)
   const void* main_stack_bottom = nullptr;
   size_t main_stack_size = 0;
-  void* main_fake_stack = nullptr;
 #endif
   Fiber* running = nullptr;  // nullptr: the scheduler (the launching OS thread)
   bool from_scheduler = false;  // the last switch left the scheduler's stack
@@ -200,13 +197,13 @@ INFOMAX_EMU_RUNTIME void landed(Scheduler& s) {
   if (s.running) {
     const void* bottom = nullptr;
     size_t size = 0;
-    __sanitizer_finish_switch_fiber(s.running->asan_fake_stack, &bottom, &size);
+    __sanitizer_finish_switch_fiber(s.running->ctx.asan_fake_stack, &bottom, &size);
     if (s.from_scheduler) {  // the stack we came from is the launching thread's
       s.main_stack_bottom = bottom;
       s.main_stack_size = size;
     }
   } else {
-    __sanitizer_finish_switch_fiber(s.main_fake_stack, nullptr, nullptr);
+    __sanitizer_finish_switch_fiber(s.main.asan_fake_stack, nullptr, nullptr);
   }
 #else
   (void)s;
@@ -223,21 +220,22 @@ INFOMAX_EMU_RUNTIME void switch_context(Scheduler& s, Fiber* from, Fiber* to) {
   s.running = to;
   s.from_scheduler = from == nullptr;
   g_coords = to ? &to->coords : nullptr;
+  Context& src = from ? from->ctx : s.main;
+  Context& dst = to ? to->ctx : s.main;
 #if defined(__SANITIZE_ADDRESS__)
-  void** save = from ? &from->asan_fake_stack : &s.main_fake_stack;
   if (to) {
-    __sanitizer_start_switch_fiber(save, to->stack, kStackBytes);
+    __sanitizer_start_switch_fiber(&src.asan_fake_stack, to->stack, kStackBytes);
   } else {
-    __sanitizer_start_switch_fiber(save, s.main_stack_bottom, s.main_stack_size);
+    __sanitizer_start_switch_fiber(&src.asan_fake_stack, s.main_stack_bottom, s.main_stack_size);
   }
 #endif
 #if defined(__SANITIZE_THREAD__)
-  __tsan_switch_to_fiber(to ? to->tsan : s.main_tsan, __tsan_switch_to_fiber_no_sync);
+  __tsan_switch_to_fiber(dst.tsan, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__x86_64__)
-  infomax_emu_switch(from ? &from->sp : &s.main_sp, to ? to->sp : s.main_sp);
+  infomax_emu_switch(&src.sp, dst.sp);
 #else
-  swapcontext(from ? &from->ctx : &s.main_ctx, to ? &to->ctx : &s.main_ctx);
+  swapcontext(&src.uc, &dst.uc);
 #endif
   landed(s);
 }
@@ -302,18 +300,19 @@ INFOMAX_EMU_RUNTIME void init_context(Fiber* f) {
   frame[5] = 0;                                                    // rbx
   frame[6] = 0;                                                    // rbp
   frame[7] = reinterpret_cast<uint64_t>(&infomax_emu_trampoline);  // return address
-  f->sp = frame;
+  f->ctx.sp = frame;
 #else
-  getcontext(&f->ctx);
-  f->ctx.uc_stack.ss_sp = f->stack;
-  f->ctx.uc_stack.ss_size = kStackBytes;
-  f->ctx.uc_link = nullptr;
+  ucontext_t& uc = f->ctx.uc;
+  getcontext(&uc);
+  uc.uc_stack.ss_sp = f->stack;
+  uc.uc_stack.ss_size = kStackBytes;
+  uc.uc_link = nullptr;
   const uintptr_t p = reinterpret_cast<uintptr_t>(f);
-  makecontext(&f->ctx, reinterpret_cast<void (*)()>(&fiber_entry_ucontext), 2, unsigned(p & 0xffffffffu),
+  makecontext(&uc, reinterpret_cast<void (*)()>(&fiber_entry_ucontext), 2, unsigned(p & 0xffffffffu),
               unsigned(p >> 32));
 #endif
 #if defined(__SANITIZE_THREAD__)
-  f->tsan = __tsan_create_fiber(0);
+  f->ctx.tsan = __tsan_create_fiber(0);
 #endif
 }
 
@@ -338,11 +337,11 @@ INFOMAX_EMU_RUNTIME void restart_pool(Scheduler& s) {
   for (auto& f : s.pool) {
     tsan_acquire(f.get());
 #if defined(__SANITIZE_THREAD__)
-    __tsan_destroy_fiber(f->tsan);
+    __tsan_destroy_fiber(f->ctx.tsan);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
     ASAN_UNPOISON_MEMORY_REGION(f->stack, kStackBytes);
-    f->asan_fake_stack = nullptr;
+    f->ctx.asan_fake_stack = nullptr;
 #endif
     init_context(f.get());
   }
@@ -461,7 +460,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   ++g_launches;
   Scheduler& s = sched();
 #if defined(__SANITIZE_THREAD__)
-  s.main_tsan = __tsan_get_current_fiber();
+  s.main.tsan = __tsan_get_current_fiber();
 #endif
   while (s.pool.size() < n) s.pool.push_back(make_fiber(static_cast<unsigned>(s.pool.size())));
   s.body = &body;
