@@ -113,7 +113,9 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = false;
     info["openmp_max_threads"] = 1;
 #endif
-    info["cpu_avx2"] = infomax_ext::cpu::use_avx2();  // which clone of the CPU hot loops runs
+    // which compilation of the CPU hot loops runs
+    info["cpu_isa"] = infomax_ext::cpu::isa_name(infomax_ext::cpu::cpu_isa());
+    info["cpu_avx2"] = infomax_ext::cpu::cpu_isa() >= infomax_ext::cpu::Isa::kAvx2;
     info["aten_threads"] = at::get_num_threads();
     info["aten_parallel"] = at::get_parallel_info();
     return info;

@@ -315,9 +315,10 @@ def test_bad_inputs_raise_clear_errors():
     assert ops.activation_code("tanh") == ops.activation_code(2) == 2
 
 
-def test_baseline_isa_path_matches_oracle():
-    """On x86 the hot loops also exist compiled for AVX2 and are picked at run time;
-    INFOMAX_EXT_NO_AVX2=1 forces the baseline build in a fresh process."""
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_narrower_isa_paths_match_oracle(isa):
+    """On x86 the hot loops also exist compiled for AVX2 and AVX-512, the widest the CPU
+    runs picked at run time; INFOMAX_EXT_CPU_ISA caps it, in a fresh process."""
     code = r"""
 import sys, torch
 sys.path.insert(0, %r)
@@ -333,9 +334,11 @@ for n, act in enumerate(t.ACTS):
     x = t.make_inputs(9, 40, 16, seed=n, dtype=torch.float32)
     for f, o in zip(t.fused(*x, act, 1), t.oracle(*[v.double() for v in x], act, 1)):
         torch.testing.assert_close(f.double(), o, rtol=2e-5, atol=2e-5)
-print("ok")
+import infomax_ext
+print(infomax_ext.build_info()["cpu_isa"], "ok")
 """ % os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, INFOMAX_EXT_NO_AVX2="1")
+    env = dict(os.environ, INFOMAX_EXT_CPU_ISA=isa)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert out.stdout.split()[-2] in (isa, "base")  # base where the CPU lacks the ISA

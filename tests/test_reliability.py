@@ -277,3 +277,21 @@ def test_low_precision_losses_and_gradients_match_float64(dtype, name):
         # gradients are returned in the input dtype: compare within its resolution
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(x.double(), y, rtol=4 * eps, atol=4 * eps * y.abs().max().item())
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["nan", "minus_nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_among_masked_entries_is_nan_not_empty(dtype, sign):
+    """A NaN score (of either sign bit: x86's default NaN has it set) whose row is
+    otherwise all -inf (masked): the row's maximum must be NaN, not -inf, or the state
+    would read as empty and the statistic as -inf."""
+    a = torch.randn(2, 3, dtype=dtype)
+    b = torch.randn(40, 3, dtype=dtype)
+    col_bias = torch.full((40,), -math.inf, dtype=dtype)
+    col_bias[21] = math.copysign(math.nan, sign)
+    reductions = ops.ROW_LSE | ops.NEG_LSE | ops.COL_LSE
+    row, col, neg, clamp, sp = ops.score_reduce(a, b, 1.0, None, col_bias, 0, reductions)
+    want = ref.score_reduce(a, b, torch.tensor(1.0, dtype=dtype), None, col_bias, 0, reductions)
+    assert torch.isnan(want[0]).all() and torch.isnan(want[2]).all() and torch.isnan(want[1][21])
+    assert torch.isnan(row).all() and torch.isnan(neg).all() and torch.isnan(col[21])
+    assert torch.equal(col[:21], want[1][:21]) and torch.equal(col[22:], want[1][22:])  # -inf

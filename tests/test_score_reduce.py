@@ -1,6 +1,7 @@
 """The fused score_reduce op against the materialising reference."""
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -204,16 +205,42 @@ print("ok")
     assert out.stdout.strip() == "ok"
 
 
-def test_baseline_isa_clone_matches_reference():
-    """The CPU epilogues exist for the baseline ISA and for AVX2 + FMA (picked at run
-    time); INFOMAX_EXT_NO_AVX2=1 forces the baseline: rerun the float32 and float64
-    comparisons in a fresh process on that path."""
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def test_widest_isa_clone_is_picked():
+    """The CPU epilogues exist for the baseline ISA, AVX2 + FMA and AVX-512; without a
+    cap the widest one this CPU runs is picked."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want = ("avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+            else "avx2" if {"avx2", "fma"} <= flags else "base")
+    if platform.machine() not in ("x86_64", "AMD64", "i686"):
+        want = "base"
+    assert infomax_ext.build_info()["cpu_isa"] == want
+
+
+@pytest.mark.parametrize("isa, env", [("base", {"INFOMAX_EXT_CPU_ISA": "base"}),
+                                      ("base", {"INFOMAX_EXT_NO_AVX2": "1"}),
+                                      ("avx2", {"INFOMAX_EXT_CPU_ISA": "avx2"})])
+def test_narrower_isa_clones_match_reference(isa, env):
+    """INFOMAX_EXT_CPU_ISA caps the clone of the epilogues (INFOMAX_EXT_NO_AVX2=1: the
+    baseline): rerun the float32 and float64 comparisons in a fresh process on that path."""
+    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, INFOMAX_EXT_NO_AVX2="1", PYTHONPATH=root)
-    check = subprocess.run([sys.executable, "-c", "import infomax_ext; print(infomax_ext.build_info()['cpu_avx2'])"],
+    env = dict(os.environ, PYTHONPATH=root, **env)
+    check = subprocess.run([sys.executable, "-c", "import infomax_ext; print(infomax_ext.build_info()['cpu_isa'])"],
                            capture_output=True, text=True, env=env, cwd=root)
-    assert check.stdout.strip() == "False", check.stderr[-2000:]
+    assert check.stdout.strip() == isa, check.stderr[-2000:]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_score_reduce.py", "-k", "values_and_gradients and cpu or large_logits"],
+                          "tests/test_score_reduce.py", "tests/test_weighted.py",
+                          "-k", "values_and_gradients and cpu or large_logits or with_grad and cpu"],
                          capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -170,11 +170,12 @@ def test_reruns_are_bitwise_identical_and_threads_agree():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_baseline_isa_clone_matches_reference():
-    """INFOMAX_EXT_NO_AVX2=1 forces the baseline clone of the epilogues: rerun the
-    value comparisons in a fresh process on that path."""
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_narrower_isa_clones_match_reference(isa):
+    """INFOMAX_EXT_CPU_ISA caps the clone of the epilogues (base, avx2; the default run
+    takes the widest): rerun the value comparisons in a fresh process on that path."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, INFOMAX_EXT_NO_AVX2="1", PYTHONPATH=root)
+    env = dict(os.environ, INFOMAX_EXT_CPU_ISA=isa, PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_symmetric.py",
                           "-k", "values_match_reference and cpu or large_logits"],
                          capture_output=True, text=True, env=env, cwd=root)

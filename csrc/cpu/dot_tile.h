@@ -3,7 +3,7 @@
 // bias epilogue. Shared by score_reduce and symmetric_softmax_mean.
 #pragma once
 
-#include <ATen/ops/mm.h>
+#include <ATen/ops/addmm.h>
 
 #include "reduce_walker.h"
 
@@ -21,13 +21,16 @@ struct DotTile {
 
   T* operator()(Tensor& buf, int64_t i0, int64_t tk, int64_t j0, int64_t tm) const {
     Tensor out = buf.narrow(0, 0, tk * tm).view({tk, tm});
-    at::mm_out(out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t());
+    // NB: the scale rides on the GEMM (alpha; beta = 0 never reads the buffer), so
+    // without biases no pass over the tile is needed.
+    at::addmm_out(out, out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t(), 0, scale);
     T* s = out.data_ptr<T>();
+    if (!row_bias && !col_bias) return s;
     for (int64_t r = 0; r < tk; ++r) {
       const T rb = row_bias ? row_bias[i0 + r] : T(0);
       T* row = s + r * tm;
       for (int64_t c = 0; c < tm; ++c)
-        row[c] = score_from_dot(row[c], scale, rb, col_bias ? col_bias[j0 + c] : T(0));
+        row[c] = score_from_dot(row[c], T(1), rb, col_bias ? col_bias[j0 + c] : T(0));
     }
     return s;
   }

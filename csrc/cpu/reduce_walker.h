@@ -2,8 +2,9 @@
 // critic): only how a tile of S is produced, and what a tile of G = dL/dS
 // feeds into, differ between ops.
 //
-// Rows are split in blocks of kTileRows handed to threads (at::parallel_for);
-// each block walks the columns in tiles of kTileCols; the epilogue folds a tile
+// Rows are split in blocks (Walk::rows, kTileRows by default) handed to threads
+// (at::parallel_for); each block walks the columns in tiles (Walk::cols,
+// kTileCols by default); the epilogue folds a tile
 // into running log-sum-exp states while it is hot in cache, then the tile is
 // dropped. Extra memory: one tile buffer per thread and O(K + threads * M)
 // statistics, never O(K * M). The per-element math lives in
@@ -16,6 +17,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -34,11 +36,15 @@ struct Walk {
   int64_t pos_offset;  // positive of row i at column i + pos_offset
   int64_t reductions;  // bit mask of Reduction (in backward: those with a gradient)
   double tau;          // clamp of kNegClampLse
+  int64_t rows = kTileRows;  // rows of a block (one thread's unit of work)
+  int64_t cols = kTileCols;  // columns of a tile
+
+  int64_t blocks() const { return (K + rows - 1) / rows; }
 };
 
-// A thread-local tile buffer of kTileRows * kTileCols accumulation scalars.
-inline Tensor tile_buffer(const at::TensorOptions& opts) {
-  return at::empty({kTileRows * kTileCols}, opts);
+// A thread-local tile buffer of w.rows * w.cols accumulation scalars.
+inline Tensor tile_buffer(const Walk& w, const at::TensorOptions& opts) {
+  return at::empty({w.rows * w.cols}, opts);
 }
 
 // The loops below are written branch-free over a tile row (selects, vexp) so
@@ -54,42 +60,53 @@ INFOMAX_CPU_INLINE T nan_max(T x, T m) {
   return select((x > m) | (x != x), x, m);
 }
 
-// max of x[lo, hi), NaN if any entry is NaN. NB: eight independent lanes of a
-// plain max (a compare and a blend per vector) plus eight lanes of NaN flags,
-// because GCC will not vectorise a single floating max reduction without
-// -ffast-math, nor a NaN-aware max select.
+// Independent lanes of range_sum: 16 floats fill one AVX-512 register (two AVX2
+// ones); every clone uses the same count, so the order of the additions does not
+// depend on the ISA picked.
+constexpr int kLanes = 16;
+
+// max of x[lo, hi), NaN if any entry (or m) is NaN.
 template <typename T>
 INFOMAX_CPU_INLINE T range_max(const T* x, int64_t lo, int64_t hi, T m) {
-  T lanes[8];
-  int32_t nan[8];
-  for (int l = 0; l < 8; ++l) lanes[l] = m;
-  for (int l = 0; l < 8; ++l) nan[l] = 0;
-  int64_t k = lo;
-  for (; k + 8 <= hi; k += 8) {
-    for (int l = 0; l < 8; ++l) lanes[l] = x[k + l] > lanes[l] ? x[k + l] : lanes[l];
-    for (int l = 0; l < 8; ++l) nan[l] |= x[k + l] != x[k + l];
-  }
-  for (; k < hi; ++k) m = nan_max(x[k], m);
-  for (int l = 0; l < 8; ++l) m = nan_max(lanes[l], m);
-  int32_t any_nan = 0;
-  for (int l = 0; l < 8; ++l) any_nan |= nan[l];
-  return any_nan ? std::numeric_limits<T>::quiet_NaN() : m;
+  for (int64_t k = lo; k < hi; ++k) m = nan_max(x[k], m);
+  return m;
 }
 
-// sum of f(x[k]) over k in [lo, hi). NB: eight independent lanes, as in range_max:
+// The float one, the hot one. NB: on the bits as integers: key(x) = bits ^ (sign ?
+// 0x7fffffff : 0) orders floats as their values do (-inf lowest, -0 below +0), and
+// an integer max and an integer OR (the NaN flag) are reductions GCC vectorises
+// without -ffast-math, for every ISA; a floating max or a NaN-aware select is not.
+typedef int32_t __attribute__((may_alias)) aliased_int32;
+
+template <>
+INFOMAX_CPU_INLINE float range_max(const float* x, int64_t lo, int64_t hi, float m) {
+  if (hi <= lo) return m;
+  const aliased_int32* b = reinterpret_cast<const aliased_int32*>(x);
+  int32_t key = std::numeric_limits<int32_t>::min(), nan = 0;
+  for (int64_t k = lo; k < hi; ++k) {
+    const int32_t v = b[k];
+    nan |= (v & 0x7fffffff) > 0x7f800000;
+    const int32_t kv = v ^ ((v >> 31) & 0x7fffffff);
+    key = kv > key ? kv : key;
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  return nan_max(int_bits_as_float(key ^ ((key >> 31) & 0x7fffffff)), m);
+}
+
+// sum of f(x[k]) over k in [lo, hi). NB: kLanes independent lanes, as in range_max:
 // GCC keeps a single floating sum (and so the whole loop, f included) scalar
 // without -ffast-math, since vectorising would reorder the additions. The lanes
 // are added in a fixed order, so results stay bitwise reproducible.
 template <typename T, typename F>
 INFOMAX_CPU_INLINE T range_sum(const T* x, int64_t lo, int64_t hi, F f) {
-  T lanes[8];
-  for (int l = 0; l < 8; ++l) lanes[l] = T(0);
+  T lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = T(0);
   int64_t k = lo;
-  for (; k + 8 <= hi; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += f(x[k + l]);
+  for (; k + kLanes <= hi; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += f(x[k + l]);
   T s = T(0);
   for (; k < hi; ++k) s += f(x[k]);
-  for (int l = 0; l < 8; ++l) s += lanes[l];
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
 }
 
@@ -153,7 +170,7 @@ INFOMAX_CPU_INLINE void grad_row(const T* __restrict s, T* __restrict g, int64_t
   if (pc >= 0) g[pc] = keep;
 }
 
-// Running states of one row block (kTileRows each) and column scratch (kTileCols).
+// Running states of one row block (w.rows each) and column scratch (w.cols).
 template <typename T>
 struct RowFolds {
   LseState<T>* neg;    // negatives' log-sum-exp state per row
@@ -212,7 +229,7 @@ INFOMAX_CPU_INLINE void grad_tile(const T* s, T* G, int64_t i0, int64_t tk, int6
   }
 }
 
-// The two epilogues for the baseline ISA and, where available, AVX2 + FMA.
+// The two epilogues, compiled for each ISA of cpu_isa.h.
 template <typename T>
 using FoldTileFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T,
                             const RowFolds<T>&, LseState<T>*);
@@ -220,44 +237,22 @@ template <typename T>
 using GradTileFn = void (*)(const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T,
                             const GradPtrs<T>&, T*, T*);
 
-template <typename T>
-void fold_tile_base(const T* s, int64_t i0, int64_t tk, int64_t j0, int64_t tm, int64_t off,
-                    int64_t red, T tau, const RowFolds<T>& f, LseState<T>* col) {
-  fold_tile(s, i0, tk, j0, tm, off, red, tau, f, col);
-}
-template <typename T>
-void grad_tile_base(const T* s, T* G, int64_t i0, int64_t tk, int64_t j0, int64_t tm, int64_t off,
-                    int64_t red, T tau, const GradPtrs<T>& p, T* drow, T* dcol) {
-  grad_tile(s, G, i0, tk, j0, tm, off, red, tau, p, drow, dcol);
-}
-#ifdef INFOMAX_HAVE_AVX2_CLONES
-template <typename T>
-INFOMAX_TARGET_AVX2 void fold_tile_avx2(const T* s, int64_t i0, int64_t tk, int64_t j0, int64_t tm,
-                                        int64_t off, int64_t red, T tau, const RowFolds<T>& f,
-                                        LseState<T>* col) {
-  fold_tile(s, i0, tk, j0, tm, off, red, tau, f, col);
-}
-template <typename T>
-INFOMAX_TARGET_AVX2 void grad_tile_avx2(const T* s, T* G, int64_t i0, int64_t tk, int64_t j0,
-                                        int64_t tm, int64_t off, int64_t red, T tau,
-                                        const GradPtrs<T>& p, T* drow, T* dcol) {
-  grad_tile(s, G, i0, tk, j0, tm, off, red, tau, p, drow, dcol);
-}
-#endif
+INFOMAX_CPU_CLONES(fold_tile, fold_tile,
+                   (const T* s, int64_t i0, int64_t tk, int64_t j0, int64_t tm, int64_t off, int64_t red, T tau,
+                    const RowFolds<T>& f, LseState<T>* col),
+                   (s, i0, tk, j0, tm, off, red, tau, f, col), typename T)
+INFOMAX_CPU_CLONES(grad_tile, grad_tile,
+                   (const T* s, T* G, int64_t i0, int64_t tk, int64_t j0, int64_t tm, int64_t off, int64_t red,
+                    T tau, const GradPtrs<T>& p, T* drow, T* dcol),
+                   (s, G, i0, tk, j0, tm, off, red, tau, p, drow, dcol), typename T)
 
 template <typename T>
 FoldTileFn<T> fold_tile_for_cpu() {
-#ifdef INFOMAX_HAVE_AVX2_CLONES
-  if (use_avx2()) return &fold_tile_avx2<T>;
-#endif
-  return &fold_tile_base<T>;
+  return INFOMAX_CPU_PICK(fold_tile, T);
 }
 template <typename T>
 GradTileFn<T> grad_tile_for_cpu() {
-#ifdef INFOMAX_HAVE_AVX2_CLONES
-  if (use_avx2()) return &grad_tile_avx2<T>;
-#endif
-  return &grad_tile_base<T>;
+  return INFOMAX_CPU_PICK(grad_tile, T);
 }
 
 // Row statistics written by a walk ((K,) each, nullptr when not requested).
@@ -272,20 +267,20 @@ template <typename T>
 class BlockFolder {
  public:
   BlockFolder(const Walk& w, LseState<T>* col, Outputs<T> out)
-      : w_(w), col_(col), out_(out), fold_(fold_tile_for_cpu<T>()), neg_(kTileRows), clamp_(kTileRows),
-        pos_(kTileRows), sp_(kTileRows), mx_(kTileCols), sm_(kTileCols) {}
+      : w_(w), col_(col), out_(out), fold_(fold_tile_for_cpu<T>()), neg_(w.rows), clamp_(w.rows),
+        pos_(w.rows), sp_(w.rows), mx_(col ? w.cols : 0), sm_(col ? w.cols : 0) {}
 
-  // Folds the rows [i0, i0 + kTileRows) of S, tile by tile, and writes their
+  // Folds the rows [i0, i0 + w.rows) of S, tile by tile, and writes their
   // statistics. tile: as in reduce_forward; buf_for(j0): the buffer tile j0 goes to.
   template <typename TileFn, typename BufFn>
   void fold_block(int64_t i0, const TileFn& tile, BufFn buf_for) {
-    const int64_t tk = std::min(kTileRows, w_.K - i0), red = w_.reductions;
+    const int64_t tk = std::min(w_.rows, w_.K - i0), red = w_.reductions;
     const RowFolds<T> f{neg_.data(), clamp_.data(), pos_.data(), sp_.data(), mx_.data(), sm_.data()};
     std::fill(neg_.begin(), neg_.end(), lse_empty<T>());
     std::fill(clamp_.begin(), clamp_.end(), lse_empty<T>());
     std::fill(sp_.begin(), sp_.end(), T(0));
-    for (int64_t j0 = 0; j0 < w_.M; j0 += kTileCols) {
-      const int64_t tm = std::min(kTileCols, w_.M - j0);
+    for (int64_t j0 = 0; j0 < w_.M; j0 += w_.cols) {
+      const int64_t tm = std::min(w_.cols, w_.M - j0);
       Tensor buf = buf_for(j0);
       const T* s = tile(buf, i0, tk, j0, tm);
       fold_(s, i0, tk, j0, tm, w_.pos_offset, red, static_cast<T>(w_.tau), f, col_ ? col_ + j0 : nullptr);
@@ -308,7 +303,7 @@ class BlockFolder {
 // the thread's buffer `buf`. Fills the requested outputs of `out`.
 template <typename T, typename TileFn>
 void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, TileFn tile) {
-  const int64_t K = w.K, M = w.M, red = w.reductions;
+  const int64_t M = w.M, red = w.reductions;
   const int n_threads = at::get_num_threads();
   std::vector<LseState<T>> col_states((red & kColLse) ? n_threads * M : 0, lse_empty<T>());
   const auto out_ptr = [](const Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
@@ -317,12 +312,12 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
   T* clamp_out = out_ptr(std::get<3>(out));
   T* sp_out = out_ptr(std::get<4>(out));
 
-  at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
-    Tensor buf = tile_buffer(opts);
+  at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
+    Tensor buf = tile_buffer(w, opts);
     BlockFolder<T> folder(w, col_states.empty() ? nullptr : col_states.data() + at::get_thread_num() * M,
                           Outputs<T>{row_out, neg_out, clamp_out, sp_out});
     for (int64_t blk = b0; blk < b1; ++blk)
-      folder.fold_block(blk * kTileRows, tile, [&](int64_t) { return buf; });
+      folder.fold_block(blk * w.rows, tile, [&](int64_t) { return buf; });
   });
 
   if (red & kColLse) {
@@ -358,15 +353,15 @@ inline int64_t active_grads(int64_t reductions, const GradInputs& g) {
   return infomax_ext::active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);
 }
 
-// G for the rows [i0, i0 + kTileRows), tile by tile: scores(j0, tm) gives tile j0
+// G for the rows [i0, i0 + w.rows), tile by tile: scores(j0, tm) gives tile j0
 // of S, grad_tile turns it into G in gbuf (adding to drow and the thread's dcol_t),
 // and consume(tid, G, i0, tk, j0, tm) takes it.
 template <typename T, typename ConsumeFn, typename ScoresFn>
 void grad_block(const Walk& w, GradTileFn<T> grad, const GradPtrs<T>& ptrs, Tensor& gbuf, int tid, int64_t i0,
                 T* drow, T* dcol_t, ConsumeFn& consume, ScoresFn scores) {
-  const int64_t tk = std::min(kTileRows, w.K - i0);
-  for (int64_t j0 = 0; j0 < w.M; j0 += kTileCols) {
-    const int64_t tm = std::min(kTileCols, w.M - j0);
+  const int64_t tk = std::min(w.rows, w.K - i0);
+  for (int64_t j0 = 0; j0 < w.M; j0 += w.cols) {
+    const int64_t tm = std::min(w.cols, w.M - j0);
     grad(scores(j0, tm), gbuf.data_ptr<T>(), i0, tk, j0, tm, w.pos_offset, w.reductions, static_cast<T>(w.tau),
          ptrs, drow, dcol_t);
     consume(tid, gbuf.narrow(0, 0, tk * tm).view({tk, tm}), i0, tk, j0, tm);
@@ -392,12 +387,12 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
   Tensor dcol_part = at::zeros({n_threads, M}, opts);
   T* drow_p = drow.data_ptr<T>();
 
-  at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    Tensor buf = tile_buffer(opts), gbuf = tile_buffer(opts);
+    Tensor buf = tile_buffer(w, opts), gbuf = tile_buffer(w, opts);
     T* dcol_t = dcol_part[tid].data_ptr<T>();
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
+      const int64_t i0 = blk * w.rows, tk = std::min(w.rows, K - i0);
       grad_block(w, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
                  [&](int64_t j0, int64_t tm) -> const T* { return tile(buf, i0, tk, j0, tm); });
       finish(tid, i0, tk);
@@ -406,25 +401,70 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
   dcol.copy_(dcol_part.sum(0));
 }
 
-// Bytes of scores one thread keeps in reduce_forward_backward (kTileRows x M);
-// above a budget the ops fall back to a forward plus a recomputing backward.
-inline int64_t kept_rows_bytes(int64_t M, int64_t elem_bytes) { return kTileRows * M * elem_bytes; }
+// Blocks of the one-walk forward and backward (reduce_forward_backward): whole rows of
+// S (one tile per block, so each block is three GEMMs: S, G B and G^T A), as many rows
+// as keep the block's scores and its G within kFwdBwdBlockBytes per thread, no more
+// than give every thread a block, and at least kFwdBwdMinRows. NB: the rows are the
+// inner size of the G^T A GEMM, which re-reads and rewrites the thread's dB once per
+// block: few rows make that GEMM memory-bound, many make the block's epilogue passes
+// run from L3 instead of L2. INFOMAX_EXT_CPU_BLOCK_BYTES overrides the budget.
+constexpr int64_t kFwdBwdBlockBytes = int64_t(8) << 20;
+constexpr int64_t kFwdBwdMinRows = 16;
+// Above this (kFwdBwdMinRows rows of S and G per thread) the ops fall back to a
+// forward plus a recomputing backward.
 constexpr int64_t kKeptRowsBudget = int64_t(32) << 20;
+
+inline int64_t fwd_bwd_block_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("INFOMAX_EXT_CPU_BLOCK_BYTES");
+    const long long v = env ? std::atoll(env) : 0;
+    return v > 0 ? int64_t(v) : kFwdBwdBlockBytes;
+  }();
+  return bytes;
+}
+
+inline bool fwd_bwd_fits(int64_t M, int64_t elem_bytes) {
+  return 2 * kFwdBwdMinRows * M * elem_bytes <= kKeptRowsBudget;
+}
+
+// Scratch memory of a walk, kept by the calling thread between calls (one buffer per
+// dtype, at most kWorkspaceCacheBytes; a larger request gets memory of its own). NB:
+// a multi-megabyte buffer allocated afresh every call is mapped afresh, and its page
+// faults cost about as much as an epilogue pass at K = M = 512. The caller must not
+// let the buffer escape the op, and an op must not take a second one while it holds
+// one.
+constexpr int64_t kWorkspaceCacheBytes = int64_t(32) << 20;
+
+inline Tensor workspace(int64_t numel, const at::TensorOptions& opts) {
+  static thread_local Tensor cache[2];  // float, double
+  if (numel * static_cast<int64_t>(opts.dtype().itemsize()) > kWorkspaceCacheBytes) return at::empty({numel}, opts);
+  Tensor& t = cache[opts.dtype() == at::kDouble ? 1 : 0];
+  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
+  return t.narrow(0, 0, numel);
+}
+
+inline Walk fwd_bwd_walk(Walk w, int64_t elem_bytes) {
+  const int64_t per_thread = (w.K + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t fit = fwd_bwd_block_bytes() / (2 * w.M * elem_bytes);
+  w.rows = std::max<int64_t>(1, std::min(per_thread, std::max(fit, kFwdBwdMinRows)));
+  w.cols = w.M;
+  return w;
+}
 
 // Forward and backward in one walk, for a loss whose upstream gradients are known
 // before the walk (g: the gradients; its saved-statistics fields are ignored, the
-// statistics come from this walk). NB: each row block keeps all its tiles of S
-// (kTileRows x M, tile after tile); once the block's statistics are final, G is
-// made from the kept scores instead of recomputed ones: three GEMMs (S, G B, G^T A)
-// instead of a forward's one plus a backward's three (the trick of fused linear
-// cross-entropy). Row reductions only: a column statistic is final only after
-// every row block. w.reductions: the statistics to write; their gradients are
-// those of g that are present.
+// statistics come from this walk). NB: each row block's scores are kept (whole rows,
+// fwd_bwd_walk); once the block's statistics are final, G is made from the kept
+// scores instead of recomputed ones: three GEMMs (S, G B, G^T A) instead of a
+// forward's one plus a backward's three (the trick of fused linear cross-entropy).
+// Row reductions only: a column statistic is final only after every row block.
+// w.reductions: the statistics to write; their gradients are those of g that are
+// present.
 template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
-void reduce_forward_backward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, const GradInputs& g,
+void reduce_forward_backward(const Walk& w0, const at::TensorOptions& opts, Tensor5& out, const GradInputs& g,
                              Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
-  TORCH_CHECK(!(w.reductions & kColLse), "score_reduce: a column reduction cannot take its gradient in the forward walk");
-  const int64_t K = w.K, M = w.M;
+  TORCH_CHECK(!(w0.reductions & kColLse), "score_reduce: a column reduction cannot take its gradient in the forward walk");
+  const Walk w = fwd_bwd_walk(w0, sizeof(T));
   const auto out_ptr = [](const Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
   const Outputs<T> outs{out_ptr(std::get<0>(out)), out_ptr(std::get<2>(out)), out_ptr(std::get<3>(out)),
                         out_ptr(std::get<4>(out))};
@@ -434,29 +474,28 @@ void reduce_forward_backward(const Walk& w, const at::TensorOptions& opts, Tenso
   Walk wg = w;
   wg.reductions = active_grads(w.reductions, g);
   const auto grad = grad_tile_for_cpu<T>();
-  Tensor dcol_part = at::zeros({at::get_num_threads(), M}, opts);
+  const int64_t n_slots = at::get_num_threads();
+  Tensor dcol_part = at::zeros({n_slots, w.M}, opts);
   T* drow_p = drow.data_ptr<T>();
 
-  // NB: the threads' buffers are allocated here, not in the workers: memory a worker
+  // NB: the threads' buffers are taken here, not in the workers: memory a worker
   // allocates comes from its own malloc arena, which is not handed back between calls.
-  const Tensor kept_all = at::empty({at::get_num_threads(), kTileRows * M}, opts);
-  const Tensor gbuf_all = at::empty({at::get_num_threads(), kTileRows * kTileCols}, opts);
+  const Tensor bufs = workspace(2 * n_slots * w.rows * w.M, opts).view({2, n_slots, w.rows * w.M});
+  const Tensor kept_all = bufs[0], gbuf_all = bufs[1];
 
-  at::parallel_for(0, (K + kTileRows - 1) / kTileRows, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     Tensor kept = kept_all[tid], gbuf = gbuf_all[tid];
     T* dcol_t = dcol_part[tid].data_ptr<T>();
     const T* kept_p = kept.data_ptr<T>();
     BlockFolder<T> folder(w, nullptr, outs);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kTileRows;
-      folder.fold_block(i0, tile, [&](int64_t j0) {
-        return kept.narrow(0, kTileRows * j0, kTileRows * std::min(kTileCols, M - j0));
-      });
+      const int64_t i0 = blk * w.rows;
+      folder.fold_block(i0, tile, [&](int64_t) { return kept; });
       if (wg.reductions)
         grad_block(wg, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
-                   [&](int64_t j0, int64_t) { return kept_p + kTileRows * j0; });
-      finish(tid, i0, std::min(kTileRows, K - i0));
+                   [&](int64_t, int64_t) { return kept_p; });
+      finish(tid, i0, std::min(w.rows, w.K - i0));
     }
   });
   dcol.copy_(dcol_part.sum(0));

@@ -46,7 +46,7 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 // block's rows of dA += G B (owned by the thread) and dB += G^T A, into dB itself for
 // thread 0 and into a partial per other thread ((threads - 1) * M * d extra memory,
 // added in a fixed order: no atomics, bitwise reruns), so the matmuls of the gradient
-// are all BLAS calls; d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i> per row block.
+// are all BLAS calls; d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i>, once at the end.
 // needs_grad (kNeedA | kNeedB | kNeedScale): a GEMM whose gradient nobody needs is
 // skipped, and so is the per-thread dB memory.
 template <typename T>
@@ -54,7 +54,6 @@ struct DotGrads {
   const DotInputs& in;
   const bool with_dA, with_dB, with_dscale;
   Tensor dA, dB, dB_rest, drow, dcol;
-  std::vector<double> dscale_part;
 
   DotGrads(const DotInputs& in_, int64_t K, int64_t M, int64_t needs_grad = kNeedAll)
       : in(in_),
@@ -65,8 +64,7 @@ struct DotGrads {
         dB(at::zeros_like(in_.B)),
         dB_rest(at::zeros({with_dB ? at::get_num_threads() - 1 : 0, M, in_.B.size(1)}, in_.A.options())),
         drow(at::zeros({K}, in_.A.options())),
-        dcol(at::zeros({M}, in_.A.options())),
-        dscale_part(at::get_num_threads(), 0.0) {}
+        dcol(at::zeros({M}, in_.A.options())) {}
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
     if (with_dA) dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
@@ -74,10 +72,6 @@ struct DotGrads {
       Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
       dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
     }
-  }
-  void finish(int tid, int64_t i0, int64_t tk) {
-    if (with_dscale)
-      dscale_part[tid] += dA.narrow(0, i0, tk).mul(in.A.narrow(0, i0, tk)).sum().template item<double>();
   }
 
   // (da, db, dscale, drow, dcol) in the dtypes of the inputs, or da and db in the
@@ -87,8 +81,8 @@ struct DotGrads {
                  const OptTensor& col_bias, T s, bool keep_acc = false) {
     for (int64_t t = 0; t < dB_rest.size(0); ++t) dB.add_(dB_rest[t]);
     dB_rest = Tensor();
-    double dscale = 0.0;
-    for (double v : dscale_part) dscale += v;
+    // NB: accumulated in double: K * d products of either sign.
+    const double dscale = with_dscale ? dA.mul(in.A).sum(at::kDouble).template item<double>() : 0.0;
     return Tensor5{dA.mul_(s).to(keep_acc ? in.acc : a.scalar_type()),
                    dB.mul_(s).to(keep_acc ? in.acc : b.scalar_type()),
                    at::full_like(scale, dscale), drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
@@ -125,7 +119,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
           [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
             acc.consume(tid, G, i0, tk, j0, tm);
           },
-          [&](int tid, int64_t i0, int64_t tk) { acc.finish(tid, i0, tk); });
+          [](int, int64_t, int64_t) {});
     }
     grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale);
   });
@@ -137,8 +131,8 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
 // g_sp_i neg_softplus_i) for upstream gradients known in advance (e.g. 1/K for a
 // mean): three GEMMs instead of the four of score_reduce plus its backward. Returns
 // (row_lse, col_lse (0,), neg_lse, neg_clamp_lse, neg_softplus, da, db, dscale,
-// drow, dcol). NB: when the kept scores (kTileRows x M per thread) would pass
-// kKeptRowsBudget, it is score_reduce followed by its backward (same results).
+// drow, dcol). NB: when the kept rows (cpu::fwd_bwd_fits) would pass kKeptRowsBudget,
+// it is score_reduce followed by its backward (same results).
 Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
                                     const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
@@ -148,7 +142,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
   check_needs_grad(needs_grad, "_score_reduce_with_grad");
   check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
-  if (reductions & kColLse || cpu::kept_rows_bytes(in.B.size(0), in.A.element_size()) > cpu::kKeptRowsBudget)
+  if (reductions & kColLse || !cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
     return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
                                  grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
                                  reductions, clamp_tau, needs_grad);
@@ -165,7 +159,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
         [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
           acc.consume(tid, G, i0, tk, j0, tm);
         },
-        [&](int tid, int64_t i0, int64_t tk) { acc.finish(tid, i0, tk); });
+        [](int, int64_t, int64_t) {});
     grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale, /*keep_acc=*/true);
   });
   return join_stats_grads(out, grads);

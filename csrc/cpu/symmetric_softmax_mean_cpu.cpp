@@ -86,26 +86,12 @@ using RowsFn = void (*)(T*, int64_t, int64_t, bool, LseState<T>*, T*);
 template <typename T>
 using ColsFn = void (*)(const T*, T*, int64_t, int64_t, int64_t, LseState<T>*, T*, T*, T*);
 
-template <typename T>
-void softmax_rows_base(T* s, int64_t tk, int64_t tm, bool diag, LseState<T>* st, T* alpha) {
-  softmax_rows(s, tk, tm, diag, st, alpha);
-}
-template <typename T>
-void softmax_cols_base(const T* s, T* p, int64_t tk, int64_t tm, int64_t c0, LseState<T>* st, T* mx, T* sm,
-                       T* alpha) {
-  softmax_cols(s, p, tk, tm, c0, st, mx, sm, alpha);
-}
-#ifdef INFOMAX_HAVE_AVX2_CLONES
-template <typename T>
-INFOMAX_TARGET_AVX2 void softmax_rows_avx2(T* s, int64_t tk, int64_t tm, bool diag, LseState<T>* st, T* alpha) {
-  softmax_rows(s, tk, tm, diag, st, alpha);
-}
-template <typename T>
-INFOMAX_TARGET_AVX2 void softmax_cols_avx2(const T* s, T* p, int64_t tk, int64_t tm, int64_t c0,
-                                           LseState<T>* st, T* mx, T* sm, T* alpha) {
-  softmax_cols(s, p, tk, tm, c0, st, mx, sm, alpha);
-}
-#endif
+INFOMAX_CPU_CLONES(softmax_rows, softmax_rows,
+                   (T* s, int64_t tk, int64_t tm, bool diag, LseState<T>* st, T* alpha),
+                   (s, tk, tm, diag, st, alpha), typename T)
+INFOMAX_CPU_CLONES(softmax_cols, softmax_cols,
+                   (const T* s, T* p, int64_t tk, int64_t tm, int64_t c0, LseState<T>* st, T* mx, T* sm, T* alpha),
+                   (s, p, tk, tm, c0, st, mx, sm, alpha), typename T)
 
 // O[n, d] rows times alpha[n], skipping the common alpha == 1.
 template <typename T>
@@ -119,14 +105,8 @@ void rescale_rows(T* O, int64_t d, const T* alpha, int64_t n) {
 
 template <typename T>
 void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, Tensor& mean) {
-  RowsFn<T> rows_fn = &softmax_rows_base<T>;
-  ColsFn<T> cols_fn = &softmax_cols_base<T>;
-#ifdef INFOMAX_HAVE_AVX2_CLONES
-  if (cpu::use_avx2()) {
-    rows_fn = &softmax_rows_avx2<T>;
-    cols_fn = &softmax_cols_avx2<T>;
-  }
-#endif
+  const RowsFn<T> rows_fn = INFOMAX_CPU_PICK(softmax_rows, T);
+  const ColsFn<T> cols_fn = INFOMAX_CPU_PICK(softmax_cols, T);
   const Tensor& X = in.A;
   const int64_t K = X.size(0), d = X.size(1);
   const auto opts = X.options();

@@ -152,7 +152,9 @@ INFOMAX_HOST_DEVICE LseState<T> lse_merge(LseState<T> x, LseState<T> y) {
 // Fold a single value into a running state (online softmax update).
 template <typename T>
 INFOMAX_HOST_DEVICE LseState<T> lse_push(LseState<T> s, T x) {
-  if (x <= s.max) {
+  // NB: a NaN state stays NaN: x > NaN is false, and the else branch would replace
+  // its maximum by x.
+  if (x <= s.max || s.max != s.max) {
     // NB: x == s.max == -inf lands here; exp(-inf - -inf) would be NaN.
     return s.max == neg_infinity<T>() ? s : LseState<T>{s.max, s.sum + vexp(x - s.max)};
   }
