@@ -55,15 +55,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
-def _positive(a, b, scale, bias=None):
-    """``scale * <a_i, b_i> (+ bias)`` for paired rows, in the accumulation dtype. O(K d)."""
-    acc = ops.acc_dtype(a.dtype)
-    # NB: like the fused op, positives accumulate in float32 for half inputs.
-    pos = (a.to(acc) * b.to(acc)).sum(-1)
-    pos = pos * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
-    return pos if bias is None else pos + bias.to(acc)
-
-
 def _lse_over(a, bank, scale):
     """(K,) ``logsumexp_j scale <a_i, bank_j>`` over every row of ``bank`` (N, d), fused.
 
@@ -178,7 +169,7 @@ class InfoNCELoss(nn.Module):
             e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off))
             return _contrastive_result(log_m - e.per_row, log_m, return_diagnostics, loss=log_m - e.value)
 
-        pos = _positive(z1, z2[pos_offset:pos_offset + K], scale)
+        pos = est.DotScores(z1, z2, scale, pos_offset=pos_offset).positive()
         lse2 = None
         if self.bank_only:
             # Candidates: the positive and the bank (MoCo); no in-batch negatives.
@@ -261,7 +252,7 @@ class NTXentLoss(nn.Module):
         t = est.DotScores(z, z_all, scale, pos_offset=off).terms(NEG_LSE, walk=est.Walk(neg=1.0 / z.shape[0]))
         lse = t.stats.neg_lse
         lse_mean = lse.mean() if t.walked is None else t.walked
-        pos = _positive(z1, z2, scale)
+        pos = est.DotScores(z1, z2, scale).positive()
         return _contrastive_result(lse - torch.cat([pos, pos]).detach(), math.log(z_all.shape[0] - 1),
                                    return_diagnostics, loss=lse_mean - pos.mean())
 
@@ -349,7 +340,7 @@ class ClipLoss(nn.Module):
         scale = scale.to(device=img.device, dtype=acc).reshape(())
         K = img.shape[0]
         row_bias = None if bias is None else bias.to(device=img.device, dtype=acc).reshape(()).expand(K)
-        pos = _positive(img, txt, scale, row_bias)
+        pos = est.DotScores(img, txt, scale, row_bias).positive()
 
         gathered = False
         if self.gather_distributed:
@@ -522,9 +513,16 @@ class MINELoss(BoundLoss):
 # ---------------------------------------------------------------------------
 
 
-def _alignment_rows(x, y, alpha):
+def _alignment_rows(x, y, alpha, normalize):
+    """``|x_i - y_i|^alpha`` (K,) of paired rows (L2-normalised first if asked), in the
+    accumulation dtype, and the x and y the caller goes on with."""
+    check_pair(x, y, names=("x", "y"))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     acc = ops.acc_dtype(x.dtype)
-    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha)
+    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha), x, y
 
 
 _uniformity = est.uniformity_terms
@@ -548,12 +546,7 @@ class AlignmentLoss(nn.Module):
         self.alpha, self.normalize = float(alpha), bool(normalize)
 
     def forward(self, x, y, return_diagnostics=False):
-        check_pair(x, y, names=("x", "y"))
-        if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if self.normalize:
-            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-        rows = _alignment_rows(x, y, self.alpha)
+        rows = _alignment_rows(x, y, self.alpha, self.normalize)[0]
         loss = rows.mean()
         return (loss, {"per_row": rows.detach()}) if return_diagnostics else loss
 
@@ -609,12 +602,7 @@ class AlignUniformLoss(nn.Module):
         return f"lam={self.lam}, alpha={self.alpha}, t={self.t}, normalize={self.normalize}"
 
     def forward(self, x, y, return_diagnostics=False):
-        check_pair(x, y, names=("x", "y"))
-        if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if self.normalize:
-            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-        rows = _alignment_rows(x, y, self.alpha)
+        rows, x, y = _alignment_rows(x, y, self.alpha, self.normalize)
         align = rows.mean()
         ux, uy = _uniformity(x, self.t)[0], _uniformity(y, self.t)[0]
         loss = align + self.lam * (ux + uy) / 2

@@ -30,36 +30,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ROW_LSE",
-    "COL_LSE",
-    "NEG_LSE",
-    "NEG_CLAMP_LSE",
-    "NEG_SOFTPLUS",
-    "ALL_REDUCTIONS",
-    "ACTIVATIONS",
-    "activation_fn",
-    "scores_dot",
-    "scores_cosine",
-    "scores_bilinear",
-    "scores_concat",
-    "score_reduce",
-    "positive_scores",
-    "negative_mask",
-    "infonce",
-    "infonce_symmetric",
-    "nwj",
-    "tuba",
-    "dv",
-    "mine",
-    "js_objective",
-    "js",
-    "smile",
-    "alignment",
-    "uniformity",
-    "uniformity_terms",
-    "uniformity_pdist",
-    "logsumexp",
-    "reduce_scores",
+    "ROW_LSE", "COL_LSE", "NEG_LSE", "NEG_CLAMP_LSE", "NEG_SOFTPLUS", "ALL_REDUCTIONS",
+    "ACTIVATIONS", "activation_fn", "scores_dot", "scores_cosine", "scores_bilinear",
+    "scores_concat", "score_reduce", "positive_scores", "negative_mask", "infonce",
+    "infonce_symmetric", "nwj", "tuba", "dv", "mine", "js_objective", "js", "smile", "alignment",
+    "uniformity", "uniformity_terms", "uniformity_pdist", "logsumexp", "reduce_scores",
     "scores_concat_hidden",
 ]
 
@@ -353,16 +328,7 @@ def scores_concat_hidden(P, Q, w2, b2=0.0, activation="relu"):
 # ---------------------------------------------------------------------------
 
 
-def score_reduce(
-    a,
-    b,
-    scale,
-    row_bias=None,
-    col_bias=None,
-    pos_offset=0,
-    reductions=ALL_REDUCTIONS,
-    clamp_tau=5.0,
-):
+def score_reduce(a, b, scale, row_bias=None, col_bias=None, pos_offset=0, reductions=ALL_REDUCTIONS, clamp_tau=5.0):
     """Reference of the fused score-reduction op (materialises ``S``).
 
     ``S[i, j] = scale * <a_i, b_j> + row_bias[i] + col_bias[j]`` is built in the

@@ -33,3 +33,17 @@ def test_readme_block_runs_as_pasted(index, tmp_path):
     out = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, f"README block {index + 1} failed:\n{BLOCKS[index]}\n{out.stderr[-3000:]}"
+
+
+def test_links_resolve_inside_the_repository():
+    """Every relative link of the README and docs/ names a file of the repository."""
+    pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "benchmarks", "README.md")]
+    pages += [os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
+    for page in pages:
+        with open(page) as f:
+            targets = re.findall(r"\]\(([^)\s#]+)", f.read())
+        for target in targets:
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target))
+            assert path.startswith(ROOT + os.sep) and os.path.exists(path), f"{page}: {target}"
