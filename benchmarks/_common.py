@@ -1,5 +1,7 @@
-"""Shared pieces of the pytest-benchmark suites: the size grid from the environment,
-the memory guard, the correctness check and the timed call with its peak memory.
+"""Shared pieces of the benchmark suites: the size grid from the environment, the
+memory guard, the correctness check, and the timed call with its peak memory (both
+from ``infomax_ext.bench``, the one harness; ``measure`` runs a case in a fresh
+subprocess for the scripts' tables).
 
 Environment (all optional):
   BENCH_FULL=1          the full grid of each suite (hours on 2 cores) instead of the default
@@ -14,19 +16,14 @@ Environment (all optional):
 """
 import math
 import os
-import sys
 import time
 
+import pytest
+import torch
+
+from infomax_ext import bench as _bench
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from infomax_ext import bench as _bench  # noqa: E402
 
 FULL = os.environ.get("BENCH_FULL", "0") not in ("", "0")
 DEVICE = "cuda" if os.environ.get("BENCH_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu"
@@ -87,6 +84,13 @@ def oracle(fn, inputs, backward, dtype=torch.float64):
         val = val[0] if isinstance(val, tuple) else val
         grads = [g.double() for g in torch.autograd.grad(val, xs)] if backward else []
     return val.detach().double(), grads
+
+
+def measure(module, case, repeats=3, env=None):
+    """Time and peak memory of ``benchmarks/<module>.py``'s ``make_case(**case)``, measured
+    by ``infomax_ext.bench`` in a fresh subprocess: dict(time_s, peak_bytes, reps,
+    first_s, check) or {"error": message}."""
+    return _bench.measure(f"{module}:make_case", case, repeats=repeats, env=env, paths=[HERE])
 
 
 def run_benchmark(benchmark, run, impl, baseline="reference", **info):

@@ -8,22 +8,17 @@ K x M pairs without building S or the (K, M, H) hidden tensor; the reference
 pytest-benchmark suite:   .venv/bin/python -m pytest benchmarks/bench_concat.py --benchmark-only
 Table (one run):          .venv/bin/python benchmarks/bench_concat.py [--K 1024 --H 256 --d 64]
 
-The table's peak memory is measured by ``benchmarks/peak.py``: a fresh subprocess
+The table's peak memory is measured by ``infomax_ext.bench`` (``_common.measure``): a fresh subprocess
 per case, the peak resident set (``ru_maxrss``) after the first forward+backward
 minus the resident set just before it, with inputs and critic already allocated.
 """
 import argparse
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # peak.py, and the package without an install
-
-import infomax_ext as ie  # noqa: E402
+import infomax_ext as ie
 
 IMPLS = ["fused", "reference"]
 
@@ -36,7 +31,7 @@ def make_case(impl, K, H=256, d=64, activation="relu", dtype="float32", backward
     """
     if impl != "reference+compile":
         # NB: a tiny call first, so one-time allocations of the runtime (thread pools,
-        # BLAS workspaces) happen before peak.py takes its baseline.
+        # BLAS workspaces) happen before the harness takes its baseline.
         _build(impl, 4, H, d, activation, dtype, backward, seed)()
     return _build(impl, K, H, d, activation, dtype, backward, seed)
 
@@ -95,7 +90,7 @@ def test_concat_infonce_fwd(benchmark, impl, K):
 
 
 def main(argv=None):
-    import peak
+    import _common
 
     p = argparse.ArgumentParser(description="concat-critic InfoNCE fwd+bwd: time and peak memory, "
                                             "fused vs materialising reference")
@@ -116,7 +111,7 @@ def main(argv=None):
     print(f"{'activation':>10} | {'impl':>18} | {'median ms':>10} | {'peak MiB':>9} | {'speed-up':>8} | "
           f"{'peak / ref':>10}")
     for act in args.activations:
-        rows = {i: peak.measure("bench_concat", dict(impl=i, K=K, H=H, d=d, activation=act), args.repeats)
+        rows = {i: _common.measure("bench_concat", dict(impl=i, K=K, H=H, d=d, activation=act), args.repeats)
                 for i in args.impls}
         base = rows.get("reference", {})
         for impl, r in rows.items():

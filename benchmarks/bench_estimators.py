@@ -27,20 +27,16 @@ benchmarks/README.md.
 import argparse
 import math
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import _common  # noqa: E402
-import infomax_ext as ie  # noqa: E402
-from infomax_ext import bench  # noqa: E402
-from infomax_ext import reference as ref  # noqa: E402
-from infomax_ext.bench import uniformity_matmul  # noqa: E402
+import _common
+import infomax_ext as ie
+from infomax_ext import bench
+from infomax_ext import reference as ref
+from infomax_ext.bench import uniformity_matmul
 
 SCALE = 10.0
 TAU = 5.0
@@ -189,7 +185,6 @@ def test_estimator(benchmark, estimator, pass_, K, d, dtype, impl):
 
 
 def main(argv=None):
-    import peak
 
     p = argparse.ArgumentParser(description="estimators: time and peak memory, fused vs reference, "
                                             "one fresh process per case")
@@ -208,7 +203,7 @@ def main(argv=None):
           f"{'fused/ref time':>14} | {'fused/ref peak':>14} | check")
     for est in args.estimators:
         for K in args.sizes:
-            rows = {i: peak.measure("bench_estimators", dict(estimator=est, impl=i, K=K, d=args.d,
+            rows = {i: _common.measure("bench_estimators", dict(estimator=est, impl=i, K=K, d=args.d,
                                                              dtype=args.dtype, backward=not args.forward_only),
                                     args.repeats) for i in args.impls}
             base, fused = rows.get("reference", {}), rows.get("fused", {})

@@ -8,7 +8,7 @@ For K = M in --sizes, d = --dim and each dtype, times one forward + backward of
   floor     the 4 plain GEMMs of K x M x d the op needs (S, S again in backward,
             G B, G^T A) in the input dtype: no implementation can beat it by much
 
-and prints the median time (CUDA events, after warm-up), the peak memory above
+and prints the median time (synchronised, after a first call), the peak memory above
 what was allocated before the call (inputs and their gradients' owners excluded),
 and fused / floor. A case that does not fit prints OOM. The run stops starting
 new cases once --time-budget seconds have passed.
@@ -22,13 +22,8 @@ Exit status: 0 after a run, 2 when there is no CUDA device or no CUDA build.
 """
 import argparse
 import gc
-import os
-import statistics
 import sys
 import time
-
-# Run as `python benchmarks/bench_gpu.py` from a source tree built in place: import that tree.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -93,7 +88,6 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=512, help="feature size d")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--scale", type=float, default=1 / 0.07, help="logit scale (CLIP's 1 / 0.07)")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=20)
     p.add_argument("--target-s", type=float, default=1.5, help="timed seconds per case (sets reps)")
@@ -131,37 +125,15 @@ def free_memory(cuda=True):
 
 
 def time_fn(fn, args, cuda=True):
-    """(median ms, peak bytes above the allocation before the call, first call s) of fn()."""
-    import torch
+    """(median ms, extra peak bytes of one call, first call s) of fn(), by the one harness
+    (``infomax_ext.bench.time_and_peak``: synchronised on CUDA, after a first call and a
+    peak-memory call)."""
+    from infomax_ext import bench
 
     free_memory(cuda)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    base = torch.cuda.memory_allocated() if cuda else 0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    fn()  # first call: cuBLAS heuristics, allocator, compilation
-    sync()
-    first = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - base if cuda else None
-    for _ in range(max(0, args.warmup - 1)):
-        fn()
-    sync()
-    reps = int(min(args.max_reps, max(args.min_reps, args.target_s / max(first, 1e-4))))
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), peak, first
+    r = bench.time_and_peak(fn, "cuda" if cuda else "cpu", target_s=args.target_s, min_reps=args.min_reps,
+                            max_reps=args.max_reps)
+    return r["time_s"] * 1e3, r["peak_bytes"], r["first_s"]
 
 
 def device_peaks(args, name=""):
@@ -186,6 +158,7 @@ def main(argv=None):
               "this benchmark needs a GPU. Nothing was run.", file=sys.stderr)
         return 2
     import infomax_ext
+    from infomax_ext import bench
     from infomax_ext import reference as ref
 
     info = infomax_ext.build_info()
@@ -276,16 +249,7 @@ def main(argv=None):
                 rows.append((name, K, impl, ms, peak, note))
                 free_memory(cuda)
 
-            # The floor: the four GEMMs the op needs, in the input dtype, S and G materialised.
-            def floor():
-                with torch.no_grad():
-                    S = a @ b.T  # forward scores
-                    S = a @ b.T  # recomputed in backward
-                    G = S  # stands in for dL/dS (same shape and dtype)
-                    G @ b
-                    G.T @ a
-
-            record("floor", floor)
+            record("floor", lambda: bench.matmul_floor(a, b))  # the four GEMMs the op needs
             record("fused", fwd_bwd(fused_loss, a, b))
             if not args.no_reference:
                 record("eager", fwd_bwd(ref_loss, a, b))

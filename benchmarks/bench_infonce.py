@@ -5,17 +5,12 @@ Memory table (one run):   .venv/bin/python benchmarks/bench_infonce.py [--sizes 
 """
 import argparse
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # peak.py, and the package without an install
-
-import infomax_ext as ie  # noqa: E402
-from infomax_ext import reference as ref  # noqa: E402
+import infomax_ext as ie
+from infomax_ext import reference as ref
 
 SCALE = 0.1
 
@@ -72,7 +67,7 @@ def test_infonce_fwd_bwd(benchmark, impl, K, d):
 
 
 def main(argv=None):
-    import peak
+    import _common
 
     p = argparse.ArgumentParser(description="InfoNCE fwd+bwd time and peak memory, fused vs reference")
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
@@ -84,7 +79,7 @@ def main(argv=None):
           "peak = extra resident memory of one call, measured in a fresh process")
     print(f"{'K=M':>6} | {'impl':>18} | {'median ms':>10} | {'peak MiB':>9} | {'time ratio':>10} | {'peak ratio':>10}")
     for K in args.sizes:
-        rows = {i: peak.measure("bench_infonce", dict(impl=i, K=K, d=args.d), args.repeats) for i in args.impls}
+        rows = {i: _common.measure("bench_infonce", dict(impl=i, K=K, d=args.d), args.repeats) for i in args.impls}
         base = rows.get("reference", {})
         for impl, r in rows.items():
             if "error" in r:

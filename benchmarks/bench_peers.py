@@ -29,17 +29,13 @@ import argparse
 import importlib.util
 import math
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import _common  # noqa: E402
-import infomax_ext as ie  # noqa: E402
-from infomax_ext import bench  # noqa: E402
+import _common
+import infomax_ext as ie
+from infomax_ext import bench
 
 PEERS = {"ntxent": ("pytorch-metric-learning", "pytorch_metric_learning"),
          "infonce": ("info-nce-pytorch", "info_nce"),
@@ -184,7 +180,6 @@ def test_peer(benchmark, loss, pass_, K, bank, d, dtype, impl):
 
 
 def main(argv=None):
-    import peak
 
     p = argparse.ArgumentParser(description="drop-in losses vs their peers: time and peak memory, one "
                                             "fresh process per case")
@@ -204,7 +199,7 @@ def main(argv=None):
             print(f"{loss:>12} | {PEERS[loss][0]} is not installed: only ours is measured")
         for K in args.sizes:
             bank = 4 * K if loss == "infonce-bank" else 4096
-            rows = {i: peak.measure("bench_peers", dict(loss=loss, impl=i, K=K, d=args.d, bank=bank),
+            rows = {i: _common.measure("bench_peers", dict(loss=loss, impl=i, K=K, d=args.d, bank=bank),
                                     args.repeats) for i in impls}
             ours = rows.get("ours", {})
             for impl, r in rows.items():

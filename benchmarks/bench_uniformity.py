@@ -26,20 +26,15 @@ fused at least 3x faster than pdist and 4x faster than matmul.
 """
 import argparse
 import math
-import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import _common  # noqa: E402
-import infomax_ext as ie  # noqa: E402
-from infomax_ext import reference as ref  # noqa: E402
-from infomax_ext.bench import uniformity_matmul  # noqa: E402
+import _common
+import infomax_ext as ie
+from infomax_ext import reference as ref
+from infomax_ext.bench import uniformity_matmul
 
 T = 2.0
 IMPLS = ["fused", "pdist", "matmul", "matmul+compile", "reference"]
@@ -121,7 +116,6 @@ def test_uniformity(benchmark, pass_, K, d, dtype, impl):
 
 
 def main(argv=None):
-    import peak
 
     p = argparse.ArgumentParser(description="uniformity: time and peak memory of the fused op and the "
                                             "forms users write, one fresh process per case")
@@ -137,7 +131,7 @@ def main(argv=None):
     print(f"{'K':>6} | {'impl':>15} | {'median ms':>10} | {'peak MiB':>9} | {'fused/this time':>15} | "
           f"{'speed-up of fused':>17} | check")
     for K in args.sizes:
-        rows = {i: peak.measure("bench_uniformity", dict(impl=i, K=K, d=args.d, backward=not args.forward_only),
+        rows = {i: _common.measure("bench_uniformity", dict(impl=i, K=K, d=args.d, backward=not args.forward_only),
                                 args.repeats) for i in args.impls}
         fused = rows.get("fused", {})
         for impl, r in rows.items():

@@ -1,8 +1,8 @@
 """pytest configuration of the benchmark suites (not part of the test command).
 
-Collects the ``bench_*.py`` files when the folder is given (``pytest benchmarks``),
-puts the checkout and this folder on ``sys.path`` (the package without an install,
-``peak.py`` and ``_common.py``), and after pytest-benchmark's own tables prints one
+Collects the ``bench_*.py`` files when the folder is given (``pytest benchmarks``)
+(pytest puts this folder on ``sys.path``, so the suites import ``_common``; the package
+itself comes from ``./setup.sh``'s path entry or an install), and after pytest-benchmark's own tables prints one
 compact table per group: median time, peak extra memory (where the suite measured
 it, ``extra_info["peak_mib"]``) and the ratios of time and peak to the group's
 baseline (the implementation a suite names in ``extra_info["baseline"]``, else the
@@ -10,14 +10,10 @@ first of ``BASELINES`` present), so every implementation of one op, size and pas
 reads side by side. It only reads the recorded results: suites that record no peak show "-".
 """
 import os
-import sys
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (os.path.dirname(HERE), HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 BASELINES = ("reference", "matmul")
 

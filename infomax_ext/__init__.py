@@ -2,7 +2,7 @@
 contrastive losses over all K x M pairs of a batch, without materialising the
 score matrix.
 
-Convention (see REFERENCE.md): ``S[i, j] = f(u_i, v_j)`` is K x M, rows are the
+Convention (docs/conventions.md): ``S[i, j] = f(u_i, v_j)`` is K x M, rows are the
 anchors ``u`` (view 1), columns the candidates ``v`` (view 2), M >= K, and the
 positive of row i is column ``i + pos_offset``; every other entry is a negative.
 Estimators return the bound value in nats (to be maximised).

@@ -8,6 +8,7 @@ warns once and computes everything with ``reference.py``. ``INFOMAX_EXT_USE_REFE
 kernels' own code, compiled as C++, run on CPU tensors (``torch.ops.infomax_ext_emulated``).
 """
 import contextlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -22,10 +23,18 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by test_fallback in a subprocess
     _C = None
     HAS_C = False
-    _LOAD_ERROR = e
+    # NB: a missing _C makes Python say "partially initialized module ... (most likely due
+    # to a circular import)"; the cause is that nothing was built here, so say that.
+    try:
+        _missing = importlib.util.find_spec(f"{__package__}._C") is None
+    except (ImportError, ValueError):
+        _missing = False
+    _LOAD_ERROR = ImportError(f"no compiled module infomax_ext/_C*.so next to {os.path.dirname(__file__)}"
+                              if _missing else str(e))
     warnings.warn(
-        f"infomax_ext: compiled kernels unavailable ({e}); using the pure-torch reference "
-        "(materialises the K x M score matrix). Build with: pip install --no-build-isolation -e .",
+        f"infomax_ext: compiled kernels unavailable ({_LOAD_ERROR}); using the pure-torch reference "
+        "(materialises the K x M score matrix). Build them with ./setup.sh in the checkout "
+        "(elsewhere: pip install --no-build-isolation .).",
         RuntimeWarning,
         stacklevel=2,
     )

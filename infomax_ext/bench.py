@@ -704,30 +704,10 @@ def _plot(rows, path, title):
     return True
 
 
-class _NoBar:
-    def __init__(self, total=0, **_):
-        self.total, self.n = total, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        self.n += n
-
-    def set_postfix_str(self, text):
-        print(f"[{self.n}/{self.total}] {text}", flush=True)
-
-
 def main(argv=None):
     """Runs the report; returns 0, or 1 when a case failed or a check did not hold."""
     args = _parse(argv)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # NB: tqdm is a demo extra; without it, no progress bar
-        tqdm = _NoBar
+    from tqdm import tqdm
 
     t_start = time.perf_counter()
     plan = _plan(args)

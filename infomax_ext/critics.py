@@ -36,7 +36,7 @@ from torch import nn
 
 from . import estimators, ops
 from . import reference as ref
-from .estimators import DotScores, check_pair
+from .estimators import DotScores, ScoreSource, check_pair
 
 __all__ = [
     "Critic",
@@ -261,7 +261,7 @@ class ConcatMLP(Critic):
                 f"layers={self.layers}, activation={self.activation!r}")
 
 
-class ConcatScores:
+class ConcatScores(ScoreSource):
     """Score source of the one-hidden-layer concat critic for ``concat_score_reduce``.
 
     ``S[i, j] = w2 . act(P_i + Q_j) + b2`` with ``P = u Wu^T + b1`` (K, H) and
@@ -299,7 +299,7 @@ class ConcatScores:
         b2 = self.b2.to(acc) if isinstance(self.b2, torch.Tensor) else self.b2
         return h @ self.w2.to(acc) + b2
 
-    def reduce(self, reductions, clamp_tau=5.0):
+    def reduce(self, reductions, clamp_tau=ops.CLAMP_TAU):
         P, Q = self.PQ()
         return ops.concat_score_reduce(P, Q, self.w2, self.b2, self.activation, self.pos_offset,
                                        reductions, clamp_tau)
@@ -309,12 +309,12 @@ class ConcatScores:
                                  self.activation)
 
 
-class MaterializedScores:
+class MaterializedScores(ScoreSource):
     """Score source over a materialised S (the fallback for critics with no fused form).
 
     ``make_S()`` returns the (K, M) scores (rows = anchors u, columns = candidates v);
     it is called once, on first use. ``reduce`` computes the five reductions on S with
-    masked torch reductions, so memory is that of S (and of whatever built it).
+    ``reference.reduce_scores``, so memory is that of S (and of whatever built it).
     """
 
     def __init__(self, make_S, u, v, pos_offset=0):
@@ -331,22 +331,10 @@ class MaterializedScores:
         S = self.materialize()
         return torch.diagonal(S, offset=self.pos_offset).to(ops.acc_dtype(S.dtype))
 
-    def reduce(self, reductions, clamp_tau=5.0):
+    def reduce(self, reductions, clamp_tau=ops.CLAMP_TAU):
         S = self.materialize()
-        S = S.to(ops.acc_dtype(S.dtype))
-        K, M = S.shape
-        neg = ref.negative_mask(K, M, self.pos_offset, device=S.device)
-        ninf = torch.full_like(S, -math.inf)
-        empty = S.new_empty((0,))
-        want = lambda bit: reductions & bit  # noqa: E731
-        return (
-            torch.logsumexp(S, 1) if want(ops.ROW_LSE) else empty,
-            torch.logsumexp(S, 0) if want(ops.COL_LSE) else empty,
-            torch.logsumexp(torch.where(neg, S, ninf), 1) if want(ops.NEG_LSE) else empty,
-            torch.logsumexp(torch.where(neg, S.clamp(-clamp_tau, clamp_tau), ninf), 1)
-            if want(ops.NEG_CLAMP_LSE) else empty,
-            torch.where(neg, F.softplus(S), torch.zeros_like(S)).sum(1) if want(ops.NEG_SOFTPLUS) else empty,
-        )
+        return ops.ScoreStats(*ref.reduce_scores(S.to(ops.acc_dtype(S.dtype)), self.pos_offset, reductions,
+                                                 clamp_tau))
 
 
 def mi_lower_bound(u, v, critic, estimator="infonce", pos_offset=0, **kwargs):

@@ -1,27 +1,31 @@
-"""Mutual-information lower bounds composed on the fused reduction ops.
+"""Mutual-information lower bounds, each written once on a score source.
 
 Every estimator sees the score matrix S (K x M, M >= K) only through a *score
 source*: rows = anchors (view 1), columns = candidates (view 2), positive of row
 i at column ``i + pos_offset``; every other entry is one of ``n_neg = K (M - 1)``
 negatives. A source gives the O(K) positive scores in plain torch and the
-streaming reductions over all K x M pairs from one fused op call, so S is never
-stored. ``DotScores`` is the dot-product form
+streaming reductions over all K x M pairs from one op call (``ops.py``), so S is
+never stored. ``DotScores`` is the dot-product form
 
     S[i, j] = scale * <a_i, b_j> + row_bias[i] + col_bias[j],   a: (K, d), b: (M, d);
 
-critics (``critics.py``) provide other sources. Each estimator returns the
-**bound value in nats** (maximise it; the training loss is its negation). With
-the compiled module absent, or ``use_reference(True)``, the source materialises
-S and the estimator of the same name in ``reference.py`` runs instead.
+critics (``critics.py``) provide the bilinear, concat and materialised sources.
+Each estimator (``ESTIMATORS``) returns an :class:`Estimate`: the **bound value in
+nats** (maximise it; the training loss is its negation) and its per-anchor terms.
+Whether the fused kernels or ``reference.py`` compute the reductions is decided in
+``ops.py`` alone; the reference estimators on a materialised S (``reference.infonce``,
+...) are the oracles the tests compare these with.
 """
 import math
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import _backend, ops
+from . import ops
 from . import reference as ref
-from .ops import COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE
+from .ops import CLAMP_TAU, COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE
 
 
 def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_dim=True):
@@ -61,7 +65,45 @@ def check_like(t, like, name):
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
 
 
-class DotScores:
+class Terms(NamedTuple):
+    """What an estimator reads of a source: the positives (K,), the requested
+    :class:`ops.ScoreStats`, and ``walked``: the value of the linear combination asked
+    for with ``walk=`` whose gradient the fused walk made, or None (then the statistics
+    carry the gradient)."""
+    pos: torch.Tensor
+    stats: ops.ScoreStats
+    walked: Optional[torch.Tensor] = None
+
+
+class Walk(NamedTuple):
+    """Per-row constant weights of ``sum_i (row * row_lse_i + neg * neg_lse_i +
+    clamp * neg_clamp_lse_i + softplus * neg_softplus_i + pos * S[i, i + pos_offset])``;
+    None leaves a term out."""
+    row: Optional[float] = None
+    neg: Optional[float] = None
+    clamp: Optional[float] = None
+    softplus: Optional[float] = None
+    pos: Optional[float] = None
+
+
+class ScoreSource:
+    """The interface every estimator is written on. A source has ``K``, ``M`` and
+    ``pos_offset`` and gives ``positive()`` (K,) in the accumulation dtype,
+    ``reduce(reductions, clamp_tau)`` (:class:`ops.ScoreStats`) and ``materialize()``
+    (the (K, M) S, for tests and debugging)."""
+
+    @property
+    def n_neg(self):
+        return self.K * (self.M - 1)
+
+    def terms(self, reductions, clamp_tau=CLAMP_TAU, walk=None):
+        """:class:`Terms` of the requested reductions. ``walk`` (a :class:`Walk`) names a
+        sum the caller will differentiate; a source whose op can make that gradient during
+        its forward walk does so (``DotScores``), any other ignores it."""
+        return Terms(self.positive(), self.reduce(reductions, clamp_tau))
+
+
+class DotScores(ScoreSource):
     """Score source ``S = scale * a b^T + row_bias + col_bias`` for the fused ``score_reduce``.
 
     Args:
@@ -98,11 +140,6 @@ class DotScores:
         return ops.score_reduce(self.a, self.b, self.scale, self.row_bias, self.col_bias,
                                 self.pos_offset, reductions, clamp_tau)
 
-    def reduce_weighted(self, reductions, weights, w_pos=None, clamp_tau=5.0):
-        """``ops.score_reduce_weighted`` on this source: (value, five statistics, positives)."""
-        return ops.score_reduce_weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias,
-                                         self.pos_offset, reductions, clamp_tau, weights, w_pos=w_pos)
-
     def materialize(self):
         return ref.scores_dot(self.a, self.b, self.scale, self.row_bias, self.col_bias)
 
@@ -111,67 +148,26 @@ class DotScores:
         inputs = (self.a, self.b, self.scale, self.row_bias, self.col_bias)
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
-    def row_mean(self, reduction, minus_positive=False):
-        """``(mean_i (stat_i - pos_i), stat)`` for one row statistic, ROW_LSE or NEG_LSE
-        (without ``minus_positive``: the mean of stat alone); InfoNCE's cross entropy is
-        ``row_mean(ROW_LSE, True)``.
-
-        When a backward will follow (grad mode on and an input that requires grad), from
-        ``ops.score_reduce_weighted`` with weights 1/K (and -1/K on the positives): the
-        gradient is made in the forward walk (three GEMMs instead of four, and nothing
-        left for autograd to hold) and ``stat`` carries no gradient. Otherwise ``stat`` is
-        score_reduce's (the reference's) differentiable output.
-        """
-        idx = {ROW_LSE: 0, NEG_LSE: 2}[reduction]
-        inputs = (self.a, self.b, self.scale, self.row_bias, self.col_bias)
-        if _backend.fused_enabled() and self.wants_grad():
-            w = torch.full((self.K,), 1.0 / self.K, dtype=ops.acc_dtype(self.a.dtype), device=self.a.device)
-            weights = (w, None, None, None) if reduction == ROW_LSE else (None, w, None, None)
-            out = self.reduce_weighted(reduction, weights, w_pos=-w if minus_positive else None)
-            return out[0], out[1 + idx]
-        fn = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
-        stat = fn(*inputs, self.pos_offset, reduction)[idx]
-        return (stat - self.positive() if minus_positive else stat).mean(), stat
+    def terms(self, reductions, clamp_tau=CLAMP_TAU, walk=None):
+        """With ``walk`` and a backward to follow, from ``ops.score_reduce_weighted``: the
+        weights are constants, so the op makes the sum's gradient during the forward walk
+        (three K x M x d GEMMs instead of four, nothing left for autograd to hold) and the
+        statistics come back without gradient. Otherwise the plain reductions."""
+        if walk is None or not self.wants_grad():
+            return super().terms(reductions, clamp_tau)
+        acc = ops.acc_dtype(self.a.dtype)
+        w = [None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk]
+        out = ops.score_reduce_weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset,
+                                        reductions, clamp_tau, w[:4], w_pos=w[4])
+        return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
 
 
-class _Terms:
-    """Positive scores and requested reductions of one source, with the shared epilogues.
-
-    ``js_gradient=True`` (for JS, its objective and SMILE, whose gradient is the JS
-    objective's): on a DotScores source that needs a gradient, the statistics come from
-    one ``ops.score_reduce_weighted`` walk that also makes the gradient of the negatives'
-    term ``-mean_neg softplus(S)``, and come back detached; ``js_objective()`` carries
-    that gradient (the positives' term is plain torch, O(K d)).
-    """
-
-    def __init__(self, src, reductions, clamp_tau=5.0, js_gradient=False):
-        self.K, self.M = src.K, src.M
-        self.n_neg = src.K * (src.M - 1)
-        self.pos = src.positive()
-        self._neg_softplus_mean = None
-        if js_gradient and _backend.fused_enabled() and isinstance(src, DotScores) and src.wants_grad():
-            # NB: the weights are constants (-1/n_neg), so the walk's value is exactly
-            # -mean_neg softplus(S) with its gradient (and its second derivative, through
-            # the create_graph backward).
-            w_sp = torch.full((self.K,), -1.0 / self.n_neg, dtype=self.pos.dtype, device=self.pos.device)
-            out = src.reduce_weighted(reductions | NEG_SOFTPLUS, (None, None, None, w_sp), clamp_tau=clamp_tau)
-            self._neg_softplus_mean = -out[0]
-            self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = out[1:6]
-            return
-        self.row_lse, self.col_lse, self.neg_lse, self.clamp_lse, self.softplus = src.reduce(
-            reductions, clamp_tau)
-
-    def log_mean_exp_neg(self, lse_rows=None):
-        """log of the mean over all negatives of exp(S), from per-row log-sum-exps
-        (``-inf`` with zero gradient when every negative is masked)."""
-        rows = self.neg_lse if lse_rows is None else lse_rows
-        return ref.logsumexp(rows, 0) - math.log(self.n_neg)
-
-    def js_objective(self):
-        neg = self._neg_softplus_mean
-        if neg is None:
-            neg = self.softplus.sum() / self.n_neg
-        return -torch.nn.functional.softplus(-self.pos).mean() - neg
+class Estimate(NamedTuple):
+    """An estimator's result on a source."""
+    value: torch.Tensor               # 0-dim bound in nats; its gradient is the estimator's training gradient
+    per_row: torch.Tensor             # per-anchor terms (K,) (2K for infonce_symmetric); their mean is the
+                                      # bound, except DV, MINE and SMILE (per-anchor DV: mean >= the bound)
+    state: Optional[torch.Tensor] = None  # MINE: the new log moving average
 
 
 def _need_negatives(src):
@@ -179,41 +175,49 @@ def _need_negatives(src):
         raise ValueError("this estimator needs at least one negative per row (M >= 2)")
 
 
-def _reference(src):
-    return not _backend.fused_enabled()
+def _log_mean_exp_neg(src, lse_rows):
+    """log of the mean over all negatives of exp(S), from per-row log-sum-exps over the
+    negatives (``-inf`` with zero gradient when every negative is masked)."""
+    return ref.logsumexp(lse_rows, 0) - math.log(src.n_neg)
 
 
-# Estimators on a score source. Public names below take (a, b, ...) for the dot
-# form; ``mi_lower_bound`` takes any critic.
+def _row_log_mean_neg(src, lse_rows):
+    """Per row: log of the mean over its M - 1 negatives of exp(S)."""
+    return lse_rows - math.log(src.M - 1)
+
+
+# One function per estimator, ``<name>_from(src)``: its Estimate on a source. The public
+# ``<name>(a, b, ...)`` below are the dot-product form; ``mi_lower_bound`` takes any critic.
 
 def infonce_from(src):
-    """InfoNCE ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M)."""
-    if _reference(src):
-        return ref.infonce(src.materialize(), src.pos_offset)
-    if isinstance(src, DotScores):
-        return math.log(src.M) - src.row_mean(ROW_LSE, minus_positive=True)[0]
-    t = _Terms(src, ROW_LSE)
-    return (t.pos - t.row_lse).mean() + math.log(t.M)
+    """InfoNCE ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M); per row
+    ``S_ii - logsumexp_j S_ij + log M``. The cross entropy ``log M - value`` is a mean
+    of row statistics, so its gradient comes out of the forward walk."""
+    t = src.terms(ROW_LSE, walk=Walk(row=1.0 / src.K, pos=-1.0 / src.K))
+    log_m = math.log(src.M)
+    value = log_m - t.walked if t.walked is not None else (t.pos - t.stats.row_lse).mean() + log_m
+    return Estimate(value, t.pos - t.stats.row_lse + log_m)
 
 
 def infonce_symmetric_from(src):
-    """CLIP's symmetric InfoNCE: the mean of the row-wise and column-wise bounds (K == M)."""
+    """CLIP's symmetric InfoNCE: the mean of the row-wise and column-wise bounds (K == M);
+    per row: the K row anchors' terms, then the K column anchors'."""
     if src.K != src.M or src.pos_offset != 0:
         raise ValueError(f"infonce_symmetric needs K == M and pos_offset 0, got K={src.K}, M={src.M}, "
                          f"pos_offset={src.pos_offset}")
-    if _reference(src):
-        return ref.infonce_symmetric(src.materialize())
-    t = _Terms(src, ROW_LSE | COL_LSE)
-    return (2 * t.pos - t.row_lse - t.col_lse).mean() / 2 + math.log(t.M)
+    t = src.terms(ROW_LSE | COL_LSE)
+    row, col = t.stats.row_lse, t.stats.col_lse
+    log_m = math.log(src.M)
+    return Estimate((2 * t.pos - row - col).mean() / 2 + log_m, torch.cat([t.pos - row, t.pos - col]) + log_m)
 
 
 def nwj_from(src):
     """NWJ ``mean_pos S - e^{-1} mean_neg exp(S)``; overflows to -inf (never NaN)."""
     _need_negatives(src)
-    if _reference(src):
-        return ref.nwj(src.materialize(), src.pos_offset)
-    t = _Terms(src, NEG_LSE)
-    return t.pos.mean() - torch.exp(t.log_mean_exp_neg() - 1)
+    t = src.terms(NEG_LSE)
+    neg = t.stats.neg_lse
+    return Estimate(t.pos.mean() - torch.exp(_log_mean_exp_neg(src, neg) - 1),
+                    t.pos - torch.exp(_row_log_mean_neg(src, neg) - 1))
 
 
 def tuba_from(src, baseline):
@@ -222,83 +226,85 @@ def tuba_from(src, baseline):
     if not isinstance(baseline, torch.Tensor) or baseline.shape != (src.K,):
         raise ValueError(f"baseline must be a tensor of shape (K,) = ({src.K},), got "
                          f"{tuple(getattr(baseline, 'shape', ()))}")
-    if _reference(src):
-        return ref.tuba(src.materialize(), baseline, src.pos_offset)
-    t = _Terms(src, NEG_LSE)
-    base = baseline.to(t.pos.dtype)
-    return 1 + (t.pos - base).mean() - torch.exp(t.log_mean_exp_neg(t.neg_lse - base))
+    t = src.terms(NEG_LSE)
+    base, neg = baseline.to(t.pos.dtype), t.stats.neg_lse
+    return Estimate(1 + (t.pos - base).mean() - torch.exp(_log_mean_exp_neg(src, neg - base)),
+                    1 + t.pos - base - torch.exp(_row_log_mean_neg(src, neg) - base))
 
 
 def dv_from(src):
     """Donsker-Varadhan ``mean_pos S - log mean_neg exp(S)`` (biased in mini-batches)."""
     _need_negatives(src)
-    if _reference(src):
-        return ref.dv(src.materialize(), src.pos_offset)
-    t = _Terms(src, NEG_LSE)
-    return t.pos.mean() - t.log_mean_exp_neg()
+    t = src.terms(NEG_LSE)
+    return Estimate(t.pos.mean() - _log_mean_exp_neg(src, t.stats.neg_lse),
+                    t.pos - _row_log_mean_neg(src, t.stats.neg_lse))
 
 
 def mine_from(src, ema=None, momentum=0.9):
-    """MINE: DV value, log-partition gradient divided by a moving average. Returns (bound, new_ema)."""
+    """MINE: DV value, log-partition gradient divided by a moving average of
+    ``mean_neg exp(S)`` kept in log space (``ema``: None or NaN before the first step);
+    the new average is ``state``."""
     _need_negatives(src)
-    if _reference(src):
-        return ref.mine(src.materialize(), ema, momentum, src.pos_offset)
-    t = _Terms(src, NEG_LSE)
-    return ref.mine_from_terms(t.pos.mean(), t.log_mean_exp_neg(), ema, momentum)
+    t = src.terms(NEG_LSE)
+    value, state = ref.mine_from_terms(t.pos.mean(), _log_mean_exp_neg(src, t.stats.neg_lse), ema, momentum)
+    return Estimate(value, t.pos - _row_log_mean_neg(src, t.stats.neg_lse), state)
+
+
+def _js_terms(src, reductions, clamp_tau=CLAMP_TAU):
+    """Terms for JS, its objective and SMILE, whose gradient is the JS objective's, and
+    that objective ``-mean_pos softplus(-S) - mean_neg softplus(S)``. NB: its negatives'
+    term is a constant-weight sum (-1/n_neg), so a source may make its gradient in the walk."""
+    t = src.terms(reductions | NEG_SOFTPLUS, clamp_tau, walk=Walk(softplus=-1.0 / src.n_neg))
+    neg = -t.walked if t.walked is not None else t.stats.neg_softplus.sum() / src.n_neg
+    return t, -F.softplus(-t.pos).mean() - neg
 
 
 def js_objective_from(src):
     """Jensen-Shannon objective ``-mean_pos softplus(-S) - mean_neg softplus(S)`` (not a bound)."""
     _need_negatives(src)
-    if _reference(src):
-        return ref.js_objective(src.materialize(), src.pos_offset)
-    return _Terms(src, NEG_SOFTPLUS, js_gradient=True).js_objective()
+    t, obj = _js_terms(src, 0)
+    return Estimate(obj, -F.softplus(-t.pos) - t.stats.neg_softplus / (src.M - 1))
 
 
 def js_from(src):
     """JS estimator: value NWJ(S + 1), gradient of ``js_objective``."""
     _need_negatives(src)
-    if _reference(src):
-        return ref.js(src.materialize(), src.pos_offset)
-    t = _Terms(src, NEG_LSE | NEG_SOFTPLUS, js_gradient=True)
-    obj = t.js_objective()
-    value = t.pos.mean() + 1 - torch.exp(t.log_mean_exp_neg())
-    return obj + (value - obj).detach()
+    t, obj = _js_terms(src, NEG_LSE)
+    neg = t.stats.neg_lse
+    value = t.pos.mean() + 1 - torch.exp(_log_mean_exp_neg(src, neg))
+    return Estimate(obj + (value - obj).detach(), t.pos + 1 - torch.exp(_row_log_mean_neg(src, neg)))
 
 
-def smile_from(src, tau=5.0):
+def smile_from(src, tau=CLAMP_TAU):
     """SMILE: value ``mean_pos S - log mean_neg exp(clamp(S, -tau, tau))``, gradient of JS."""
     if not tau > 0:
         raise ValueError(f"smile: tau must be > 0, got {tau}")
     _need_negatives(src)
-    if _reference(src):
-        return ref.smile(src.materialize(), tau, src.pos_offset)
-    t = _Terms(src, NEG_CLAMP_LSE | NEG_SOFTPLUS, tau, js_gradient=True)
-    obj = t.js_objective()
-    value = t.pos.mean() - t.log_mean_exp_neg(t.clamp_lse)
-    return obj + (value - obj).detach()
+    t, obj = _js_terms(src, NEG_CLAMP_LSE, tau)
+    clamped = t.stats.neg_clamp_lse
+    value = t.pos.mean() - _log_mean_exp_neg(src, clamped)
+    return Estimate(obj + (value - obj).detach(), t.pos - _row_log_mean_neg(src, clamped))
 
 
-ESTIMATORS = {
-    "infonce": infonce_from,
-    "infonce_symmetric": infonce_symmetric_from,
-    "nwj": nwj_from,
-    "tuba": tuba_from,
-    "dv": dv_from,
-    "mine": mine_from,
-    "js": js_from,
-    "js_objective": js_objective_from,
-    "smile": smile_from,
-}
+ESTIMATORS = {"infonce": infonce_from, "infonce_symmetric": infonce_symmetric_from, "nwj": nwj_from, "tuba": tuba_from,
+              "dv": dv_from, "mine": mine_from, "js": js_from, "js_objective": js_objective_from, "smile": smile_from}
+# The estimators that train a critic through BoundLoss and estimate_mi.
+BOUNDS = ("infonce", "nwj", "dv", "mine", "js", "smile", "tuba")
 
 
-def estimate_from(src, estimator, **kwargs):
-    """Runs the named estimator (a key of ``ESTIMATORS``) on a score source."""
+def estimate(src, estimator, **kwargs):
+    """The :class:`Estimate` of the named estimator (a key of ``ESTIMATORS``) on a score source."""
     try:
         fn = ESTIMATORS[estimator]
     except KeyError:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}") from None
     return fn(src, **kwargs)
+
+
+def estimate_from(src, estimator, **kwargs):
+    """The bound of the named estimator on a score source (for ``"mine"``: ``(bound, new_ema)``)."""
+    e = estimate(src, estimator, **kwargs)
+    return (e.value, e.state) if estimator == "mine" else e.value
 
 
 def infonce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
@@ -308,27 +314,27 @@ def infonce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     column i + pos_offset. The cross-entropy loss of contrastive libraries is
     ``log M - infonce``. Returns a 0-dim tensor in nats.
     """
-    return infonce_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
+    return infonce_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
 
 
 def infonce_symmetric(a, b, scale=1.0, row_bias=None, col_bias=None):
     """CLIP's symmetric InfoNCE on ``S = scale a b^T + biases`` (K == M, positives on the diagonal)."""
-    return infonce_symmetric_from(DotScores(a, b, scale, row_bias, col_bias))
+    return infonce_symmetric_from(DotScores(a, b, scale, row_bias, col_bias)).value
 
 
 def nwj(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """NWJ on ``S = scale a b^T + biases``: ``mean_pos S - e^{-1} mean_neg exp(S)``."""
-    return nwj_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
+    return nwj_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
 
 
 def tuba(a, b, baseline, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """TUBA on ``S = scale a b^T + biases`` with row baseline ``baseline`` (K,)."""
-    return tuba_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), baseline)
+    return tuba_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), baseline).value
 
 
 def dv(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """Donsker-Varadhan on ``S = scale a b^T + biases``."""
-    return dv_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
+    return dv_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
 
 
 def mine(a, b, ema=None, momentum=0.9, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
@@ -341,23 +347,24 @@ def mine(a, b, ema=None, momentum=0.9, scale=1.0, row_bias=None, col_bias=None, 
     Returns:
         ``(bound, new_ema)``: the DV value with MINE's bias-corrected gradient.
     """
-    return mine_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), ema, momentum)
+    e = mine_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), ema, momentum)
+    return e.value, e.state
 
 
 def js_objective(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """Jensen-Shannon training objective on ``S = scale a b^T + biases``."""
-    return js_objective_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
+    return js_objective_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
 
 
 def js(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """JS estimator on ``S = scale a b^T + biases``: value NWJ(S + 1) (tight at the JS-optimal
     critic, the log density ratio), gradient of ``js_objective``."""
-    return js_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset))
+    return js_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
 
 
 def smile(a, b, tau=5.0, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     """SMILE on ``S = scale a b^T + biases``: clipped DV value (positives unclipped), JS gradient."""
-    return smile_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), tau)
+    return smile_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), tau).value
 
 
 def alignment(x, y, alpha=2.0):
@@ -379,109 +386,25 @@ def _check_uniformity_args(x, t):
     return float(t)
 
 
-def _centred(x, t):
-    """``(xc, bias)``: x in the accumulation dtype minus the mean of its finite rows, and
-    ``bias = -t |xc|^2``; a row holding an infinite coordinate (and no NaN) is infinitely
-    far from every other point: its xc is 0 and its bias ``-inf`` (masked).
-
-    NB: uniformity depends on differences only. Centring first keeps
-    ``-t |x_i - x_j|^2 = 2t <xc_i, xc_j> - t |xc_i|^2 - t |xc_j|^2`` free of the
-    cancellation that ``|x|^2 ~ |offset|^2`` causes far from the origin; each
-    ``x_i - mean`` is exact (Sterbenz) for a cluster, and a rounded mean is a common
-    shift, which cancels.
-    """
-    acc = ops.acc_dtype(x.dtype)
-    xa = x.detach().to(acc)
-    far = torch.isinf(xa).any(1) & ~torch.isnan(xa).any(1)
-    xa = torch.where(far[:, None], torch.zeros_like(xa), xa)
-    mean = xa.sum(0) / (~far).sum().clamp(min=1)
-    # NB: back in x's dtype, so fp16/bf16 inputs keep their GEMM dtype; the bias is taken
-    # from the rounded xc, so S is still exactly -t |xc_i - xc_j|^2.
-    xc = torch.where(far[:, None], torch.zeros_like(xa), xa - mean).to(x.dtype)
-    bias = torch.where(far, torch.full_like(xa[:, 0], -math.inf), -t * xc.to(acc).pow(2).sum(-1))
-    return xc, bias
-
-
-class _Uniformity(torch.autograd.Function):
-    """Uniformity's value and per-row terms from one ``symmetric_softmax_mean`` call.
-
-    NB: with ``S_ij = -t |x_i - x_j|^2`` (symmetric) and ``L = logsumexp_{i != j} S_ij``,
-    ``dL/dx_k = 2 * 2t * q_k * (mean_k - x_k)``: ``q_k = exp(lse_k - L)`` is row k's share
-    of the total and ``mean_k`` its softmax-weighted mean of the other rows. Both come out
-    of the forward call, so the value's backward is O(K d): no second pass over S (the
-    "input gradients during the forward" trick of fused linear cross-entropy, here exact
-    for any upstream gradient because the loss is a scalar). A gradient of the per-row
-    terms (not symmetric) takes the general recomputing backward of score_reduce. Both
-    are taken on the centred xc (see ``_centred``) and are the gradients w.r.t. x as they
-    are: the terms do not change under translation, so the gradients sum to 0 over the
-    rows and centring's projection leaves them alone. With ``create_graph=True`` the
-    backward is ``reference.uniformity_terms``'s (materialises S), differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, t):
-        xc, bias = _centred(x, t)
-        scale = torch.tensor(2.0 * t, dtype=bias.dtype, device=x.device)
-        lse, mean = ops.symmetric_softmax_mean(xc, scale, bias)
-        K = x.shape[0]
-        total = torch.logsumexp(lse, 0)
-        # NB: x is saved (no copy) for torch's version check and a create_graph backward.
-        ctx.save_for_backward(x, xc, scale, bias, lse, mean, total)
-        ctx.t, ctx.ops = t, ops._ops()
-        ctx.set_materialize_grads(False)
-        return total - math.log(K * (K - 1)), lse - math.log(K - 1)
-
-    @staticmethod
-    def backward(ctx, g_value, g_rows):
-        x, xc, scale, bias, lse, mean, total = ctx.saved_tensors
-        t = ctx.t
-        if torch.is_grad_enabled():  # create_graph=True
-            return ops._grads_by_reference(lambda x: ref.uniformity_terms(x, t), (x,), (g_value, g_rows))[0], None
-        xa = xc.to(lse.dtype)
-        dx = torch.zeros_like(xa)
-        if g_value is not None:
-            # NB: q_k = 0 for a masked (infinitely far) row, whose mean_k - xc_k is finite.
-            dx = dx + (4.0 * t * g_value * torch.exp(lse - total))[:, None] * (mean - xa)
-        if g_rows is not None:
-            empty = lse.new_empty((0,))
-            da, db, _, drow, dcol = ctx.ops._score_reduce_backward(
-                empty, empty, g_rows.to(lse.dtype), empty, empty, xc, xc, scale, bias, bias,
-                empty, empty, lse, empty, 0, NEG_LSE, 5.0)
-            dx = dx + da.to(xa.dtype) + db.to(xa.dtype) - (2.0 * t) * (drow + dcol)[:, None] * xa
-        return dx.to(x.dtype), None
-
-
 def uniformity_terms(x, t=2.0):
     """``(value, per_row)`` of Wang & Isola's uniformity from one fused call.
 
     value = ``log mean_{i != j} exp(-t |x_i - x_j|^2)``; per_row[i] =
     ``log mean_{j != i} exp(-t |x_i - x_j|^2)``. Fused as the symmetric S of the centred
     points with scale 2t, bias ``-t |x_c|^2`` and the diagonal excluded
-    (``ops.symmetric_softmax_mean``: half of S on CPU, and the value's gradient in the
-    same pass), so it stays finite where ``log(mean(exp(.)))`` underflows to -inf, and exact
+    (``ops.uniformity_terms``: half of S on CPU, and the value's gradient in the same
+    pass), so it stays finite where ``log(mean(exp(.)))`` underflows to -inf, and exact
     under translation. A point with an infinite coordinate drops out of every pair (its
-    per_row is -inf, its gradient 0). With the fused path off,
-    ``reference.uniformity_terms``.
+    per_row is -inf, its gradient 0).
     """
     t = _check_uniformity_args(x, t)
     check_pair(x, x, 0, True, names=("x", "x"))
-    if not _backend.fused_enabled():
-        return ref.uniformity_terms(x, t)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Uniformity.apply(x, t)
-    # NB: no gradient wanted: the log-sum-exps alone (from half of S on CPU)
-    xc, bias = _centred(x, t)
-    neg_lse = ops.symmetric_softmax_mean(xc, 2.0 * t, bias, with_mean=False)[0]
-    K = x.shape[0]
-    return torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1)
+    return ops.uniformity_terms(x, t)
 
 
 def uniformity(x, t=2.0):
     """Wang & Isola's uniformity ``log mean_{i != j} exp(-t |x_i - x_j|^2)`` (minimise it).
 
-    x: (K, d), K >= 2. Fused (see ``uniformity_terms``); the reference path runs
-    ``reference.uniformity``.
+    x: (K, d), K >= 2. Fused (see ``uniformity_terms``).
     """
-    if not _backend.fused_enabled():
-        return ref.uniformity(x, _check_uniformity_args(x, t))
-    return uniformity_terms(x, t)[0]
+    return uniformity_terms(x, t).value

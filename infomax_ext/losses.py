@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend, ops
 from . import estimators as est
-from . import reference as ref
+from . import ops
 from .critics import Dot
 from .distributed import gather_with_grad
 from .estimators import check_pair
@@ -56,22 +55,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
-def _score_reduce(a, b, scale, row_bias=None, col_bias=None, pos_offset=0, reductions=ROW_LSE,
-                  clamp_tau=5.0):
-    """``ops.score_reduce`` when the fused path is on, else its materialising reference."""
-    fn = ops.score_reduce if _backend.fused_enabled() else ref.score_reduce
-    return fn(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau)
-
-
-def _positive(a, b, scale, bias=None):
-    """``scale * <a_i, b_i> (+ bias)`` for paired rows, in the accumulation dtype. O(K d)."""
-    acc = ops.acc_dtype(a.dtype)
-    # NB: like the fused op, positives accumulate in float32 for half inputs.
-    pos = (a.to(acc) * b.to(acc)).sum(-1)
-    pos = pos * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
-    return pos if bias is None else pos + bias.to(acc)
-
-
 def _lse_over(a, bank, scale):
     """(K,) ``logsumexp_j scale <a_i, bank_j>`` over every row of ``bank`` (N, d), fused.
 
@@ -79,8 +62,8 @@ def _lse_over(a, bank, scale):
     is put on the rows and reduced column-wise instead.
     """
     if bank.shape[0] >= a.shape[0]:
-        return _score_reduce(a, bank, scale, reductions=ROW_LSE)[0]
-    return _score_reduce(bank, a, scale, reductions=COL_LSE)[1]
+        return ops.score_reduce(a, bank, scale, reductions=ROW_LSE).row_lse
+    return ops.score_reduce(bank, a, scale, reductions=COL_LSE).col_lse
 
 
 def _check_bank(negatives, like, name="negatives"):
@@ -175,38 +158,35 @@ class InfoNCELoss(nn.Module):
             z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
             negatives = None if negatives is None else F.normalize(negatives, dim=-1)
         scale = 1.0 / self.temperature
-        pos = _positive(z1, z2[pos_offset:pos_offset + K], scale)
+        cand, off = z2, pos_offset  # the z1 anchors' candidates (every rank's z2 when gathered)
+        if self.gather_distributed and not self.bank_only:
+            z2_all, rank, world = gather_with_grad(z2, name="z2")
+            if world > 1:
+                cand, off = z2_all, rank * M + pos_offset
+        if not (self.symmetric or self.bank_only or negatives is not None):
+            # The InfoNCE estimator itself (its gradient made in the forward walk).
+            log_m = math.log(cand.shape[0])
+            e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off))
+            return _contrastive_result(log_m - e.per_row, log_m, return_diagnostics, loss=log_m - e.value)
 
+        pos = est.DotScores(z1, z2, scale, pos_offset=pos_offset).positive()
+        lse2 = None
         if self.bank_only:
             # Candidates: the positive and the bank (MoCo); no in-batch negatives.
             lse1 = torch.logaddexp(pos, _lse_over(z1, negatives, scale))
             lse2 = torch.logaddexp(pos, _lse_over(z2, negatives, scale)) if self.symmetric else None
             n_cand = 1 + negatives.shape[0]
         else:
-            gathered = self.gather_distributed
-            if gathered:
-                z2_all, rank, world = gather_with_grad(z2, name="z2")
-                gathered = world > 1
-            if not self.symmetric and negatives is None:
-                # NB: the loss is a plain mean of row log-sum-exps: its gradient comes
-                # out of the forward walk (DotScores.row_mean).
-                cand, off = (z2_all, rank * M + pos_offset) if gathered else (z2, pos_offset)
-                loss, lse1 = est.DotScores(z1, cand, scale, pos_offset=off).row_mean(ROW_LSE, minus_positive=True)
-                return _contrastive_result(lse1 - pos.detach(), math.log(cand.shape[0]), return_diagnostics,
-                                           loss=loss)
-            if gathered:
-                off = rank * M + pos_offset
-                lse1 = _score_reduce(z1, z2_all, scale, pos_offset=off, reductions=ROW_LSE)[0]
-                lse2 = None
+            if cand is not z2:
+                lse1 = ops.score_reduce(z1, cand, scale, pos_offset=off, reductions=ROW_LSE).row_lse
                 if self.symmetric:
                     z1_all = gather_with_grad(z1, name="z1")[0]
-                    lse2 = _score_reduce(z2, z1_all, scale, pos_offset=off, reductions=ROW_LSE)[0]
-                n_cand = z2_all.shape[0]
+                    lse2 = ops.score_reduce(z2, z1_all, scale, pos_offset=off, reductions=ROW_LSE).row_lse
             else:
-                red = ROW_LSE | (COL_LSE if self.symmetric else 0)
-                row_lse, col_lse = _score_reduce(z1, z2, scale, pos_offset=pos_offset, reductions=red)[:2]
-                lse1, lse2 = row_lse, (col_lse if self.symmetric else None)
-                n_cand = M
+                st = ops.score_reduce(z1, z2, scale, pos_offset=pos_offset,
+                                      reductions=ROW_LSE | (COL_LSE if self.symmetric else 0))
+                lse1, lse2 = st.row_lse, (st.col_lse if self.symmetric else None)
+            n_cand = cand.shape[0]
             if negatives is not None:
                 lse1 = torch.logaddexp(lse1, _lse_over(z1, negatives, scale))
                 if self.symmetric:
@@ -268,9 +248,11 @@ class NTXentLoss(nn.Module):
             z_all, rank, _ = gather_with_grad(z, name="[z1; z2]")
             off = rank * z.shape[0]
         # NB: the loss is a plain mean of the negatives' log-sum-exps minus the positives:
-        # the gradient of the first comes out of the forward walk (DotScores.row_mean).
-        lse_mean, lse = est.DotScores(z, z_all, scale, pos_offset=off).row_mean(NEG_LSE)
-        pos = _positive(z1, z2, scale)
+        # the gradient of the first comes out of the forward walk.
+        t = est.DotScores(z, z_all, scale, pos_offset=off).terms(NEG_LSE, walk=est.Walk(neg=1.0 / z.shape[0]))
+        lse = t.stats.neg_lse
+        lse_mean = lse.mean() if t.walked is None else t.walked
+        pos = est.DotScores(z1, z2, scale).positive()
         return _contrastive_result(lse - torch.cat([pos, pos]).detach(), math.log(z_all.shape[0] - 1),
                                    return_diagnostics, loss=lse_mean - pos.mean())
 
@@ -358,7 +340,7 @@ class ClipLoss(nn.Module):
         scale = scale.to(device=img.device, dtype=acc).reshape(())
         K = img.shape[0]
         row_bias = None if bias is None else bias.to(device=img.device, dtype=acc).reshape(()).expand(K)
-        pos = _positive(img, txt, scale, row_bias)
+        pos = est.DotScores(img, txt, scale, row_bias).positive()
 
         gathered = False
         if self.gather_distributed:
@@ -367,11 +349,11 @@ class ClipLoss(nn.Module):
         if gathered:
             img_all = gather_with_grad(img, name="image_features")[0]
             off = rank * K
-            lse_i = _score_reduce(img, txt_all, scale, row_bias, None, off, ROW_LSE)[0]
-            lse_t = _score_reduce(txt, img_all, scale, row_bias, None, off, ROW_LSE)[0]
+            lse_i = ops.score_reduce(img, txt_all, scale, row_bias, None, off, ROW_LSE).row_lse
+            lse_t = ops.score_reduce(txt, img_all, scale, row_bias, None, off, ROW_LSE).row_lse
             n_cand = txt_all.shape[0]
         else:
-            lse_i, lse_t = _score_reduce(img, txt, scale, row_bias, None, 0, ROW_LSE | COL_LSE)[:2]
+            lse_i, lse_t = ops.score_reduce(img, txt, scale, row_bias, None, 0, ROW_LSE | COL_LSE)[:2]
             n_cand = K
         per_row = torch.cat([lse_i - pos, lse_t - pos])
         return _contrastive_result(per_row, math.log(n_cand), return_diagnostics,
@@ -381,41 +363,6 @@ class ClipLoss(nn.Module):
 # ---------------------------------------------------------------------------
 # Negated MI bounds on a critic
 # ---------------------------------------------------------------------------
-
-
-class _Recorder:
-    """Wraps a score source and keeps what the estimator asked of it: the positives and
-    the one fused reduction call (or the materialised S on the reference path), so the
-    diagnostics reuse them instead of a second pass over S."""
-
-    def __init__(self, src):
-        self.src, self.K, self.M, self.pos_offset = src, src.K, src.M, src.pos_offset
-        self.pos = self.out = self.S = None
-
-    def positive(self):
-        self.pos = self.src.positive()
-        return self.pos
-
-    def reduce(self, reductions, clamp_tau=5.0):
-        self.out = self.src.reduce(reductions, clamp_tau)
-        return self.out
-
-    def materialize(self):
-        self.S = self.src.materialize()
-        return self.S
-
-    def terms(self, clamp_tau):
-        """``(pos, row_lse, neg_lse, neg_clamp_lse)`` (K,) each (None where not computed)."""
-        if self.out is not None:
-            row_lse, _, neg_lse, clamp_lse, _ = self.out
-            empty = lambda t: t if t.numel() else None  # noqa: E731
-            return self.pos, empty(row_lse), empty(neg_lse), empty(clamp_lse)
-        # Reference path: the same terms from the materialised S (already built).
-        S = self.S
-        S = S.to(ops.acc_dtype(S.dtype))
-        mask = ref.negative_mask(self.K, self.M, self.pos_offset, device=S.device)
-        return (ref.positive_scores(S, self.pos_offset), torch.logsumexp(S, 1),
-                ref._masked_lse(S, mask, 1), ref._masked_lse(S.clamp(-clamp_tau, clamp_tau), mask, 1))
 
 
 class BoundLoss(nn.Module):
@@ -441,8 +388,8 @@ class BoundLoss(nn.Module):
 
     def __init__(self, estimator, critic=None, **options):
         super().__init__()
-        if estimator not in _PER_ROW:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(_PER_ROW)}")
+        if estimator not in est.BOUNDS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(est.BOUNDS)}")
         if estimator == "mine" and not isinstance(self, MINELoss):
             raise ValueError("use MINELoss for 'mine': it keeps the moving average in a buffer")
         self.estimator = estimator
@@ -452,37 +399,18 @@ class BoundLoss(nn.Module):
     def extra_repr(self):
         return f"estimator={self.estimator!r}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
 
-    def _bound(self, src, u):
-        return est.estimate_from(src, self.estimator, **self.options), {}
+    def _estimate(self, src, u):
+        """The estimator's :class:`estimators.Estimate` and the extra diagnostics."""
+        return est.estimate(src, self.estimator, **self.options), {}
 
     def forward(self, u, v, pos_offset=0, return_diagnostics=False):
-        rec = _Recorder(self.critic.source(u, v, pos_offset))
-        bound, extra = self._bound(rec, u)
+        src = self.critic.source(u, v, pos_offset)
+        e, extra = self._estimate(src, u)
         if not return_diagnostics:
-            return -bound
-        tau = float(self.options.get("tau", 5.0))
-        per_row = _PER_ROW[self.estimator](rec.terms(tau), rec.M, extra)
-        diag = {"bound": bound.detach(), "log_m": math.log(rec.M), "per_row": per_row.detach()}
+            return -e.value
+        diag = {"bound": e.value.detach(), "log_m": math.log(src.M), "per_row": e.per_row.detach()}
         diag.update({k: v.detach() for k, v in extra.items()})
-        return -bound, diag
-
-
-def _row_log_mean_neg(lse, M):
-    return lse - math.log(M - 1)
-
-
-# Per-anchor terms from (pos, row_lse, neg_lse, neg_clamp_lse); M columns; extra terms.
-_PER_ROW = {
-    # mean = the bound
-    "infonce": lambda t, M, x: t[0] - t[1] + math.log(M),
-    "nwj": lambda t, M, x: t[0] - torch.exp(_row_log_mean_neg(t[2], M) - 1),
-    "js": lambda t, M, x: t[0] + 1 - torch.exp(_row_log_mean_neg(t[2], M)),
-    "tuba": lambda t, M, x: 1 + t[0] - x["baseline"] - torch.exp(_row_log_mean_neg(t[2], M) - x["baseline"]),
-    # the per-anchor DV; by Jensen their mean is >= the batch bound
-    "dv": lambda t, M, x: t[0] - _row_log_mean_neg(t[2], M),
-    "mine": lambda t, M, x: t[0] - _row_log_mean_neg(t[2], M),
-    "smile": lambda t, M, x: t[0] - _row_log_mean_neg(t[3], M),
-}
+        return -e.value, diag
 
 
 class NWJLoss(BoundLoss):
@@ -544,7 +472,7 @@ class TUBALoss(BoundLoss):
         self.baseline = baseline if isinstance(baseline, nn.Module) else None
         self.constant = 0.0 if baseline is None or self.baseline is not None else float(baseline)
 
-    def _bound(self, src, u):
+    def _estimate(self, src, u):
         acc = ops.acc_dtype(u.dtype)
         if self.baseline is not None:
             a = self.baseline(u).reshape(-1).to(acc)
@@ -573,27 +501,11 @@ class MINELoss(BoundLoss):
         self.momentum = float(momentum)
         self.register_buffer("log_ema", torch.tensor(math.nan, dtype=torch.float64))
 
-    def _bound(self, src, u):
-        if not _backend.fused_enabled():
-            S = src.materialize()
-            pos_mean = ref.positive_scores(S, src.pos_offset).mean()
-            lme = ref._neg_log_mean_exp(S, src.pos_offset)
-        else:
-            t = est._Terms(src, NEG_LSE)
-            pos_mean, lme = t.pos.mean(), t.log_mean_exp_neg()
-        lme_d = lme.detach()
-        old = self.log_ema.to(lme.dtype)
-        m = self.momentum
-        log_m = math.log(m) if m > 0 else -math.inf
-        log_1m = math.log1p(-m) if m < 1 else -math.inf
-        # NB: branch-free first step (NaN sentinel) so torch.compile needs no graph break;
-        # the log-space merge cannot overflow.
-        new = torch.where(torch.isnan(old), lme_d, torch.logaddexp(old + log_m, lme_d + log_1m))
+    def _estimate(self, src, u):
+        e = est.mine_from(src, self.log_ema, self.momentum)
         if self.training:
-            self.log_ema.copy_(new)
-        surrogate = pos_mean - torch.exp(lme - new)
-        bound = surrogate + (pos_mean - lme - surrogate).detach()
-        return bound, {"log_ema": new}
+            self.log_ema.copy_(e.state)
+        return e, {"log_ema": e.state}
 
 
 # ---------------------------------------------------------------------------
@@ -601,9 +513,16 @@ class MINELoss(BoundLoss):
 # ---------------------------------------------------------------------------
 
 
-def _alignment_rows(x, y, alpha):
+def _alignment_rows(x, y, alpha, normalize):
+    """``|x_i - y_i|^alpha`` (K,) of paired rows (L2-normalised first if asked), in the
+    accumulation dtype, and the x and y the caller goes on with."""
+    check_pair(x, y, names=("x", "y"))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     acc = ops.acc_dtype(x.dtype)
-    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha)
+    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha), x, y
 
 
 _uniformity = est.uniformity_terms
@@ -627,12 +546,7 @@ class AlignmentLoss(nn.Module):
         self.alpha, self.normalize = float(alpha), bool(normalize)
 
     def forward(self, x, y, return_diagnostics=False):
-        check_pair(x, y, names=("x", "y"))
-        if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if self.normalize:
-            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-        rows = _alignment_rows(x, y, self.alpha)
+        rows = _alignment_rows(x, y, self.alpha, self.normalize)[0]
         loss = rows.mean()
         return (loss, {"per_row": rows.detach()}) if return_diagnostics else loss
 
@@ -688,12 +602,7 @@ class AlignUniformLoss(nn.Module):
         return f"lam={self.lam}, alpha={self.alpha}, t={self.t}, normalize={self.normalize}"
 
     def forward(self, x, y, return_diagnostics=False):
-        check_pair(x, y, names=("x", "y"))
-        if x.shape != y.shape:
-            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if self.normalize:
-            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-        rows = _alignment_rows(x, y, self.alpha)
+        rows, x, y = _alignment_rows(x, y, self.alpha, self.normalize)
         align = rows.mean()
         ux, uy = _uniformity(x, self.t)[0], _uniformity(y, self.t)[0]
         loss = align + self.lam * (ux + uy) / 2

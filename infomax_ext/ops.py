@@ -7,16 +7,70 @@ and autograd formulas, so the ops work under ``torch.compile(fullgraph=True)``.
 
 whose rows are anchors (view 1) and columns candidates (view 2); the positive of
 row i is column ``i + pos_offset``, every other entry of row i is a negative.
+
+This module is the one place that calls ``torch.ops.infomax_ext*`` and the one place
+that chooses between the fused kernels and ``reference.py``: each wrapper asks
+:func:`_lib` once; ``None`` (no compiled module, or ``use_reference(True)``) runs the
+materialising reference of the same op, with the same named outputs.
 """
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 
 from . import _backend
 from . import reference as ref
+# NB: the reduction bits and activation names are defined once, in reference.py (which
+# must import nothing from the package); tests/test_op_args.py checks them against the
+# C++ enums of csrc/include/infomax_ext/{score_math,concat_math}.h.
+from .reference import ACTIVATIONS, ALL_REDUCTIONS, COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_LSE
 
-ROW_LSE, COL_LSE, NEG_LSE, NEG_CLAMP_LSE, NEG_SOFTPLUS = 1, 2, 4, 8, 16
-ALL_REDUCTIONS = 31
+# SMILE's common clamp: the default clamp_tau, and the value passed where no clamp is used.
+CLAMP_TAU = 5.0
+
+# The int code of an activation is its index in reference.ACTIVATIONS.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+class ScoreStats(NamedTuple):
+    """The five streaming reductions of S; one not requested is an empty ``(0,)``."""
+    row_lse: torch.Tensor        # (K,) logsumexp over all M columns of row i
+    col_lse: torch.Tensor        # (M,) logsumexp over all K rows of column j
+    neg_lse: torch.Tensor        # (K,) logsumexp over the negatives of row i
+    neg_clamp_lse: torch.Tensor  # (K,) the same of clamp(S, -tau, tau)
+    neg_softplus: torch.Tensor   # (K,) sum of softplus(S) over the negatives of row i
+
+
+class WeightedStats(NamedTuple):
+    """:func:`score_reduce_weighted`'s differentiable value, then its statistics and the
+    positives (K,) (empty without ``w_pos``), both without gradient."""
+    value: torch.Tensor
+    row_lse: torch.Tensor
+    col_lse: torch.Tensor
+    neg_lse: torch.Tensor
+    neg_clamp_lse: torch.Tensor
+    neg_softplus: torch.Tensor
+    pos: torch.Tensor
+
+    @property
+    def stats(self):
+        return ScoreStats(*self[1:6])
+
+
+class SymmetricStats(NamedTuple):
+    """:func:`symmetric_softmax_mean`'s outputs."""
+    lse: torch.Tensor   # (K,) logsumexp_{j != i} S[i, j]
+    mean: torch.Tensor  # (K, d) softmax-weighted mean of the other rows, or empty (0,)
+
+
+class ScoreGrads(NamedTuple):
+    """The gradients of :func:`score_reduce_backward` (None where not needed)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: torch.Tensor
+    row_bias: torch.Tensor
+    col_bias: torch.Tensor
 
 
 def acc_dtype(dtype):
@@ -50,10 +104,11 @@ def score_reduce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
         ``(row_lse (K,), col_lse (M,), neg_lse (K,), neg_clamp_lse (K,), neg_softplus (K,))``
         in float32 (float64 for float64 inputs); outputs not requested are empty ``(0,)``.
         ``neg_*`` reduce over the negatives of row i only (the positive excluded).
+        A :class:`ScoreStats`.
     """
-    return _ops().score_reduce(
-        a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset), int(reductions), float(clamp_tau)
-    )
+    args = (a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset), int(reductions), float(clamp_tau))
+    lib = _lib()
+    return ScoreStats(*(ref.score_reduce(*args) if lib is None else lib.score_reduce(*args)))
 
 
 def _fake_outputs(a, b, reductions):
@@ -97,22 +152,27 @@ def _grads_by_reference(fn, inputs, grad_outputs):
     return result
 
 
-def _backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
-    a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
+def _score_reduce_backward(lib, grads, a, b, scale, row_bias, col_bias, stats, args, needs=(1, 1, 1)):
+    """The fused backward of score_reduce in namespace ``lib``: ``grads`` are the upstream
+    gradients of the five outputs (None for 0), ``stats`` the forward's ScoreStats, ``args``
+    its ``(pos_offset, reductions, clamp_tau)``, ``needs`` whether a, b and scale want a
+    gradient. Returns :class:`ScoreGrads`."""
+    empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+    g = [empty if t is None else t for t in grads]
+    return ScoreGrads(*lib._score_reduce_backward(*g, a, b, scale, row_bias, col_bias, *stats[:4], *args,
+                                                  _needs_grad(*needs)))
+
+
+def _backward(lib, ctx, *grads):
+    a, b, scale, row_bias, col_bias, *stats = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True
         pos_offset, reductions, clamp_tau = ctx.args
         grads = _grads_by_reference(
-            lambda *x: ref.score_reduce(*x, pos_offset, reductions, clamp_tau),
-            (a, b, scale, row_bias, col_bias), (g_row, g_col, g_neg, g_clamp, g_sp))
+            lambda *x: ref.score_reduce(*x, pos_offset, reductions, clamp_tau), (a, b, scale, row_bias, col_bias), grads)
         return (*grads, None, None, None)
-    empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
-    grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
-    da, db, dscale, drow, dcol = lib._score_reduce_backward(
-        *grads, a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse, *ctx.args,
-        _needs_grad(*ctx.needs_input_grad[:3])
-    )
-    return (da, db, dscale, drow if row_bias is not None else None,
-            dcol if col_bias is not None else None, None, None, None)
+    d = _score_reduce_backward(lib, grads, a, b, scale, row_bias, col_bias, stats, ctx.args, ctx.needs_input_grad[:3])
+    return (d.a, d.b, d.scale, d.row_bias if row_bias is not None else None,
+            d.col_bias if col_bias is not None else None, None, None, None)
 
 
 def _needs_grad(a, b, scale):
@@ -128,6 +188,7 @@ class _ReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, shared):
+        # NB: reached only with the fused path on (score_reduce_weighted decided).
         inputs = (a, b, scale, row_bias, col_bias)
         ctx.weights, ctx.args = weights, (pos_offset, reductions, clamp_tau)
         # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
@@ -162,7 +223,7 @@ class _ReduceWithGrad(torch.autograd.Function):
         (same_ab, same_bias), has_rb, has_cb = ctx.shared, ctx.has_rb, ctx.has_cb
         if torch.is_grad_enabled():  # create_graph=True
             grads = _grads_by_reference(
-                lambda *x: (_weighted_value_reference(*x, *ctx.args, ctx.weights),),
+                lambda *x: _weighted_value_reference(*x, *ctx.args, ctx.weights)[:1],
                 (a, a if same_ab else b, scale, row_bias, row_bias if same_bias else col_bias), (g,))
             return (*grads, None, None, None, None, None)
         da, db, dscale, drow, dcol = grads
@@ -179,15 +240,17 @@ class _ReduceWithGrad(torch.autograd.Function):
 
 
 def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights):
-    """``_ReduceWithGrad``'s value from the materialising reference (differentiable)."""
+    """:func:`score_reduce_weighted` from the materialising reference: the value is
+    differentiable (twice and more), the statistics and positives are returned without
+    gradient, as by the fused walk."""
     acc = acc_dtype(a.dtype)
     up = [None if t is None else t.to(acc) for t in (a, b, scale, row_bias, col_bias)]
     S = ref.scores_dot(*up)
-    stats = ref.reduce_scores(S, pos_offset, reductions, clamp_tau)
-    terms = [(w * st).sum() for w, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if w is not None]
-    if weights[4] is not None:
-        terms.append((weights[4] * ref.positive_scores(S, pos_offset)).sum())
-    return sum(terms)
+    stats = ScoreStats(*ref.reduce_scores(S, pos_offset, reductions, clamp_tau))
+    pos = ref.positive_scores(S, pos_offset) if weights[4] is not None else S.new_empty((0,))
+    used = zip(weights, (stats.row_lse, stats.neg_lse, stats.neg_clamp_lse, stats.neg_softplus, pos))
+    value = sum((w * st).sum() for w, st in used if w is not None)
+    return WeightedStats(value, *(t.detach() for t in (*stats, pos)))
 
 
 def _add_positive_term(grads, w_pos, a, b, scale, row_bias, col_bias, pos_offset):
@@ -226,9 +289,9 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     outside).
 
     Returns:
-        ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus, pos)``: value is
-        a differentiable scalar; the statistics and the positives ``pos`` (K,) (empty
-        without ``w_pos``) are returned without gradient.
+        :class:`WeightedStats` ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse,
+        neg_softplus, pos)``: value is a differentiable scalar; the statistics and the
+        positives ``pos`` (K,) (empty without ``w_pos``) are returned without gradient.
 
     NB: the gradient of value is linear in one upstream scalar, so the op makes it during
     the forward walk, from each row block's scores kept in cache: three K x M x d GEMMs
@@ -244,10 +307,13 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp", "w_pos"), weights):
         if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (K,) or w.requires_grad):
             raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
+    if _lib() is None:
+        return _weighted_value_reference(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset),
+                                         int(reductions), float(clamp_tau), weights)
     shared = (b is a, col_bias is not None and col_bias is row_bias)
-    return _ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
-                                 None if shared[1] else col_bias, int(pos_offset), int(reductions),
-                                 float(clamp_tau), weights, shared)
+    return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
+                                                None if shared[1] else col_bias, int(pos_offset), int(reductions),
+                                                float(clamp_tau), weights, shared))
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):
@@ -309,7 +375,12 @@ def symmetric_softmax_mean(x, scale=1.0, bias=None, with_mean=True):
         ``lse`` is differentiable (w.r.t. x, a tensor scale and bias); ``mean`` is returned
         without a gradient (it is already a derivative).
     """
-    return _ops().symmetric_softmax_mean(x, as_scale(scale, x), bias, bool(with_mean))
+    args = (x, as_scale(scale, x), bias, bool(with_mean))
+    lib = _lib()
+    if lib is None:
+        lse, mean = ref.symmetric_softmax_mean(*args[:3])
+        return SymmetricStats(lse, mean.detach() if with_mean else mean.new_empty((0,)))
+    return SymmetricStats(*lib.symmetric_softmax_mean(*args))
 
 
 def _symmetric_setup_context(ctx, inputs, output):
@@ -326,24 +397,115 @@ def _symmetric_backward(lib, ctx, g_lse, _g_mean):
     if torch.is_grad_enabled():  # create_graph=True
         grads = _grads_by_reference(lambda *x: ref.symmetric_softmax_mean(*x)[:1], (x, scale, bias), (g_lse,))
         return (*grads, None)
-    # NB: lse is the negatives' log-sum-exp of score_reduce(x, x, scale, bias, bias):
-    # its backward, with x in both roles and bias on both sides.
-    empty = x.new_empty((0,), dtype=acc_dtype(x.dtype))
     need_x, need_scale = ctx.needs_input_grad[:2]
-    da, db, dscale, drow, dcol = lib._score_reduce_backward(
-        empty, empty, g_lse, empty, empty, x, x, scale, bias, bias, empty, empty, lse, empty,
-        0, NEG_LSE, 5.0, _needs_grad(need_x, need_x, need_scale)
-    )
-    return da + db, dscale, (drow + dcol) if bias is not None else None, None
+    d = _negatives_lse_backward(lib, g_lse, x, scale, bias, lse, (need_x, need_x, need_scale))
+    return d.a + d.b, d.scale, (d.row_bias + d.col_bias) if bias is not None else None, None
+
+
+def _negatives_lse_backward(lib, g_lse, x, scale, bias, lse, needs=(1, 1, 1)):
+    """NB: ``lse`` is the negatives' log-sum-exp of ``score_reduce(x, x, scale, bias, bias)``:
+    its backward, with x in both roles and bias on both sides (the caller adds them)."""
+    empty = lse.new_empty((0,))
+    stats = ScoreStats(empty, empty, lse, empty, empty)
+    return _score_reduce_backward(lib, (None, None, g_lse, None, None), x, x, scale, bias, bias, stats,
+                                  (0, NEG_LSE, CLAMP_TAU), needs)
+
+
+def _centred(x, t):
+    """``(xc, bias)``: x in the accumulation dtype minus the mean of its finite rows, and
+    ``bias = -t |xc|^2``; a row holding an infinite coordinate (and no NaN) is infinitely
+    far from every other point: its xc is 0 and its bias ``-inf`` (masked).
+
+    NB: uniformity depends on differences only. Centring first keeps
+    ``-t |x_i - x_j|^2 = 2t <xc_i, xc_j> - t |xc_i|^2 - t |xc_j|^2`` free of the
+    cancellation that ``|x|^2 ~ |offset|^2`` causes far from the origin; each
+    ``x_i - mean`` is exact (Sterbenz) for a cluster, and a rounded mean is a common
+    shift, which cancels.
+    """
+    acc = acc_dtype(x.dtype)
+    xa = x.detach().to(acc)
+    far = torch.isinf(xa).any(1) & ~torch.isnan(xa).any(1)
+    xa = torch.where(far[:, None], torch.zeros_like(xa), xa)
+    mean = xa.sum(0) / (~far).sum().clamp(min=1)
+    # NB: back in x's dtype, so fp16/bf16 inputs keep their GEMM dtype; the bias is taken
+    # from the rounded xc, so S is still exactly -t |xc_i - xc_j|^2.
+    xc = torch.where(far[:, None], torch.zeros_like(xa), xa - mean).to(x.dtype)
+    bias = torch.where(far, torch.full_like(xa[:, 0], -math.inf), -t * xc.to(acc).pow(2).sum(-1))
+    return xc, bias
+
+
+class _Uniformity(torch.autograd.Function):
+    """Uniformity's value and per-row terms from one ``symmetric_softmax_mean`` call.
+
+    NB: with ``S_ij = -t |x_i - x_j|^2`` (symmetric) and ``L = logsumexp_{i != j} S_ij``,
+    ``dL/dx_k = 2 * 2t * q_k * (mean_k - x_k)``: ``q_k = exp(lse_k - L)`` is row k's share
+    of the total and ``mean_k`` its softmax-weighted mean of the other rows. Both come out
+    of the forward call, so the value's backward is O(K d): no second pass over S (the
+    "input gradients during the forward" trick of fused linear cross-entropy, here exact
+    for any upstream gradient because the loss is a scalar). A gradient of the per-row
+    terms (not symmetric) takes the general recomputing backward of score_reduce. Both
+    are taken on the centred xc (see ``_centred``) and are the gradients w.r.t. x as they
+    are: the terms do not change under translation, so the gradients sum to 0 over the
+    rows and centring's projection leaves them alone. With ``create_graph=True`` the
+    backward is ``reference.uniformity_terms``'s (materialises S), differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, t):
+        xc, bias = _centred(x, t)
+        scale = torch.tensor(2.0 * t, dtype=bias.dtype, device=x.device)
+        lse, mean = symmetric_softmax_mean(xc, scale, bias)
+        K = x.shape[0]
+        total = torch.logsumexp(lse, 0)
+        # NB: x is saved (no copy) for torch's version check and a create_graph backward.
+        ctx.save_for_backward(x, xc, scale, bias, lse, mean, total)
+        ctx.t, ctx.lib = t, _ops()
+        ctx.set_materialize_grads(False)
+        return total - math.log(K * (K - 1)), lse - math.log(K - 1)
+
+    @staticmethod
+    def backward(ctx, g_value, g_rows):
+        x, xc, scale, bias, lse, mean, total = ctx.saved_tensors
+        t = ctx.t
+        if torch.is_grad_enabled():  # create_graph=True
+            return _grads_by_reference(lambda x: ref.uniformity_terms(x, t), (x,), (g_value, g_rows))[0], None
+        xa = xc.to(lse.dtype)
+        dx = torch.zeros_like(xa)
+        if g_value is not None:
+            # NB: q_k = 0 for a masked (infinitely far) row, whose mean_k - xc_k is finite.
+            dx = dx + (4.0 * t * g_value * torch.exp(lse - total))[:, None] * (mean - xa)
+        if g_rows is not None:
+            d = _negatives_lse_backward(ctx.lib, g_rows.to(lse.dtype), xc, scale, bias, lse)
+            dx = dx + d.a.to(xa.dtype) + d.b.to(xa.dtype) - (2.0 * t) * (d.row_bias + d.col_bias)[:, None] * xa
+        return dx.to(x.dtype), None
+
+
+class UniformityTerms(NamedTuple):
+    """:func:`uniformity_terms`' outputs."""
+    value: torch.Tensor    # log mean_{i != j} exp(-t |x_i - x_j|^2)
+    per_row: torch.Tensor  # (K,) log mean_{j != i} exp(-t |x_i - x_j|^2)
+
+
+def uniformity_terms(x, t):
+    """Wang & Isola's uniformity of x (K, d), K >= 2, t > 0 (validated by the caller), as
+    :class:`UniformityTerms`, from one ``symmetric_softmax_mean`` call: fused as the
+    symmetric S of the centred points (``_centred``) with scale 2t, bias ``-t |x_c|^2`` and
+    the diagonal excluded; with a gradient wanted, the value's gradient comes from the same
+    call (``_Uniformity``). The reference path is ``reference.uniformity_terms``."""
+    if _lib() is None:
+        return UniformityTerms(*ref.uniformity_terms(x, t))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return UniformityTerms(*_Uniformity.apply(x, t))
+    # NB: no gradient wanted: the log-sum-exps alone (from half of S on CPU)
+    xc, bias = _centred(x, t)
+    neg_lse = symmetric_softmax_mean(xc, 2.0 * t, bias, with_mean=False).lse
+    K = x.shape[0]
+    return UniformityTerms(torch.logsumexp(neg_lse, 0) - math.log(K * (K - 1)), neg_lse - math.log(K - 1))
 
 
 # ---------------------------------------------------------------------------
 # concat_score_reduce: the concat-MLP critic
 # ---------------------------------------------------------------------------
-
-# Codes of the activation argument (csrc/include/infomax_ext/concat_math.h).
-ACTIVATION_CODES = {"relu": 0, "elu": 1, "tanh": 2, "softplus": 3, "gelu": 4}
-
 
 def activation_code(activation):
     """The int code of a concat-critic activation name (or a valid code, returned as is)."""
@@ -374,12 +536,19 @@ def concat_score_reduce(P, Q, w2, b2, activation="relu", pos_offset=0,
     Returns:
         ``(row_lse (K,), col_lse (M,), neg_lse (K,), neg_clamp_lse (K,), neg_softplus (K,))``
         in float32 (float64 for float64 inputs); outputs not requested are empty ``(0,)``.
-        Gradients flow to P, Q, w2 and a tensor b2.
+        Gradients flow to P, Q, w2 and a tensor b2. A :class:`ScoreStats`.
     """
-    return _ops().concat_score_reduce(
-        P, Q, w2, as_scale(b2, P), activation_code(activation), int(pos_offset), int(reductions),
-        float(clamp_tau)
-    )
+    args = (P, Q, w2, as_scale(b2, P), activation_code(activation), int(pos_offset), int(reductions),
+            float(clamp_tau))
+    lib = _lib()
+    return ScoreStats(*(_concat_reference(*args) if lib is None else lib.concat_score_reduce(*args)))
+
+
+def _concat_reference(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau):
+    """concat_score_reduce from the materialised (K, M, H) hidden tensor, in the accumulation dtype."""
+    acc = acc_dtype(P.dtype)
+    S = ref.scores_concat_hidden(*(t.to(acc) for t in (P, Q, w2, b2)), ACTIVATIONS[activation])
+    return ref.reduce_scores(S, pos_offset, reductions, clamp_tau)
 
 
 def _concat_setup_context(ctx, inputs, output):
@@ -393,11 +562,8 @@ def _concat_setup_context(ctx, inputs, output):
 def _concat_backward(lib, ctx, g_row, g_col, g_neg, g_clamp, g_sp):
     P, Q, w2, b2, row_lse, col_lse, neg_lse, clamp_lse = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True
-        name = next(k for k, v in ACTIVATION_CODES.items() if v == ctx.activation)
-        acc = acc_dtype(P.dtype)
-        grads = _grads_by_reference(
-            lambda *x: ref.reduce_scores(ref.scores_concat_hidden(*(t.to(acc) for t in x), name), *ctx.args),
-            (P, Q, w2, b2), (g_row, g_col, g_neg, g_clamp, g_sp))
+        grads = _grads_by_reference(lambda *x: _concat_reference(*x, ctx.activation, *ctx.args),
+                                    (P, Q, w2, b2), (g_row, g_col, g_neg, g_clamp, g_sp))
         return (*grads, None, None, None, None)
     empty = P.new_empty((0,), dtype=acc_dtype(P.dtype))
     grads = [empty if g is None else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
@@ -431,8 +597,14 @@ def _symmetric_softmax_mean_fake(x, scale, bias, with_mean=True):
 # ---------------------------------------------------------------------------
 
 
+def _lib():
+    """The fused-or-reference decision of every wrapper above: the op namespace to call,
+    or None when the reference runs (no compiled module, or ``use_reference(True)``)."""
+    return _ops() if _backend.fused_enabled() else None
+
+
 def _ops():
-    """The op namespace the wrappers above call: ``torch.ops.infomax_ext``, or the
+    """The op namespace of the fused kernels: ``torch.ops.infomax_ext``, or the
     emulated CUDA backend's inside ``_backend.emulated_cuda()``."""
     if torch.jit.is_tracing():
         # NB: the tracer cannot record the ops' Python autograd (it fails deep inside

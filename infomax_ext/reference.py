@@ -30,36 +30,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ROW_LSE",
-    "COL_LSE",
-    "NEG_LSE",
-    "NEG_CLAMP_LSE",
-    "NEG_SOFTPLUS",
-    "ALL_REDUCTIONS",
-    "ACTIVATIONS",
-    "activation_fn",
-    "scores_dot",
-    "scores_cosine",
-    "scores_bilinear",
-    "scores_concat",
-    "score_reduce",
-    "positive_scores",
-    "negative_mask",
-    "infonce",
-    "infonce_symmetric",
-    "nwj",
-    "tuba",
-    "dv",
-    "mine",
-    "js_objective",
-    "js",
-    "smile",
-    "alignment",
-    "uniformity",
-    "uniformity_terms",
-    "uniformity_pdist",
-    "logsumexp",
-    "reduce_scores",
+    "ROW_LSE", "COL_LSE", "NEG_LSE", "NEG_CLAMP_LSE", "NEG_SOFTPLUS", "ALL_REDUCTIONS",
+    "ACTIVATIONS", "activation_fn", "scores_dot", "scores_cosine", "scores_bilinear",
+    "scores_concat", "score_reduce", "positive_scores", "negative_mask", "infonce",
+    "infonce_symmetric", "nwj", "tuba", "dv", "mine", "js_objective", "js", "smile", "alignment",
+    "uniformity", "uniformity_terms", "uniformity_pdist", "logsumexp", "reduce_scores",
     "scores_concat_hidden",
 ]
 
@@ -71,6 +46,7 @@ NEG_CLAMP_LSE = 8
 NEG_SOFTPLUS = 16
 ALL_REDUCTIONS = ROW_LSE | COL_LSE | NEG_LSE | NEG_CLAMP_LSE | NEG_SOFTPLUS  # 31
 
+# The concat critic's activations; a name's index is its code in the ops (``ops.ACTIVATION_CODES``).
 ACTIVATIONS = ("relu", "elu", "tanh", "softplus", "gelu")
 
 
@@ -352,16 +328,7 @@ def scores_concat_hidden(P, Q, w2, b2=0.0, activation="relu"):
 # ---------------------------------------------------------------------------
 
 
-def score_reduce(
-    a,
-    b,
-    scale,
-    row_bias=None,
-    col_bias=None,
-    pos_offset=0,
-    reductions=ALL_REDUCTIONS,
-    clamp_tau=5.0,
-):
+def score_reduce(a, b, scale, row_bias=None, col_bias=None, pos_offset=0, reductions=ALL_REDUCTIONS, clamp_tau=5.0):
     """Reference of the fused score-reduction op (materialises ``S``).
 
     ``S[i, j] = scale * <a_i, b_j> + row_bias[i] + col_bias[j]`` is built in the
@@ -610,7 +577,7 @@ def mine(S, ema=None, momentum=0.9, pos_offset=0):
     Args:
         S: ``(K, M)`` scores, ``M >= 2``.
         ema: 0-dim tensor, running *log* of the moving average of
-            ``mean_neg exp(S)``, or None on the first call.
+            ``mean_neg exp(S)``, or None (or NaN) on the first call.
         momentum: in ``[0, 1]``.
         pos_offset: ``0 <= pos_offset <= M - K``.
 
@@ -626,7 +593,8 @@ def mine(S, ema=None, momentum=0.9, pos_offset=0):
 def mine_from_terms(pos_mean, lme, ema=None, momentum=0.9):
     """MINE's bound from ``mean_pos S`` and ``lme = log mean_neg exp(S)`` (see :func:`mine`).
 
-    Shared with the fused estimator so that both update the moving average alike.
+    The one definition of MINE's moving average: the estimators and ``MINELoss`` use it.
+    ``ema`` None or NaN: the first step.
     Returns ``(bound, new_log_ema)``.
     """
     if not 0.0 <= momentum <= 1.0:
@@ -640,8 +608,9 @@ def mine_from_terms(pos_mean, lme, ema=None, momentum=0.9):
             raise ValueError(f"ema must be a 0-dim tensor, got shape {tuple(ema.shape)}")
         log_m = math.log(momentum) if momentum > 0 else -math.inf
         log_1m = math.log1p(-momentum) if momentum < 1 else -math.inf
-        # NB: log-space merge, cannot overflow.
-        new_log_ema = torch.logaddexp(ema + log_m, lme_d + log_1m)
+        # NB: log-space merge, cannot overflow. A NaN ema (MINELoss's buffer before its
+        # first step) starts the average, branch-free so torch.compile needs no graph break.
+        new_log_ema = torch.where(torch.isnan(ema), lme_d, torch.logaddexp(ema + log_m, lme_d + log_1m))
     new_log_ema = new_log_ema.detach()
     value = pos_mean - lme
     surrogate = pos_mean - torch.exp(lme - new_log_ema)

@@ -1,5 +1,6 @@
 """Shared test inputs: devices, dtypes and awkward sample cases for the fused ops."""
 import contextlib
+import math
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ needs_emulated = pytest.mark.skipif(not infomax_ext._backend.has_emulated_cuda()
 # conftest fixture ``device`` runs a test on each and gives it the tensors' device.
 BACKENDS = ["cpu", pytest.param("emulated", marks=needs_emulated), pytest.param("cuda", marks=needs_cuda)]
 CUDA_BACKENDS = BACKENDS[1:]
+on_cuda_backends = pytest.mark.parametrize("backend", CUDA_BACKENDS, indirect=True)
+needs_c = pytest.mark.skipif(not infomax_ext._backend.HAS_C, reason="compiled module not built")
 
 
 def tensor_device(backend):
@@ -97,3 +100,99 @@ def set_tile(monkeypatch, tile):
         monkeypatch.delenv(TILE_ENV, raising=False)
     else:
         monkeypatch.setenv(TILE_ENV, tile)
+
+
+# ---------------------------------------------------------------------------
+# score_reduce's arguments as a dict, on any device (tests/test_score_reduce.py and the
+# CUDA walkers' checks in tests/test_devices.py)
+# ---------------------------------------------------------------------------
+
+ARGS = ("a", "b", "scale", "row_bias", "col_bias")
+BITS = [1, 2, 4, 8, 16]  # ROW_LSE, COL_LSE, NEG_LSE, NEG_CLAMP_LSE, NEG_SOFTPLUS: the outputs' order
+# (K, M, d, pos_offset): K in {1, 2, 7, 64, 300}, M >= K, pos_offset > 0 in most.
+SHAPES = [
+    (1, 1, 3, 0),
+    (1, 6, 4, 5),
+    (2, 2, 5, 0),
+    (2, 9, 3, 4),
+    (7, 7, 16, 0),
+    (7, 20, 8, 13),
+    (64, 64, 32, 0),
+    (64, 300, 17, 100),
+    (300, 300, 8, 0),
+    (300, 517, 33, 200),
+]
+SMALL_SHAPES = [s for s in SHAPES if s[0] <= 64 and s[1] <= 300]
+
+
+def _ids(shapes):
+    return [f"K{K}-M{M}-d{d}-off{o}" for K, M, d, o in shapes]
+
+
+
+
+def make_inputs(K, M, d, pos_offset, dtype=torch.float64, device="cpu", seed=0, noncontig=False,
+                bias=True, masked=False, scale=1.3, requires_grad=True):
+    """Arguments of score_reduce as a dict (created in float64 on the CPU, then moved, so
+    every device and dtype sees the same values). masked: a few -inf column biases
+    (never all of a row's negatives, never a positive column)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(K, d, generator=g, dtype=torch.float64)
+    b = torch.randn(M, d, generator=g, dtype=torch.float64)
+    rb = torch.randn(K, generator=g, dtype=torch.float64) if bias else None
+    cb = torch.randn(M, generator=g, dtype=torch.float64) if bias else None
+    if masked and cb is not None:
+        pos_cols = set(range(pos_offset, pos_offset + K))
+        free = [j for j in range(M) if j not in pos_cols]
+        # Mask at most a third of the negatives of each row, so every reduction stays finite.
+        cb[free[: len(free) // 3]] = -math.inf
+    a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+    if noncontig:
+        a = a.t().contiguous().t()  # column-major: same values, strides (1, K)
+        b = torch.cat([b, b], 1)[:, ::2]  # every other column of a wider tensor
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    to = dict(device=device, dtype=acc)
+    kw = dict(a=a, b=b, scale=torch.tensor(scale, **to), row_bias=None if rb is None else rb.to(**to),
+              col_bias=None if cb is None else cb.to(**to), pos_offset=pos_offset)
+    if requires_grad:
+        for k in ARGS:
+            if kw[k] is not None:
+                kw[k].requires_grad_(True)
+    return kw
+
+
+def to_device(kw, device, dtype=None):
+    """The same arguments on another device (and dtype), as new leaves."""
+    out = dict(kw)
+    for k in ARGS:
+        t = kw[k]
+        if t is not None:
+            dt = dtype if (dtype is not None and k in ("a", "b")) else t.dtype
+            out[k] = t.detach().to(device=device, dtype=dt).requires_grad_(t.requires_grad)
+    return out
+
+
+def weights_like(outputs, seed=0):
+    g = torch.Generator().manual_seed(seed + 17)
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outputs]
+
+
+def grads_of(outputs, weights, kw):
+    inputs = [kw[k] for k in ARGS if kw[k] is not None]
+    loss = sum((w * o).sum() for w, o in zip(weights, outputs) if o.numel())
+    return torch.autograd.grad(loss, inputs)
+
+
+def tol(dtype):
+    """Values: float64 exact to rounding; float32 within a few ulp of sums of ~500 terms."""
+    return {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+def gtol(dtype):
+    """Gradients: sums of terms of both signs, so float32 is judged at the terms' scale."""
+    return {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------

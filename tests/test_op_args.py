@@ -1,12 +1,14 @@
 """Every op in torch.ops.infomax_ext (and its emulated CUDA twin) checks every tensor
 argument's rank, length and dtype in C++ and names it: a wrong one is a clean
 RuntimeError, never an out-of-bounds read."""
+import os
 import re
 
 import pytest
 import torch
 
 from helpers import needs_emulated
+from infomax_ext import ops, reference
 
 K, M, D, H = 3, 5, 4, 6
 F32 = torch.float32
@@ -106,3 +108,51 @@ def test_saved_statistic_missing_where_its_gradient_is_given(ns):
     # an empty gradient means "not given": its statistic may be empty too
     ok = dict(args, grad_row_lse=args["grad_row_lse"][:0], row_lse=args["row_lse"][:0])
     call(getattr(torch.ops, ns), ok)
+
+
+# ---------------------------------------------------------------------------
+# The constants shared with C++: defined once in Python (reference.py), checked here
+# ---------------------------------------------------------------------------
+
+_INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include",
+                        "infomax_ext")
+
+
+def _cpp_enum(header, names):
+    """The values of the named enumerators in ``csrc/include/infomax_ext/<header>``."""
+    with open(os.path.join(_INCLUDE, header)) as f:
+        text = f.read()
+    values = {}
+    for name in names:
+        found = re.search(rf"\b{name}\s*=\s*(\d+)\s*,", text)
+        assert found, f"{name} not found in {header}"
+        values[name] = int(found.group(1))
+    return values
+
+
+def test_reduction_bits_are_the_cpp_enum():
+    cpp = _cpp_enum("score_math.h", ["kRowLse", "kColLse", "kNegLse", "kNegClampLse", "kNegSoftplus",
+                                     "kAllReductions"])
+    python = (ops.ROW_LSE, ops.COL_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS, ops.ALL_REDUCTIONS)
+    assert python == tuple(cpp.values())
+    assert ops.ROW_LSE is reference.ROW_LSE and ops.ALL_REDUCTIONS is reference.ALL_REDUCTIONS  # defined once
+
+
+def test_activation_codes_are_the_cpp_enum():
+    cpp = _cpp_enum("concat_math.h", ["kRelu", "kElu", "kTanh", "kSoftplus", "kGelu", "kNumActivations"])
+    assert ops.ACTIVATION_CODES == {"relu": cpp["kRelu"], "elu": cpp["kElu"], "tanh": cpp["kTanh"],
+                                    "softplus": cpp["kSoftplus"], "gelu": cpp["kGelu"]}
+    assert len(reference.ACTIVATIONS) == cpp["kNumActivations"]
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_each_activation_code_runs_its_activation_in_the_compiled_op(ns):
+    """What the compiled op does with each code: the reference's activation of that name."""
+    g = torch.Generator().manual_seed(3)
+    P, Q, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((K, H), (M, H), (H,)))
+    b2 = torch.tensor(0.25, dtype=torch.float64)
+    for name, code in ops.ACTIVATION_CODES.items():
+        got = getattr(torch.ops, ns).concat_score_reduce(P, Q, w2, b2, code, 1, ops.ALL_REDUCTIONS, 2.0)
+        want = reference.reduce_scores(reference.scores_concat_hidden(P, Q, w2, b2, name), 1, ops.ALL_REDUCTIONS, 2.0)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)

@@ -134,7 +134,11 @@ def test_fuzz_symmetric_softmax_mean_matches_reference(p):
     assert torch.isfinite(gx).all()
     # NB: as above, torch's logsumexp backward is NaN for an all -inf row; the op gives 0.
     finite = torch.isfinite(go)
-    torch.testing.assert_close(gx[finite], go[finite], **tol)
+    # NB: large scales make gradients in the thousands (float32 sums of ~K terms): the
+    # absolute error is judged at the gradient's largest entry, as in the test above.
+    big = go[finite].abs().max().item() if finite.any() else 0.0
+    gtol = tol if dt == torch.float64 else dict(rtol=1e-4, atol=max(1e-4, 1e-5 * big))
+    torch.testing.assert_close(gx[finite], go[finite], **gtol)
 
 
 def test_nan_inputs_propagate_to_nan_not_a_wrong_number():

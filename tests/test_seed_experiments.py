@@ -1,10 +1,10 @@
-"""The seed slides' other experiments (issue 9; ``python -m infomax_ext experiments NAME``).
+"""The seed slides' other experiments (``python -m infomax_ext experiments NAME``).
 
 Facts that hold whatever the training does: coupling layers are invertible and their
 log-determinant is that of the Jacobian; the identity-initialised skip MLP is the identity;
 the condition-number helper is ``torch.linalg.cond``; the clamped objective never passes t
 and has no gradient above it; S^1 features have unit norm; align / uniform follow the
-formulas of REFERENCE.md and agree with the library's losses; tiny runs of each command
+formulas of docs/conventions.md and agree with the library's losses; tiny runs of each command
 print their table and write their plot. Each test takes seconds on one thread.
 """
 import pytest
@@ -177,7 +177,7 @@ def test_align_uniform_follow_the_reference_formulas():
     torch.manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(40, 2, dtype=torch.float64), dim=-1)
     y = torch.nn.functional.normalize(x + 0.1 * torch.randn_like(x), dim=-1)
-    # REFERENCE.md: align = mean_i |x_i - y_i|^2; uniform = log mean_{i<j} exp(-2 |x_i - x_j|^2)
+    # docs/conventions.md: align = mean_i |x_i - y_i|^2; uniform = log mean_{i<j} exp(-2 |x_i - x_j|^2)
     a = sum(((x[i] - y[i]) ** 2).sum() for i in range(40)) / 40
     pairs = [torch.exp(-2 * ((x[i] - x[j]) ** 2).sum()) for i in range(40) for j in range(i + 1, 40)]
     u = torch.log(sum(pairs) / len(pairs))

@@ -9,7 +9,7 @@
 - :mod:`.tour`: ``python -m infomax_ext`` with no arguments;
 - :mod:`.plotting`: matplotlib (Agg backend) helpers.
 
-Conventions follow ``REFERENCE.md``: the batch's x are the anchors (rows of S), its y
+Conventions follow ``docs/conventions.md``: the batch's x are the anchors (rows of S), its y
 the candidates (columns), and the positive of row i is column i. All values in nats.
 
 NB: every module here imports matplotlib, scikit-learn and tqdm lazily (the

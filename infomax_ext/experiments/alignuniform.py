@@ -28,12 +28,12 @@ METHODS = ("random init", "contrastive", "direct")
 
 
 def align(x, y, alpha=2.0):
-    """``mean_i |x_i - y_i|_2^alpha`` (REFERENCE.md)."""
+    """``mean_i |x_i - y_i|_2^alpha`` (docs/conventions.md)."""
     return (x - y).norm(p=2, dim=1).pow(alpha).mean()
 
 
 def uniform(x, t=2.0):
-    """``log mean_{i<j} exp(-t |x_i - x_j|^2)`` (REFERENCE.md, via ``torch.pdist``)."""
+    """``log mean_{i<j} exp(-t |x_i - x_j|^2)`` (docs/conventions.md, via ``torch.pdist``)."""
     return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
 
 

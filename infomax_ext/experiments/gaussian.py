@@ -1,6 +1,6 @@
 """Correlated Gaussians with a known MI and the MI staircase (``python -m infomax_ext estimate``).
 
-The distribution (Poole et al. 2019, Song & Ermon 2020; ``REFERENCE.md``):
+The distribution (Poole et al. 2019, Song & Ermon 2020; ``docs/conventions.md``):
 ``x, eps ~ N(0, I_d)``, ``y = rho x + sqrt(1 - rho^2) eps`` with per-dimension correlation
 ``rho``, so ``I(X; Y) = -d/2 log(1 - rho^2)`` and ``rho = sqrt(1 - exp(-2 I / d))``. The cubic
 variant applies ``y <- y^3`` afterwards: invertible, so the MI is unchanged, but the

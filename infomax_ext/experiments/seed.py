@@ -3,16 +3,16 @@
 Names:
 
 - ``alignuniform``: Wang & Isola, contrastive InfoNCE vs direct ``align + lam * uniform``
-  on 2-d (S^1) features (:mod:`.alignuniform`).
-- ``jacobian``: slide A2, skip-connection MLP encoders initialised to the identity; probe
-  accuracy and the condition number of the encoder Jacobian over training (:mod:`.jacobian`).
-- ``threshold``: slide A4, maximise the bound only up to a threshold t (clamped objective),
-  MLP vs small conv encoder (:mod:`.threshold`).
-- ``invertible``: slide A1, RealNVP coupling encoders trained on InfoNCE / NWJ plus the
-  adversarial control (:mod:`.invertible`).
+  on 2-d (S^1) features.
+- ``jacobian``: Tschannen et al., skip-connection MLP encoders initialised to the identity;
+  probe accuracy and the condition number of the encoder Jacobian over training.
+- ``threshold``: Tschannen et al., maximise the bound only up to a threshold t (clamped
+  objective), MLP vs small conv encoder.
+- ``invertible``: Tschannen et al., RealNVP coupling encoders trained on InfoNCE / NWJ plus
+  the adversarial control.
 
-All use the two-view digits of :mod:`.represent` (view 1 = top four rows, view 2 = bottom
-four) and its linear probe (saga logistic regression on frozen view-1 features).
+All use the two-view digits of ``python -m infomax_ext represent`` (view 1 = top four rows,
+view 2 = bottom four) and its linear probe (saga logistic regression on frozen view-1 features).
 """
 import importlib
 import sys

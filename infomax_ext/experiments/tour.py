@@ -1,4 +1,4 @@
-"""``python -m infomax_ext`` with no arguments: the tour (about a minute on 2 CPU cores).
+"""The tour, ``python -m infomax_ext`` with no command (about a minute on 2 CPU cores).
 
 1. Known-MI check: every estimator with the **optimal** critic on correlated Gaussians
    (no training), and the fused values against the reference.
@@ -17,22 +17,21 @@
 import argparse
 import math
 import os
-import sys
 
 import torch
 
-from .. import _backend
-from .. import estimators as est
+import infomax_ext as ie
+
 from .common import Timer, format_table, num_threads, out_dir, progress
 from .gaussian import estimator_label, parse_estimator, sample_correlated_gaussian
 
 OPTIMAL_ESTIMATORS = {
-    "infonce": lambda a, b, s, r, c: est.infonce(a, b, s, r, c),
-    "nwj": lambda a, b, s, r, c: est.nwj(a, b, s, r, c),
-    "dv/mine": lambda a, b, s, r, c: est.dv(a, b, s, r, c),
-    "js": lambda a, b, s, r, c: est.js(a, b, s, r, c),
-    "smile(5)": lambda a, b, s, r, c: est.smile(a, b, 5.0, s, r, c),
-    "smile(1)": lambda a, b, s, r, c: est.smile(a, b, 1.0, s, r, c),
+    "infonce": lambda a, b, s, r, c: ie.infonce(a, b, s, r, c),
+    "nwj": lambda a, b, s, r, c: ie.nwj(a, b, s, r, c),
+    "dv/mine": lambda a, b, s, r, c: ie.dv(a, b, s, r, c),
+    "js": lambda a, b, s, r, c: ie.js(a, b, s, r, c),
+    "smile(5)": lambda a, b, s, r, c: ie.smile(a, b, 5.0, s, r, c),
+    "smile(1)": lambda a, b, s, r, c: ie.smile(a, b, 1.0, s, r, c),
 }
 
 
@@ -78,11 +77,11 @@ def optimal_critic_table(args, g):
     worst = 0.0
     for n, fn in OPTIMAL_ESTIMATORS.items():
         fused = fn(*crit)
-        _backend.use_reference(True)
+        ie.use_reference(True)
         try:
             oracle = fn(*crit)
         finally:
-            _backend.use_reference(False)
+            ie.use_reference(False)
         diff = abs(fused.item() - oracle.item())
         worst = max(worst, diff)
         print(f"  {n:>9}: fused {fused.item():+.10f}  reference {oracle.item():+.10f}  |diff| {diff:.1e}")
@@ -91,7 +90,6 @@ def optimal_critic_table(args, g):
 
 def estimation_table(args, out):
     """Trains critics with estimate_mi; returns {(mi, estimator): MIEstimate} and the PNG path."""
-    from ..mi import estimate_mi
     from . import plotting
 
     print(f"\n[2/3] Known-MI estimation: estimate_mi on {args.est_samples} pairs per level "
@@ -107,7 +105,7 @@ def estimation_table(args, out):
             x, y = sample_correlated_gaussian(args.est_samples, args.dim, mi, generator=g)
             for e in args.est_estimators:
                 name, tau = parse_estimator(e)
-                results[(mi, e)] = estimate_mi(x, y, name, "separable", steps=args.est_steps,
+                results[(mi, e)] = ie.estimate_mi(x, y, name, "separable", steps=args.est_steps,
                                                batch_size=args.est_batch, lr=args.est_lr, hidden=args.est_hidden,
                                                tau=tau or 5.0, seed=args.seed, progress=False)
                 bar.update(1)
@@ -176,8 +174,8 @@ def run(args):
     """Runs the three parts; returns 0, or 1 if the fused values differ from the reference."""
     g = torch.Generator().manual_seed(args.seed)
     out = out_dir(args.out)
-    print(f"infomax_ext {sys.modules['infomax_ext'].__version__}: backend={_backend.backend()}, "
-          f"threads={torch.get_num_threads()}; plots go to {out}")
+    print(f"infomax_ext {ie.__version__}: backend={ie.backend()}, training threads={args.threads}, "
+          f"timing threads={args.bench_threads or torch.get_num_threads()}; plots go to {out}")
     with Timer() as t:
         worst = optimal_critic_table(args, g)
         _, _, est_png = estimation_table(args, out)
@@ -187,12 +185,15 @@ def run(args):
     print(f"\nTour done in {t.seconds:.0f} s. Plots: " + ", ".join(pngs))
     print("Next: python -m infomax_ext estimate (the MI staircase), python -m infomax_ext represent "
           "(two-view digits), python -m infomax_ext bench")
-    return 0 if worst < 1e-8 or not _backend.fused_enabled() else 1
+    return 0 if worst < 1e-8 or ie.backend() != "compiled" else 1
 
 
-def main(argv=None):
+def main(argv=None, commands=None):
+    """``commands``: the command list shown under the options (``python -m infomax_ext --help``)."""
     p = argparse.ArgumentParser(
-        prog="python -m infomax_ext", description=__doc__.split("\n")[0],
-        epilog="Other commands: python -m infomax_ext estimate | represent | bench [--help]")
+        prog="python -m infomax_ext",
+        description="The tour (about a minute on 2 CPU cores): every estimator with the optimal critic,\n"
+                    "a short trained-critic estimation, fused vs reference time and memory.",
+        epilog=commands, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))
