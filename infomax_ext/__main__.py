@@ -11,10 +11,12 @@ Commands (``--help`` after any of them lists its options):
 - ``experiments NAME``: the follow-up experiments of the MI-maximisation study: ``alignuniform``,
   ``jacobian``, ``threshold``, ``invertible`` (``infomax_ext/experiments/seed.py``).
 - ``bench``: the benchmark suite (``infomax_ext.bench.main(args)``).
+- ``benchmark``: estimate_mi on the closed-form MI tasks of the "Beyond Normal" benchmark,
+  every estimator against the truth (table, CSV, heat map; ``--full``, ``--bmi-python``).
 """
 import sys
 
-COMMANDS = ("tour", "estimate", "represent", "experiments", "bench")
+COMMANDS = ("tour", "estimate", "represent", "experiments", "bench", "benchmark")
 
 
 def _usage():
@@ -49,6 +51,10 @@ def main(argv=None):
     if cmd is None and argv and not argv[0].startswith("-"):
         print(f"unknown command {argv[0]!r}\n{_usage()}", file=sys.stderr)
         return 2
+    if cmd == "benchmark":
+        from .experiments import mi_benchmark
+
+        return mi_benchmark.main(rest)
     if cmd == "estimate":
         from .experiments import gaussian
 
