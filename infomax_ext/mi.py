@@ -1,11 +1,13 @@
 """MI estimation in one call: train a critic on paired samples, report the bound.
 
 ``estimate_mi(x, y)`` is the counterpart of torch-mist's ``estimate_mi`` and of bmi's
-neural estimators: it fits a critic by maximising a variational lower bound on
-mini-batches of the training split, then evaluates the bound (no gradient) on
-``eval_batches`` batches of the held-out split and reports their mean and
-standard deviation, with the training curve. Scores are computed by the fused
-ops (``losses.py`` on ``critics.py``), so large batches cost no K x M memory.
+neural estimators. It standardises x and y, then for each of ``folds`` test splits
+(cross-fitting: every pair is a test pair once) trains a critic by maximising a
+variational lower bound on mini-batches of the training pairs, keeps the step with the
+best bound on a validation split (stopping when it no longer improves) and evaluates
+that critic on its whole test split as one K x M problem; the estimate is the mean over
+the folds, its spread a bootstrap over the test pairs. Scores are computed by the fused
+ops (``losses.py`` on ``critics.py``), so the K x M evaluation needs O(K + M) memory.
 
 Convention: the batch's x are the anchors (rows of S), its y the candidates
 (columns); the positive of row i is column i.
@@ -33,7 +35,8 @@ class MIEstimate:
 
     Attributes:
         estimate: the bound on the whole test split (one K x M evaluation, K = M =
-            ``n_test``), with the critic of the best validation step.
+            ``n_test``) with the critic of the best validation step; with several folds,
+            the mean of the folds' values (``fold_estimates``).
         std: the spread of ``estimate``, as ``spread`` says: ``"bootstrap"``, its standard
             deviation over resamplings of the test pairs (critic fixed); ``"batches"``, the
             standard deviation of the bound over test batches of ``batch_size`` pairs.
@@ -50,6 +53,9 @@ class MIEstimate:
             the maximum, so biased upwards: report ``estimate``.
         best_step: the step whose critic is kept.
         val_curve: (2, evaluations): the steps and the validation bound at each.
+        folds, fold_estimates: the number of test splits and the estimate of each.
+        (``curve``, ``best_step``, ``val_curve`` and ``critic`` are those of the first fold;
+        ``train_estimate`` and ``val_estimate`` the means over the folds.)
     """
 
     estimate: float
@@ -207,59 +213,69 @@ def estimate_mi(x, y, estimator="smile", critic="concat", steps=4000, batch_size
                 spread="bootstrap", overfit_tol=0.2, weight_decay=0.0):
     """Estimates I(X; Y) in nats by training a critic on paired samples ``(x_i, y_i)``.
 
-    The pairs are split three ways: a training split (the optimiser's mini-batches), a
-    validation split (the bound on all of it, every ``eval_every`` steps, picks the best
-    step and stops the run when it has not improved for ``patience`` evaluations) and a
-    test split, on which the critic of the best step is evaluated once, over all of its
-    pairs as one K x M problem (the fused ops need O(K + M) memory for it). That value is
-    the estimate: no step was chosen on it and it is not a mean over small batches, so
-    InfoNCE's ceiling is ``log`` of the test split's size, not of ``batch_size``.
+    The pairs are split into ``folds`` parts; each part in turn is the test split, and the
+    rest is split into a validation split (``val_fraction`` of all pairs) and the training
+    split. A critic is trained on mini-batches of the training split; every ``eval_every``
+    steps its bound on the whole validation split picks the best step (the run stops when
+    it has not improved for ``patience`` evaluations). The critic of the best step is then
+    evaluated once on its whole test split, as one K x M problem (K = M = the split's size;
+    the fused ops need O(K + M) memory for it). No step was chosen on that split and it is
+    not a mean over small batches, so InfoNCE's ceiling is ``log`` of the test split's
+    size, not of ``batch_size``. The estimate is the mean over the folds: every pair is
+    evaluated once, by a critic that never saw it.
 
     Args:
         x: (n, dx) samples of X (a 1-D array is one feature); y: (n, dy), row i paired with x_i.
         estimator: ``"smile"`` (default; Song & Ermon, tau below), ``"infonce"`` (at most
             ``log`` of the pairs it is evaluated on), ``"nwj"``, ``"dv"``, ``"mine"``, ``"js"``
             (reports NWJ(S + 1)) or ``"tuba"`` (learned baseline).
-        critic: ``"separable"`` (MLPs ``g(x)``, ``h(y)`` and ``<g, h>``; Poole's setup),
-            ``"concat"`` (an MLP on ``[x; y]``, fused with one hidden layer), ``"bilinear"``,
-            ``"dot"``, or any ``critics.Critic`` module (trained in place).
-        steps: most optimiser steps (Adam); fewer when the validation bound stops improving.
+        critic: ``"concat"`` (default: an MLP on ``[x; y]`` with one hidden layer, fused),
+            ``"separable"`` (MLPs ``g(x)``, ``h(y)`` and ``<g, h>``; Poole's setup),
+            ``"bilinear"``, ``"dot"``, or any ``critics.Critic`` module (trained in place;
+            with several folds each fold starts from its initial state, and the module
+            ends with the last fold's parameters).
+        steps: most optimiser steps per fold (Adam); fewer when validation stops improving.
         batch_size: pairs per training batch; every other pair of the batch is a negative.
-        lr: Adam learning rate.
+        lr: Adam's learning rate; default ``None``: ``1e-2 (dx + dy)^-0.7`` within
+            [1e-3, 5e-3] (5e-3 for 1 + 1-d data, 2e-3 for 5 + 5-d).
         eval_batches: how many values ``std`` is taken over (see ``spread``).
-        test_fraction: share of the pairs held out for the final estimate; 0 evaluates on
-            the training pairs (biased upwards for flexible critics).
-        hidden: width of the built-in critics' MLPs; default ``None`` grows with the data's
-            size, ``clip(8 (dx + dy), 64, 256)``.
+        test_fraction: with ``folds=1``, the share of the pairs held out for the estimate;
+            0 evaluates on the training pairs (biased upwards for flexible critics).
+        hidden: width of the built-in critics' MLPs; default ``None``: ``16 (dx + dy)``
+            within [64, 256].
         layers, embed_dim, activation: the built-in critics' MLPs (``layers`` defaults to
             2 for ``"separable"`` and 1 for ``"concat"``).
         tau: SMILE's clip.
-        seed: seeds the split, the batches and the critic's initialisation (the global
+        seed: seeds the split, the batches and the critics' initialisation (the global
             RNG state is left as it was).
         progress: show a tqdm progress bar with the running bound.
         device, dtype: where and in what precision to train (default: x's device, float32;
             float32 or float64).
+        folds: test splits (cross-fitting); 1 is a single split of ``test_fraction``.
+            Each fold trains its own critic: the run costs ``folds`` trainings.
         standardize: centre and scale every feature of x and y to unit variance first (MI
             is invariant to it; the critic's initialisation and learning rate are not).
         val_fraction: share of the pairs for choosing the step; 0 keeps the last step (no
             early stopping).
-        eval_every: steps between validation evaluations; default ``max(25, steps // 50)``.
+        eval_every: steps between validation evaluations; default ``max(25, steps // 80)``.
         patience: validation evaluations without improvement before stopping; ``None``
             runs all ``steps``.
         spread: what ``std`` measures: ``"bootstrap"`` (default), the standard deviation of
-            the test-split estimate over ``eval_batches`` resamplings of the test pairs
-            with replacement, the critic fixed (the uncertainty from the finite test split,
+            the estimate over ``eval_batches`` resamplings of the test pairs with
+            replacement, the critics fixed (the uncertainty from the finite test splits,
             not from training); ``"batches"``, the standard deviation of the bound over
             ``eval_batches`` test batches of ``batch_size`` pairs (the spread of one
             batch's estimate; wider, and for InfoNCE lower, than the full-split value).
         overfit_tol: a ``UserWarning`` is raised when the bound on as many training pairs
-            as the test split holds exceeds the test estimate by more than
-            ``overfit_tol * max(1, |training bound|) + 3 std`` nats (the critic memorised its
-            training pairs); ``None`` turns the check off.
+            as a test split holds exceeds the estimate by more than
+            ``overfit_tol * max(1, |training bound|) + 3 std`` nats (the critic memorised
+            its training pairs); ``None`` turns the check off.
+        weight_decay: AdamW's decoupled weight decay (0: plain Adam).
 
     Returns:
         :class:`MIEstimate` with ``estimate``, ``std``, ``eval_values``, ``curve``, the
-        training and validation bounds, the chosen step and the trained ``critic``.
+        training and validation bounds, the chosen step, the folds' estimates and the
+        trained ``critic`` (of the first fold).
     """
     if dtype not in (torch.float32, torch.float64):
         # NB: Adam's eps (1e-8) is 0 in float16: the first step divides by zero.
