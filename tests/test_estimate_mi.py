@@ -11,6 +11,7 @@ import torch
 
 import infomax_ext as ie
 from infomax_ext import critics as C
+from infomax_ext.losses import BoundLoss
 from infomax_ext.mi import MIEstimate, estimate_mi
 
 pytestmark = [pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built"),
@@ -65,6 +66,30 @@ def test_folds_evaluate_every_pair_once():
     assert r.estimate == pytest.approx(r.fold_estimates.mean().item())  # equal folds: plain mean
     assert (r.fold_estimates <= math.log(400) + 1e-6).all()
     assert len(set(r.fold_estimates.tolist())) == 5  # five critics, five test splits
+
+
+def test_with_folds_no_critic_sees_its_test_pairs():
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)  # independent: MI 0
+    with pytest.warns(UserWarning, match="overfits"):  # memorises its training pairs ...
+        r = estimate_mi(x, y, "infonce", "separable", steps=300, batch_size=64, lr=1e-2, hidden=256,
+                        folds=2, val_fraction=0.0, progress=False)
+    assert r.train_estimate > 1.0
+    assert r.estimate < 0.1 and (r.fold_estimates < 0.1).all()  # ... and reads nothing on the others
+
+
+def test_the_critic_of_the_best_validation_step_is_returned():
+    x, y = correlated_gaussian(1000, 3, 1.0, seed=11)
+    r = estimate_mi(x, y, "infonce", "concat", steps=300, batch_size=64, lr=1e-2, hidden=64, folds=1,
+                    eval_every=10, patience=None, overfit_tol=None, seed=3, progress=False)
+    # the split estimate_mi drew (seed 3; 200 test pairs, then 200 validation pairs)
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(3))
+    val = perm[200:400]
+    xs, ys = [(t - t.mean(0)) / t.std(0) for t in (x, y)]
+    with torch.no_grad():
+        again = -BoundLoss("infonce", r.critic)(xs[val], ys[val]).item()
+    assert again == pytest.approx(r.val_estimate, abs=1e-5)
+    assert r.best_step < 300  # the last step was not the best one (else the check is vacuous)
 
 
 def test_standardisation_makes_the_estimate_invariant_to_affine_maps():
