@@ -167,7 +167,8 @@ for i, name in enumerate(tasks):
     rng = np.random.default_rng(i)
     x = rng.normal(size=(n, 1)); y = x + 0.1 * rng.normal(size=(n, 1))
     np.savez(os.path.join(out, name + ".npz"), x=x, y=y)
-    rec[name] = {{"mi": 0.5 * float(np.log(1 / (1 - 0.75 ** 2))), "estimators": {{"infonce": {{"estimate": 0.25, "seconds": 1.5}}}}}}
+    bmi = {{"infonce": {{"estimate": 0.25, "seconds": 1.5}}}}
+    rec[name] = {{"mi": 0.5 * float(np.log(1 / (1 - 0.75 ** 2))), "estimators": bmi}}
 json.dump({{"n": n, "seed": 0, "tasks": rec}}, open(os.path.join(out, "bmi.json"), "w"))
 '''
 
