@@ -16,8 +16,11 @@ commands (--help after any of them lists its options):
                       jacobian, threshold, invertible
   bench               the benchmark report: fused ops against what a user would write
                       otherwise (time and peak memory against K; CSV and plot)
+  benchmark           estimate_mi on the closed-form tasks of the "Beyond Normal" MI
+                      benchmark, every estimator against the truth (table, CSV, heat map;
+                      --full, --bmi-python)
 """
-COMMANDS = ("tour", "estimate", "represent", "experiments", "bench")
+COMMANDS = ("tour", "estimate", "represent", "experiments", "bench", "benchmark")
 
 
 def _usage():
@@ -52,6 +55,10 @@ def main(argv=None):
     if cmd is None and argv and not argv[0].startswith("-"):
         print(f"unknown command {argv[0]!r}\n{_usage()}", file=sys.stderr)
         return 2
+    if cmd == "benchmark":
+        from .experiments import mi_benchmark
+
+        return mi_benchmark.main(rest)
     if cmd == "estimate":
         from .experiments import gaussian
 
