@@ -7,7 +7,7 @@ Commands (``--help`` after any of them lists its options):
   reference time and memory; tables printed, plots written to ``infomax_out/``.
 - ``estimate``: the MI staircase of Poole et al. / Song & Ermon (d=20, 2..10 nats):
   estimate per step against the truth, and bias / variance / MSE per estimator (CSV).
-- ``represent``: Tschannen et al.'s two-view experiment on 8x8 digits with a linear probe.
+- ``represent``: Tschannen et al.'s two-view experiment on MNIST or 8x8 digits with a linear probe.
 - ``experiments NAME``: the follow-up experiments of the MI-maximisation study: ``alignuniform``,
   ``jacobian``, ``threshold``, ``invertible`` (``infomax_ext/experiments/seed.py``).
 - ``bench``: the benchmark suite (``infomax_ext.bench.main(args)``).
