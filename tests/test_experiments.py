@@ -127,7 +127,7 @@ def test_infonce_never_exceeds_log_k_on_the_staircase():
 
 @pytest.mark.parametrize("estimator", ["infonce", "smile5"])
 def test_low_mi_level_is_recovered_with_the_default_settings(estimator):
-    # the check: a 2-nat level, batch 128, default critic and steps per level:
+    # a 2-nat level, batch 128, default critic and steps per level:
     # InfoNCE and SMILE end within 0.5 nats of the truth
     p = G.add_arguments(__import__("argparse").ArgumentParser())
     a = p.parse_args(["--batch-size", "128"])

@@ -1,4 +1,4 @@
-"""The seed slides' other experiments (issue 9; ``python -m infomax_ext experiments NAME``).
+"""The seed slides' other experiments (``python -m infomax_ext experiments NAME``).
 
 Facts that hold whatever the training does: coupling layers are invertible and their
 log-determinant is that of the Jacobian; the identity-initialised skip MLP is the identity;
