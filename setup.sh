@@ -20,7 +20,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q "$TORCH_SPEC"
 fi
 "$VPY" -m pip install -q numpy pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn ninja \
-  pytorch-metric-learning info-nce-pytorch \
+  pytorch-metric-learning info-nce-pytorch mlxtend==0.25.0 \
   2>&1 | grep -v "^WARNING: Location" || true
 
 # Build in place: ninja makes rebuilds incremental (seconds when nothing changed).

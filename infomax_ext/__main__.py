@@ -11,7 +11,8 @@ commands (--help after any of them lists its options):
   estimate            the MI staircase of Poole et al. and Song & Ermon (d = 20, 2 to 10
                       nats): the estimate per step against the truth, and bias, variance
                       and MSE per estimator (CSV and plots)
-  represent           Tschannen et al.'s two-view experiment on 8x8 digits with a linear probe
+  represent           Tschannen et al.'s two-view experiment on MNIST (default) or 8x8
+                      digits with a linear probe
   experiments NAME    the follow-up experiments of the MI-maximisation study: alignuniform,
                       jacobian, threshold, invertible
   bench               the benchmark report: fused ops against what a user would write

@@ -127,7 +127,7 @@ def test_infonce_never_exceeds_log_k_on_the_staircase():
 
 @pytest.mark.parametrize("estimator", ["infonce", "smile5"])
 def test_low_mi_level_is_recovered_with_the_default_settings(estimator):
-    # the check: a 2-nat level, batch 128, default critic and steps per level:
+    # a 2-nat level, batch 128, default critic and steps per level:
     # InfoNCE and SMILE end within 0.5 nats of the truth
     p = G.add_arguments(__import__("argparse").ArgumentParser())
     a = p.parse_args(["--batch-size", "128"])
@@ -206,7 +206,8 @@ def test_represent_trains_and_the_probe_beats_chance(tmp_path, capsys):
     from infomax_ext.experiments import represent
 
     p = represent.add_arguments(__import__("argparse").ArgumentParser())
-    args = p.parse_args(["--critics", "bilinear", "concat", "--estimators", "infonce", "nwj", "--epochs", "4",
+    args = p.parse_args(["--data", "digits", "--critics", "bilinear", "concat", "--estimators", "infonce", "nwj",
+                         "--epochs", "4",
                          "--probe-every", "2", "--hidden", "64", "--embed", "16", "--critic-hidden", "32",
                          "--probe-iter", "50", "--out", str(tmp_path), "--no-progress"])
     res = represent.run(args)
@@ -220,16 +221,17 @@ def test_represent_trains_and_the_probe_beats_chance(tmp_path, capsys):
         if e == "infonce":
             assert max(h["bound"]) <= math.log(128) + 1e-5
     assert 0.5 < res["pixel_acc"] <= 1.0
-    assert (tmp_path / "represent.png").stat().st_size > 5000
+    assert (tmp_path / "represent_digits.png").stat().st_size > 5000
     text = capsys.readouterr().out
     assert "probe acc (final)" in text and "bilinear" in text and "raw view-1 pixels" in text
 
 
 def test_represent_command_line_with_seeds(tmp_path, capsys):
-    rc = cli.main(["represent", "--critics", "separable", "--estimators", "infonce", "--epochs", "1", "--seeds", "2",
+    rc = cli.main(["represent", "--data", "digits", "--critics", "separable", "--estimators", "infonce",
+                   "--epochs", "1", "--seeds", "2",
                    "--hidden", "16", "--embed", "8", "--critic-hidden", "8", "--probe-iter", "20",
                    "--out", str(tmp_path), "--no-progress"])
-    assert rc == 0 and (tmp_path / "represent.png").exists()
+    assert rc == 0 and (tmp_path / "represent_digits.png").exists()
     assert "2 seed(s)" in capsys.readouterr().out
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..losses import AlignUniformLoss, InfoNCELoss
 from .common import Timer, format_table, markdown_table, mlp, num_threads, out_dir
-from .represent import linear_probe, load_views
-from .seed import add_common, batches
+from .represent import linear_probe
+from .seed import add_common, batches, load_data, probe_kind, run_main
 
 METHODS = ("random init", "contrastive", "direct")
 
@@ -45,16 +45,16 @@ def normalized_features(enc, x):
     return f
 
 
-def _encoders(embed, hidden, layers, seed):
+def _encoders(embed, hidden, layers, seed, d=32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return mlp(32, hidden, layers, embed), mlp(32, hidden, layers, embed)
+        return mlp(d, hidden, layers, embed), mlp(d, hidden, layers, embed)
 
 
 def train(data, method, epochs=100, batch_size=128, lr=1e-3, hidden=128, layers=2, embed=2,
           temperature=0.2, lam=1.0, seed=0):
     """Trains (or, for ``random init``, only builds) the two encoders; returns (g1, g2)."""
-    g1, g2 = _encoders(embed, hidden, layers, seed)
+    g1, g2 = _encoders(embed, hidden, layers, seed, data["x1_train"].shape[1])
     if method == "random init":
         return g1, g2
     if method == "contrastive":
@@ -78,7 +78,8 @@ def train(data, method, epochs=100, batch_size=128, lr=1e-3, hidden=128, layers=
 def evaluate(g1, g2, data, probe_iter=200, seed=0):
     f1, f2 = normalized_features(g1, data["x1_test"]), normalized_features(g2, data["x2_test"])
     f1tr = normalized_features(g1, data["x1_train"])
-    acc = linear_probe(f1tr.numpy(), data["y_train"].numpy(), f1.numpy(), data["y_test"].numpy(), probe_iter, seed)
+    acc = linear_probe(f1tr.numpy(), data["y_train"].numpy(), f1.numpy(), data["y_test"].numpy(), probe_iter, seed,
+                       probe_kind(data))
     return dict(align=align(f1, f2).item(), uniform=uniform(f1).item(), acc=acc, features=f1,
                 labels=data["y_test"])
 
@@ -121,8 +122,9 @@ def table(rows, markdown=False):
 
 def run(args):
     out = out_dir(args.out)
-    data = load_views(seed=args.seed)
-    print(f"Alignment & uniformity (Wang & Isola) on two-view digits: encoders MLP 32-{args.hidden}x{args.layers}-"
+    data = load_data(args)
+    print(f"Alignment & uniformity (Wang & Isola) on two-view {args.data}: encoders MLP {data['dim']}-{args.hidden}x"
+          f"{args.layers}-"
           f"{args.embed}, L2-normalised; contrastive = symmetric InfoNCE, temperature {args.temperature}; "
           f"direct = align + {args.lam} * uniform; {args.epochs} epochs, batch {args.batch_size}")
     rows = []
@@ -133,7 +135,8 @@ def run(args):
             r = evaluate(g1, g2, data, args.probe_iter, args.seed)
             r["method"] = m
             rows.append(r)
-    png = circle_plot(rows, os.path.join(out, "alignuniform.png"))
+    png = circle_plot(rows, os.path.join(out, "alignuniform.png" if args.data == "digits"
+                                         else f"alignuniform_{args.data}.png"))
     print(f"\nHeld-out align, uniform (view-1 features) and linear-probe accuracy ({t.seconds:.0f} s):")
     print(table(rows))
     print(f"\nwrote {png}")
@@ -149,5 +152,4 @@ def main(argv=None):
     p.add_argument("--embed", type=int, default=2, help="output size (2: features on S^1)")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--lam", type=float, default=1.0, help="weight of the uniformity term")
-    run(p.parse_args(argv))
-    return 0
+    return run_main(run, p, argv)

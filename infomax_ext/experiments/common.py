@@ -4,8 +4,7 @@ import os
 import time
 
 import torch
-
-from .. import mi as _mi
+from torch import nn
 
 DEFAULT_OUT = "infomax_out"
 
@@ -33,7 +32,48 @@ def out_dir(path):
     return path
 
 
-mlp = _mi.mlp  # one definition, shared with estimate_mi
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU}
+
+
+def mlp(d_in, hidden, layers, d_out, activation="relu"):
+    """``layers`` hidden layers of width ``hidden`` and a linear output."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
+    mods, d = [], d_in
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), _ACTIVATIONS[activation]()]
+        d = hidden
+    mods.append(nn.Linear(d, d_out))
+    return nn.Sequential(*mods)
+
+
+INITS = ("torch", "keras")
+
+
+def keras_init_(module):
+    """Re-initialises ``module`` in place the way Keras does by default (the paper's code is
+    Keras): every Linear / Conv2d weight and a bilinear critic's ``W`` Glorot-uniform
+    (``U(+-sqrt(6 / (fan_in + fan_out)))``), every bias zero. PyTorch's own default draws
+    weights from ``U(+-1 / sqrt(fan_in))`` (about half as large for the 392-300-300-100
+    encoders) and a :class:`~infomax_ext.critics.Bilinear` critic's W has std
+    ``1 / sqrt(dim_u * dim_v)`` (0.01 at 100 x 100, against Glorot's 0.1). Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(getattr(m, "W", None), nn.Parameter) and m.W.dim() == 2:
+            nn.init.xavier_uniform_(m.W)
+    return module
+
+
+def initialise_(module, init):
+    """``init="torch"`` leaves ``module`` as constructed; ``"keras"``: :func:`keras_init_`."""
+    if init == "keras":
+        return keras_init_(module)
+    if init != "torch":
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    return module
 
 
 class Timer:

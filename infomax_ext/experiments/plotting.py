@@ -163,9 +163,11 @@ def speed_plot(rows, path, dpi=80):
     return path
 
 
-def represent_plot(histories, path, dpi=80):
+def represent_plot(histories, path, dpi=80, pixel_acc=None):
     """Two-view experiment: the training bound per epoch and the probe's test accuracy per
-    evaluation, one line per critic x estimator (colour: critic, style: estimator)."""
+    evaluation, one line per critic x estimator (colour: critic, style: estimator); a grey
+    line at log K (when the histories carry ``log_k``) and at the raw-pixel probe's accuracy
+    (``pixel_acc``)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     critics = list(dict.fromkeys(c for c, _ in histories))
@@ -176,6 +178,12 @@ def represent_plot(histories, path, dpi=80):
         lab = f"{c} / {e}"
         axes[0].plot(h["epoch"], h["bound"], color=col, ls=ls, label=lab)
         axes[1].plot(h["probe_epoch"], h["probe_acc"], color=col, ls=ls, marker="o", ms=3, label=lab)
+    log_k = next((h["log_k"] for h in histories.values() if "log_k" in h), None)
+    if log_k is not None:
+        axes[0].axhline(log_k, color="0.6", ls=":", lw=1, label="log K")
+        axes[0].legend(fontsize=7)
+    if pixel_acc is not None:
+        axes[1].axhline(pixel_acc, color="0.4", ls=":", lw=1.2, label="raw view-1 pixels")
     axes[0].set_ylabel("train bound (nats, epoch mean)")
     axes[1].set_ylabel("linear probe test accuracy")
     for ax in axes:

