@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/dot_tile.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -116,6 +117,8 @@ PYBIND11_MODULE(_C, m) {
     // which compilation of the CPU hot loops runs
     info["cpu_isa"] = infomax_ext::cpu::isa_name(infomax_ext::cpu::cpu_isa());
     info["cpu_avx2"] = infomax_ext::cpu::cpu_isa() >= infomax_ext::cpu::Isa::kAvx2;
+    // bf16 inputs multiplied by a bf16 GEMM with float32 output (else upcast first)
+    info["cpu_bf16_gemm"] = infomax_ext::cpu::bf16_gemm() != nullptr;
     info["aten_threads"] = at::get_num_threads();
     info["aten_parallel"] = at::get_parallel_info();
     return info;

@@ -73,8 +73,12 @@ def test_fuzz_fused_matches_reference(p):
         assert torch.isfinite(x).all()
         # NB: torch's logsumexp backward of an all -inf row is NaN (exp(-inf - -inf));
         # the fused op gives 0 there, so only entries the reference gets finite are compared.
+        # NB: in float32 both sides round; with scales up to 40 an entry's error scales
+        # with the largest gradient, not with the entry (as in the symmetric fuzz below).
         ok = torch.isfinite(y)
-        torch.testing.assert_close(x[ok], y[ok], **tol)
+        big = y[ok].abs().max().item() if ok.any() else 0.0
+        gtol = tol if dt == torch.float64 else dict(rtol=1e-4, atol=max(1e-4, 1e-4 * big))
+        torch.testing.assert_close(x[ok], y[ok], **gtol)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,7 +109,9 @@ def test_fuzz_weighted_sum_matches_reference(p):
         # NB: signed weights on large scores (scale 40: softplus sums in the thousands)
         # cancel; absolute error relative to the gradient's largest entry.
         big = y.abs().max().item()
-        torch.testing.assert_close(x, y, rtol=tol.get("rtol", 1e-7), atol=max(tol.get("atol", 1e-7), 1e-9 * big))
+        # NB: float32 rounds on both sides: error relative to the largest gradient.
+        scaled = 1e-9 if dt == torch.float64 else 1e-4
+        torch.testing.assert_close(x, y, rtol=tol.get("rtol", 1e-7), atol=max(tol.get("atol", 1e-7), scaled * big))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

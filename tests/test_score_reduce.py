@@ -438,3 +438,47 @@ def test_narrower_isa_clones_match_reference(isa, env):
                           "-k", "values_and_gradients and cpu or large_logits or with_grad and cpu"],
                          capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+BF16_CHECK = r"""
+import torch, infomax_ext as ie
+from infomax_ext import reference as ref
+torch.manual_seed(0)
+for K, M, off in [(1, 1, 0), (2, 5, 3), (300, 700, 17)]:
+    a = torch.randn(K, 24).bfloat16().requires_grad_()
+    b = torch.randn(M, 24).bfloat16().requires_grad_()
+    v = ie.infonce(a, b, scale=3.0, pos_offset=off)
+    v.backward()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    w = ref.infonce(ref.scores_dot(a64, b64, torch.tensor(3.0, dtype=torch.float64)), off)
+    w.backward()
+    torch.testing.assert_close(v.double(), w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=2e-2, atol=2e-3)
+# the recomputing backward: column tiles of 512, several row blocks
+x = torch.randn(600, 24).bfloat16().requires_grad_()
+y = torch.randn(600, 24).bfloat16().requires_grad_()
+v = ie.infonce_symmetric(x, y, scale=3.0)
+v.backward()
+x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+w = ref.infonce_symmetric(ref.scores_dot(x64, y64, torch.tensor(3.0, dtype=torch.float64)))
+w.backward()
+torch.testing.assert_close(v.double(), w, rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-3)
+torch.testing.assert_close(y.grad.double(), y64.grad, rtol=2e-2, atol=2e-3)
+print(ie.build_info()["cpu_bf16_gemm"])
+"""
+
+
+@pytest.mark.parametrize("off", ["0", "1"], ids=["bf16_gemm", "upcast"])
+def test_bf16_inputs_match_float64_reference_with_and_without_bf16_gemm(off):
+    """bf16 inputs on the CPU: multiplied by a bf16 GEMM with float32 output where the
+    BLAS has one (INFOMAX_EXT_NO_BF16_GEMM=1: upcast to float32 first); either way the
+    value and gradients match the float64 reference of the same (bf16) inputs within
+    bf16 rounding, over one and several row blocks."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, INFOMAX_EXT_NO_BF16_GEMM=off)
+    out = subprocess.run([sys.executable, "-c", BF16_CHECK], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if off == "1":
+        assert out.stdout.split()[-1] == "False"

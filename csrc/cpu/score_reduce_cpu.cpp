@@ -67,10 +67,30 @@ struct DotGrads {
         dcol(at::zeros({M}, in_.A.options())) {}
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (in.A16.defined()) return consume_bf16(tid, G, i0, tk, j0, tm);
+    }
     if (with_dA) dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
     if (with_dB) {
       Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
       dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
+    }
+  }
+
+  // The same with bf16 GEMMs accumulating into the float32 dA and dB (beta = 1). NB: G
+  // is rounded to bf16 for them, as the inputs already are; its sums (drow, dcol) and
+  // every statistic stay float32.
+  void consume_bf16(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
+    const Tensor G16 = G.to(at::kBFloat16);
+    const at::BFloat16* g = G16.data_ptr<at::BFloat16>();
+    const int64_t d = in.A16.size(1);
+    if (with_dA)
+      cpu::gemm_bf16(false, false, tk, d, tm, 1.0f, g, tm, in.B16.data_ptr<at::BFloat16>() + j0 * d, d, 1.0f,
+                     dA.data_ptr<float>() + i0 * d, d);
+    if (with_dB) {
+      Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
+      cpu::gemm_bf16(true, false, tm, d, tk, 1.0f, g, tm, in.A16.data_ptr<at::BFloat16>() + i0 * d, d, 1.0f,
+                     dB_t.data_ptr<float>() + j0 * d, d);
     }
   }
 
