@@ -52,22 +52,24 @@ struct DotTile {
   const T* col_bias;  // (M,) or nullptr
   T scale;
 
+  // The tile from bf16_gemm when the inputs kept bf16 copies; false: not done.
+  bool bf16_tile(T* s, int64_t i0, int64_t tk, int64_t j0, int64_t tm) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!A16.defined()) return false;
+      const int64_t d = A16.size(1);
+      gemm_bf16(false, true, tk, tm, d, scale, A16.data_ptr<at::BFloat16>() + i0 * d, d,
+                B16.data_ptr<at::BFloat16>() + j0 * d, d, 0.0f, s, tm);
+      return true;
+    }
+    return false;
+  }
+
   T* operator()(Tensor& buf, int64_t i0, int64_t tk, int64_t j0, int64_t tm) const {
     Tensor out = buf.narrow(0, 0, tk * tm).view({tk, tm});
     // NB: the scale rides on the GEMM (alpha; beta = 0 never reads the buffer), so
     // without biases no pass over the tile is needed.
     T* s = out.data_ptr<T>();
-    if constexpr (std::is_same_v<T, float>) {
-      if (A16.defined()) {
-        const int64_t d = A16.size(1);
-        gemm_bf16(false, true, tk, tm, d, scale, A16.data_ptr<at::BFloat16>() + i0 * d, d,
-                  B16.data_ptr<at::BFloat16>() + j0 * d, d, 0.0f, s, tm);
-      } else {
-        at::addmm_out(out, out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t(), 0, scale);
-      }
-    } else {
-      at::addmm_out(out, out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t(), 0, scale);
-    }
+    if (!bf16_tile(s, i0, tk, j0, tm)) at::addmm_out(out, out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t(), 0, scale);
     if (!row_bias && !col_bias) return s;
     for (int64_t r = 0; r < tk; ++r) {
       const T rb = row_bias ? row_bias[i0 + r] : T(0);

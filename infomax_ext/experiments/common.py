@@ -6,6 +6,8 @@ import time
 import torch
 from torch import nn
 
+from ..mi import mlp  # noqa: F401  (the experiments' MLP is estimate_mi's)
+
 DEFAULT_OUT = "infomax_out"
 
 
@@ -30,21 +32,6 @@ def out_dir(path):
     path = os.path.abspath(path or DEFAULT_OUT)
     os.makedirs(path, exist_ok=True)
     return path
-
-
-_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU}
-
-
-def mlp(d_in, hidden, layers, d_out, activation="relu"):
-    """``layers`` hidden layers of width ``hidden`` and a linear output."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
-    mods, d = [], d_in
-    for _ in range(layers):
-        mods += [nn.Linear(d, hidden), _ACTIVATIONS[activation]()]
-        d = hidden
-    mods.append(nn.Linear(d, d_out))
-    return nn.Sequential(*mods)
 
 
 INITS = ("torch", "keras")

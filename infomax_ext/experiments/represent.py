@@ -38,7 +38,7 @@ from .. import critics as C
 from ..losses import BoundLoss, NWJLoss
 from .common import (INITS, Timer, format_table, initialise_, markdown_table, mlp, num_threads, out_dir, progress,
                      train_epoch)
-from .views import DATASETS, MissingDependency, load_views
+from .views import DATASETS, load_views, run_main
 
 __all__ = ["PRESETS", "load_views", "make_critic", "linear_probe", "train_two_view", "run", "main"]
 
@@ -300,12 +300,7 @@ def main(argv=None):
                                 description="Tschannen et al.'s two-view experiment (top half vs bottom half of "
                                             "a digit) with a linear probe, on MNIST or 8x8 digits.")
     add_arguments(p)
-    try:
-        run(p.parse_args(argv))
-    except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, p, argv)
 
 
 if __name__ == "__main__":

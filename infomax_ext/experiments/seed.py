@@ -25,7 +25,7 @@ import torch
 from ..losses import BoundLoss, NWJLoss
 from .common import batches  # noqa: F401  (re-exported for the experiments)
 from .represent import PROBES, linear_probe
-from .views import DATASETS, MissingDependency, load_views
+from .views import DATASETS, load_views, run_main  # noqa: F401  (run_main re-exported for the experiments)
 
 NAMES = ("alignuniform", "jacobian", "threshold", "invertible")
 
@@ -65,16 +65,6 @@ def set_defaults(args, presets):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     return args
-
-
-def run_main(run, parser, argv):
-    """``run(parser.parse_args(argv))``; a missing optional package is a one-line error (rc 2)."""
-    try:
-        run(parser.parse_args(argv))
-    except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def bound_loss(estimator, critic):

@@ -13,9 +13,11 @@ Data sets (``--data``):
 Both views of a row come from the same image: ``concat(x1[i], x2[i])`` is image i in
 row-major order.
 """
+import sys
+
 import torch
 
-__all__ = ["DATASETS", "MissingDependency", "load_views", "load_images"]
+__all__ = ["DATASETS", "MissingDependency", "load_views", "load_images", "run_main"]
 
 # name -> (image height, width, test fraction)
 DATASETS = {"digits": (8, 8, 0.25), "mnist": (28, 28, 0.2)}
@@ -62,3 +64,13 @@ def load_views(data="digits", test_size=None, seed=0):
     return dict(x1_train=f(Xtr[:, :half]), x2_train=f(Xtr[:, half:]), y_train=torch.tensor(ytr),
                 x1_test=f(Xte[:, :half]), x2_test=f(Xte[:, half:]), y_test=torch.tensor(yte),
                 data=data, view_shape=(h // 2, w), dim=half)
+
+
+def run_main(run, parser, argv):
+    """``run(parser.parse_args(argv))``; a missing optional package is a one-line error (rc 2)."""
+    try:
+        run(parser.parse_args(argv))
+    except MissingDependency as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
