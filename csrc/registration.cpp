@@ -48,14 +48,17 @@ void define_ops(torch::Library& m) {
       "Tensor? row_bias, Tensor? col_bias, Tensor row_lse, Tensor col_lse, Tensor neg_lse, "
       "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // score_reduce's row statistics and, in the same walk, the gradients (a, b, scale,
-  // row_bias, col_bias) of sum_i g . stats_i for upstream gradients given up front
-  // (a mean's 1/K): three GEMMs instead of four. Row reductions only.
+  // value = sum_i g_i . stats_i (+ grad_pos_i S[i, i + pos_offset]) for upstream
+  // gradients given up front (a mean's 1/K), score_reduce's row statistics, the
+  // positives (empty without grad_pos) and, from the same walk, the gradients (a, b,
+  // scale, row_bias, col_bias) of value: three GEMMs instead of four. Row reductions
+  // only. a and b's gradients come in the accumulation dtype; a bias's is zeros when
+  // that bias is None.
   m.def(
       "_score_reduce_with_grad(Tensor grad_row_lse, Tensor grad_neg_lse, Tensor grad_clamp_lse, "
-      "Tensor grad_softplus, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
-      "int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_softplus, Tensor grad_pos, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, "
+      "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // For the symmetric S = scale * x x^T + bias_i + bias_j with the diagonal excluded:
   // (lse (K,) = logsumexp_{j != i} S_ij, mean (K, d) = sum_{j != i} softmax_i(S)_j x_j),
   // from the upper half of S; with_mean=false: lse only (mean is empty (0,)).

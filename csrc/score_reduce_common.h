@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
@@ -152,8 +154,6 @@ inline void check_needs_grad(int64_t needs_grad, const char* op) {
 inline bool need_dA(int64_t needs_grad) { return needs_grad & (kNeedA | kNeedScale); }
 inline bool need_dB(int64_t needs_grad) { return needs_grad & kNeedB; }
 
-// _score_reduce_with_grad's outputs: the five statistics, then the five gradients.
-using Tensor10 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                               int64_t, int64_t, double);
 using BackwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -161,18 +161,45 @@ using BackwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, cons
                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                                double, int64_t);
 
-inline Tensor10 join_stats_grads(const Tensor5& s, const Tensor5& g) {
-  return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s), std::get<4>(s),
-          std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g)};
+// What a backend's _score_reduce_with_grad walk returns.
+struct WithGrad {
+  Tensor5 stats;  // row_lse, col_lse (0,), neg_lse, neg_clamp_lse, neg_softplus
+  Tensor pos;     // the positives S[i, i + pos_offset] (K,), or (0,) without grad_pos
+  Tensor5 grads;  // da, db (both in the accumulation dtype), dscale, drow, dcol
+};
+
+// Adds the positive term sum_i g_pos_i S[i, i + pos_offset] to a walk that left it out:
+// r.pos and the term's gradients, by O(K d) tensor ops in the accumulation dtype. (The
+// CPU's one walk adds g_pos to G instead, so the G GEMMs carry the term.)
+inline void add_positive_term(WithGrad& r, const Tensor& g_pos, const Tensor& a, const Tensor& b,
+                              const Tensor& scale, const OptTensor& row_bias, const OptTensor& col_bias,
+                              int64_t pos_offset, int64_t needs_grad) {
+  const auto acc = acc_dtype(a.scalar_type());
+  const int64_t K = a.size(0);
+  r.pos = at::empty({0}, a.options().dtype(acc));
+  if (!g_pos.numel()) return;
+  const Tensor w = g_pos.detach().to(acc), s = scale.detach().to(acc).reshape({});
+  const Tensor A = a.detach().to(acc), Bp = b.detach().narrow(0, pos_offset, K).to(acc);
+  const Tensor dot = at::mul(A, Bp).sum(-1);
+  r.pos = at::mul(dot, s);
+  if (has(row_bias)) r.pos.add_(row_bias->detach().to(acc));
+  if (has(col_bias)) r.pos.add_(col_bias->detach().narrow(0, pos_offset, K).to(acc));
+  auto& [da, db, dscale, drow, dcol] = r.grads;
+  const Tensor ws = at::mul(w, s).unsqueeze(1);
+  if (need_dA(needs_grad)) da.add_(at::mul(ws, Bp));
+  if (need_dB(needs_grad)) db.narrow(0, pos_offset, K).add_(at::mul(ws, A));
+  if (needs_grad & kNeedScale) dscale.add_(at::mul(w, dot).sum().to(dscale.scalar_type()));
+  if (has(row_bias)) drow.add_(w.to(drow.scalar_type()));
+  if (has(col_bias)) dcol.narrow(0, pos_offset, K).add_(w.to(dcol.scalar_type()));
 }
 
 // _score_reduce_with_grad as a backend's forward op followed by its recomputing
 // backward op: the same results as the one-walk version, with four GEMMs. NB: da and db
 // come back in the accumulation dtype, as from the one walk (the backward op has rounded
 // them to the input dtype once already: this path is for huge M only).
-inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
+inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
                                       const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
-                                      const Tensor& a, const Tensor& b, const Tensor& scale,
+                                      const Tensor& g_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
                                       const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
                                       int64_t reductions, double clamp_tau, int64_t needs_grad) {
   TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only, got ", reductions);
@@ -182,8 +209,43 @@ inline Tensor10 forward_then_backward(ForwardFn forward, BackwardFn backward, co
                                  none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau,
                                  needs_grad);
   const auto acc = acc_dtype(a.scalar_type());
-  return join_stats_grads(out, Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads),
-                                       std::get<3>(grads), std::get<4>(grads)});
+  WithGrad r{out, Tensor(),
+             Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads), std::get<3>(grads),
+                     std::get<4>(grads)}};
+  add_positive_term(r, g_pos, a, b, scale, row_bias, col_bias, pos_offset, needs_grad);
+  return r;
+}
+
+// A backend's _score_reduce_with_grad walk (the op's arguments).
+using WithGradFn = WithGrad (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                int64_t, int64_t, double, int64_t);
+// _score_reduce_with_grad's outputs: value, the five statistics, the positives, the
+// five gradients.
+using Tensor12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                            Tensor, Tensor>;
+
+// _score_reduce_with_grad on every backend: the arguments checked, the backend's walk,
+// then value = sum_i (g_row_i row_lse_i + g_neg_i neg_lse_i + g_clamp_i neg_clamp_lse_i
+// + g_sp_i neg_softplus_i + g_pos_i pos_i), in the accumulation dtype.
+template <WithGradFn walk>
+Tensor12 score_reduce_with_grad(const Tensor& g_row, const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
+                                const Tensor& g_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
+                                const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
+                                int64_t reductions, double clamp_tau, int64_t needs_grad) {
+  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+  check_needs_grad(needs_grad, "_score_reduce_with_grad");
+  check_score_reduce_with_grad_args(g_row, g_neg, g_clamp, g_sp, a, reductions);
+  check_vector_arg(g_pos, "_score_reduce_with_grad", "grad_pos", a.size(0), "K", a);
+  const WithGrad r = walk(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias, pos_offset,
+                          reductions, clamp_tau, needs_grad);
+  const auto& [row, col, neg, clamp, sp] = r.stats;
+  Tensor value = at::zeros({}, row.options());
+  for (const auto& [w, st] : {std::pair<const Tensor&, const Tensor&>{g_row, row}, {g_neg, neg}, {g_clamp, clamp},
+                              {g_sp, sp}, {g_pos, r.pos}})
+    if (w.numel()) value.add_(at::mul(w.to(row.scalar_type()), st).sum());
+  const auto& [da, db, dscale, drow, dcol] = r.grads;
+  return {value, row, col, neg, clamp, sp, r.pos, da, db, dscale, drow, dcol};
 }
 
 // symmetric_softmax_mean(x, scale, bias): the same messages as score_reduce.

@@ -195,21 +195,15 @@ class _ReduceWithGrad(torch.autograd.Function):
         # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
         b = a if shared[0] else b
         col_bias = row_bias if shared[1] else col_bias
-        acc = acc_dtype(a.dtype)
-        empty = a.new_empty((0,), dtype=acc)
-        w = [empty if x is None else x for x in weights[:4]]
+        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+        w = [empty if x is None else x for x in weights]
         d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         needs = _needs_grad(need_a, need_a if shared[0] else need_b, need_scale)
-        out = _ops()._score_reduce_with_grad(
+        # NB: the op adds the positive term (value and gradients) itself.
+        value, *out = _ops()._score_reduce_with_grad(
             *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau, needs)
-        stats, grads = out[:5], out[5:]
-        used = [(x, st) for x, st in zip(weights, (stats[0], stats[2], stats[3], stats[4])) if x is not None]
-        value = sum((x * st).sum() for x, st in used)
-        pos, w_pos = empty, weights[4]
-        if w_pos is not None:
-            pos = _add_positive_term(grads, w_pos, a, b, scale, d[0], d[1], pos_offset)
-            value = value + (w_pos * pos).sum()
+        stats, pos, grads = out[:5], out[5], out[6:]
         # NB: the inputs are saved too (no copy): torch's version counter then catches an
         # in-place change before the backward, and a create_graph backward needs them.
         ctx.save_for_backward(*inputs, *grads)
@@ -231,7 +225,7 @@ class _ReduceWithGrad(torch.autograd.Function):
         drow, dcol = (drow + dcol, None) if same_bias and has_rb else (drow, dcol)
         scaled = [None if x is None else g * x for x in (da, db, dscale, drow, dcol)]
         # NB: da and db are kept in the accumulation dtype until here: one rounding to
-        # the inputs' dtype, after the positive term was added.
+        # the inputs' dtype, after the op added the positive term.
         scaled[0] = scaled[0].to(a.dtype)
         scaled[1] = None if scaled[1] is None else scaled[1].to(b.dtype)
         scaled[3] = scaled[3] if has_rb else None
@@ -251,29 +245,6 @@ def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reduc
     used = zip(weights, (stats.row_lse, stats.neg_lse, stats.neg_clamp_lse, stats.neg_softplus, pos))
     value = sum((w * st).sum() for w, st in used if w is not None)
     return WeightedStats(value, *(t.detach() for t in (*stats, pos)))
-
-
-def _add_positive_term(grads, w_pos, a, b, scale, row_bias, col_bias, pos_offset):
-    """The positives ``S[i, i + pos_offset]`` (K,), with the gradient of
-    ``sum_i w_pos_i S[i, i + pos_offset]`` added in place to ``grads`` (da, db, dscale,
-    drow, dcol; da and db in the accumulation dtype): O(K d), in the accumulation dtype."""
-    da, db, dscale, drow, dcol = grads
-    K, acc = a.shape[0], w_pos.dtype
-    sl = slice(pos_offset, pos_offset + K)
-    A, Bp, s = a.detach().to(acc), b.detach()[sl].to(acc), scale.detach().to(acc)
-    dot = (A * Bp).sum(-1)
-    pos = s * dot
-    if row_bias is not None:
-        pos = pos + row_bias.to(acc)
-    if col_bias is not None:
-        pos = pos + col_bias[sl].to(acc)
-    ws = (w_pos * s)[:, None]
-    da.add_((ws * Bp).to(da.dtype))
-    db[sl].add_((ws * A).to(db.dtype))
-    dscale.add_((w_pos * dot).sum().to(dscale.dtype))
-    drow.add_(w_pos.to(drow.dtype))
-    dcol[sl].add_(w_pos.to(dcol.dtype))
-    return pos
 
 
 def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
@@ -336,14 +307,17 @@ def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale,
     )
 
 
-def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
+def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias,
                                  pos_offset, reductions, clamp_tau, needs_grad=7):
-    empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
+    acc = acc_dtype(a.dtype)
+    empty = a.new_empty((0,), dtype=acc)
     grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                         col_bias, empty, empty, empty, empty, pos_offset, reductions,
                                         clamp_tau)
-    # NB: da and db in the accumulation dtype: _ReduceWithGrad adds the positive term, then casts once.
-    return (*_fake_outputs(a, b, reductions), empty.new_empty(a.shape), empty.new_empty(b.shape), *grads[2:])
+    pos = a.new_empty((a.shape[0] if g_pos.numel() else 0,), dtype=acc)
+    # NB: da and db in the accumulation dtype: _ReduceWithGrad casts them once.
+    return (a.new_empty((), dtype=acc), *_fake_outputs(a, b, reductions), pos, empty.new_empty(a.shape),
+            empty.new_empty(b.shape), *grads[2:])
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def _calls():
     stats = {"row_lse": _vec(K), "col_lse": _vec(M), "neg_lse": _vec(K), "clamp_lse": _vec(K)}
     grads = {"grad_row_lse": _vec(K), "grad_col_lse": _vec(M), "grad_neg_lse": _vec(K),
              "grad_clamp_lse": _vec(K), "grad_softplus": _vec(K)}
-    row_grads = {k: v for k, v in grads.items() if k != "grad_col_lse"}
+    row_grads = {**{k: v for k, v in grads.items() if k != "grad_col_lse"}, "grad_pos": _vec(K)}
     return {
         "score_reduce": (dict(a=a, b=b, scale=s, row_bias=_vec(K), col_bias=_vec(M)),
                          lambda ns, t: ns.score_reduce(t["a"], t["b"], t["scale"], t["row_bias"], t["col_bias"],

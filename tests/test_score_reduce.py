@@ -213,7 +213,7 @@ def test_opcheck(device):
     outs = ops.score_reduce(*det, 2, ALL, 2.0)
     grads = [torch.randn_like(o) for o in outs]
     torch.library.opcheck(lib._score_reduce_backward, (*grads, *det, *outs[:4], 2, ALL, 2.0))
-    g = [torch.randn_like(outs[0]) for _ in range(4)]
+    g = [torch.randn_like(outs[0]) for _ in range(5)]
     red = ALL & ~ops.COL_LSE
     torch.library.opcheck(lib._score_reduce_with_grad, (*g, *det, 2, red, 2.0))
     torch.library.opcheck(lib.symmetric_softmax_mean, (a, scale, rb, True))

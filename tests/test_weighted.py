@@ -97,7 +97,7 @@ def test_opcheck():
     empty = torch.empty(0, dtype=torch.float64)
     for rb in (None, make_bias(9)):
         torch.library.opcheck(torch.ops.infomax_ext._score_reduce_with_grad.default,
-                              (w, empty, empty, w, a, b, torch.tensor(1.1, dtype=torch.float64), rb, None, 3,
+                              (w, empty, empty, w, -w, a, b, torch.tensor(1.1, dtype=torch.float64), rb, None, 3,
                                ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0))
 
 
@@ -111,7 +111,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="without gradient"):
         ops.score_reduce_weighted(a, b, weights=(w.clone().requires_grad_(), None, None, None))
     with pytest.raises(RuntimeError, match="row reductions only"):
-        torch.ops.infomax_ext._score_reduce_with_grad(w, w[:0], w[:0], w[:0], a.detach(), b.detach(),
+        torch.ops.infomax_ext._score_reduce_with_grad(w, w[:0], w[:0], w[:0], w[:0], a.detach(), b.detach(),
                                                       torch.tensor(1.0, dtype=torch.float64), None, None, 0,
                                                       ops.ROW_LSE | ops.COL_LSE, 5.0)
 
@@ -195,6 +195,29 @@ def test_low_precision_inputs(dtype):
     torch.testing.assert_close(gb.double(), ob, **tol)
 
 
+def _check_walk_against_reference(K, M, d, off, device):
+    """Value, statistics, positives and gradients (a, b, both biases) of a weighted sum
+    with every kind of weight, the positives' included, against the reference."""
+    a, b = make_pair(K, M, d, device=device, dtype=torch.float32, seed=K, requires_grad=True)
+    rb = make_bias(K, device=device, dtype=torch.float32, requires_grad=True)
+    cb = make_bias(M, device=device, dtype=torch.float32, seed=1, requires_grad=True)
+    kw = dict(a=a, b=b, scale=torch.tensor(3.0, device=device), row_bias=rb, col_bias=cb, pos_offset=off)
+    red = ops.ROW_LSE | ops.NEG_SOFTPLUS
+    w = weights_for(red, K, torch.empty(0, device=device), 2)
+    w_pos = weights_for(ops.ROW_LSE, K, torch.empty(0, device=device), 3)[0]
+    value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=red, clamp_tau=2.0, weights=w, w_pos=w_pos)
+    value_o, stats_o = weighted_reference(kw, red, w)
+    pos_o = ref.positive_scores(ref.scores_dot(**{k: kw[k] for k in ARGS}), off)
+    value_o = value_o + (w_pos * pos_o).sum()
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(value, value_o, **tol)
+    torch.testing.assert_close(pos, pos_o.detach(), **tol)
+    for x, y in zip(stats, stats_o):
+        torch.testing.assert_close(x, y.detach(), **tol)
+    for g, o in zip(torch.autograd.grad(value, [a, b, rb, cb]), torch.autograd.grad(value_o, [a, b, rb, cb])):
+        torch.testing.assert_close(g, o, **tol)
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS, indirect=True)
 @pytest.mark.usefixtures("default_cuda_tiles")
 @pytest.mark.parametrize("shape, tile", [
@@ -206,19 +229,15 @@ def test_cuda_one_walk_and_fallback_match_reference(shape, tile, device, monkeyp
     """On CUDA (and emulated) the gradient is made in the same walk when a chunk spans whole rows
     (INFOMAX_EXT_CUDA_TILE_BYTES sets the chunk budget); otherwise two walks."""
     set_tile(monkeypatch, tile)
-    K, M, d, off = shape
-    a, b = make_pair(K, M, d, device=device, dtype=torch.float32, seed=K, requires_grad=True)
-    rb = make_bias(K, device=device, dtype=torch.float32, requires_grad=True)
-    kw = dict(a=a, b=b, scale=torch.tensor(3.0, device=device), row_bias=rb, col_bias=None, pos_offset=off)
-    red = ops.ROW_LSE | ops.NEG_SOFTPLUS
-    w = weights_for(red, K, torch.empty(0, device=device), 2)
-    value, *stats, _ = ops.score_reduce_weighted(**kw, reductions=red, clamp_tau=2.0, weights=w)
-    value_o, stats_o = weighted_reference(kw, red, w)
-    torch.testing.assert_close(value, value_o, rtol=1e-4, atol=1e-4)
-    for x, y in zip(stats, stats_o):
-        torch.testing.assert_close(x, y.detach(), rtol=1e-4, atol=1e-4)
-    for g, o in zip(torch.autograd.grad(value, [a, b, rb]), torch.autograd.grad(value_o, [a, b, rb])):
-        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-4)
+    _check_walk_against_reference(*shape, device)
+
+
+@pytest.mark.parametrize("M", [300, 270_000])
+def test_cpu_one_walk_and_fallback_match_reference(M):
+    """On the CPU the positives' weights join G in the one walk; past the kept rows' budget
+    (16 rows of 2^19 float32 scores and G: M > 262144) the op is a forward and a
+    recomputing backward, and the positive term is added by tensor ops."""
+    _check_walk_against_reference(3, M, 4, M - 3 - 7, "cpu")
 
 
 @pytest.mark.parametrize("name", ["infonce", "js", "js_objective", "smile"])
@@ -323,7 +342,7 @@ def test_needs_grad_out_of_range_is_refused(bad, device):
     empty = g.new_empty(0)
     lib = ops._ops()
     with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
-        lib._score_reduce_with_grad(g, empty, empty, empty, a, b, scale, None, None, 0, ops.ROW_LSE, 1.0, bad)
+        lib._score_reduce_with_grad(g, empty, empty, empty, empty, a, b, scale, None, None, 0, ops.ROW_LSE, 1.0, bad)
     row = ops.score_reduce(a, b, scale, reductions=ops.ROW_LSE)[0]
     with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
         lib._score_reduce_backward(g, empty, empty, empty, empty, a, b, scale, None, None, row, empty, empty, empty,

@@ -117,7 +117,7 @@ INFOMAX_CPU_INLINE LseState<T> row_state(const T* x, int64_t n, int64_t skip) {
   const T m = range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>()));
   // NB: all entries -inf (masked) or none at all: the state stays empty.
   if (m == neg_infinity<T>()) return lse_empty<T>();
-  const auto f = [m](T v) { return vexp(v - m); };
+  const auto f = [m](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(v - m); };
   return LseState<T>{m, range_sum(x, 0, a, f) + range_sum(x, a + 1, n, f)};
 }
 
@@ -126,7 +126,7 @@ template <typename T>
 INFOMAX_CPU_INLINE LseState<T> clamped_row_state(const T* x, int64_t n, int64_t skip, T tau) {
   const int64_t a = skip < 0 ? n : skip;
   const T m = clamp_tau(range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>())), tau);
-  const auto f = [m, tau](T v) { return vexp(clamp_tau(v, tau) - m); };
+  const auto f = [m, tau](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(clamp_tau(v, tau) - m); };
   return LseState<T>{m, range_sum(x, 0, a, f) + range_sum(x, a + 1, n, f)};
 }
 
@@ -181,25 +181,30 @@ struct RowFolds {
   T* sm;               // column scratch: tile sums
 };
 
+// Folds one row of a tile (tm scores, the positive at column skip, -1: none) into
+// its running states.
+template <typename T>
+INFOMAX_CPU_INLINE void fold_row(const T* row, int64_t tm, int64_t skip, int64_t red, T tau, LseState<T>& neg,
+                                 LseState<T>& clamp, T& sp, T& pos) {
+  if (skip >= 0) pos = row[skip];
+  if (red & (kRowLse | kNegLse)) neg = lse_merge(neg, row_state(row, tm, skip));
+  if (red & kNegClampLse) clamp = lse_merge(clamp, clamped_row_state(row, tm, skip, tau));
+  if (red & kNegSoftplus) {
+    const auto f = [](T v) INFOMAX_CPU_INLINE_LAMBDA { return softplus(v); };
+    const int64_t a = skip < 0 ? tm : skip;
+    sp += range_sum(row, 0, a, f) + range_sum(row, a + 1, tm, f);
+  }
+}
+
 // Folds one tile of S (rows i0.., columns j0..) into the row states and, when
 // col is given, into the thread's column states col[0, tm).
 template <typename T>
 INFOMAX_CPU_INLINE void fold_tile(const T* s, int64_t i0, int64_t tk, int64_t j0, int64_t tm,
                                   int64_t pos_offset, int64_t red, T tau, const RowFolds<T>& f,
                                   LseState<T>* col) {
-  const bool need_neg = red & (kRowLse | kNegLse);
   for (int64_t r = 0; r < tk; ++r) {
-    const T* row = s + r * tm;
     const int64_t pc = i0 + r + pos_offset - j0;  // positive's column in this tile
-    const int64_t skip = (pc >= 0 && pc < tm) ? pc : -1;
-    if (skip >= 0) f.pos[r] = row[skip];
-    if (need_neg) f.neg[r] = lse_merge(f.neg[r], row_state(row, tm, skip));
-    if (red & kNegClampLse) f.clamp[r] = lse_merge(f.clamp[r], clamped_row_state(row, tm, skip, tau));
-    if (red & kNegSoftplus) {
-      const auto sp = [](T v) { return softplus(v); };
-      const int64_t a = skip < 0 ? tm : skip;
-      f.sp[r] += range_sum(row, 0, a, sp) + range_sum(row, a + 1, tm, sp);
-    }
+    fold_row(s + r * tm, tm, (pc >= 0 && pc < tm) ? pc : -1, red, tau, f.neg[r], f.clamp[r], f.sp[r], f.pos[r]);
   }
   if (col) fold_columns(s, tk, tm, col, f.mx, f.sm);
 }
@@ -209,23 +214,60 @@ template <typename T>
 struct GradPtrs {
   const T *g_row, *g_col, *g_neg, *g_clamp, *g_sp;
   const T *row_lse, *col_lse, *neg_lse, *clamp_lse;
+  const T* g_pos = nullptr;  // weight of each row's positive score (one walk only)
 };
 
+// G for row i from its tm scores (columns j0..; pc: the positive's column, -1: none),
+// its row sum added to drow[i] and its entries to dcol[j0..] (nullptr: not wanted).
+template <typename T>
+INFOMAX_CPU_INLINE void grad_tile_row(const T* s, T* g, int64_t i, int64_t j0, int64_t tm, int64_t pc, int64_t red,
+                                      T tau, const GradPtrs<T>& p, T* drow, T* dcol) {
+  grad_row(s, g, tm, pc, row_grad_at<T>(p, i), p.g_col ? p.g_col + j0 : nullptr,
+           p.col_lse ? p.col_lse + j0 : nullptr, tau, red);
+  // NB: the positive term's weight joins G, so the G GEMMs (and the sums) carry its gradient.
+  if (p.g_pos && pc >= 0) g[pc] += p.g_pos[i];
+  if (drow) drow[i] += range_sum(g, 0, tm, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
+  if (dcol)
+    for (int64_t c = 0; c < tm; ++c) dcol[j0 + c] += g[c];
+}
+
 // Turns one tile of S into G = dL/dS (tk x tm, row-major) and adds its row sums
-// to drow[i0..] and its column sums to dcol[j0..].
+// to drow[i0..] and its column sums to dcol[j0..] (each nullptr: not wanted).
 template <typename T>
 INFOMAX_CPU_INLINE void grad_tile(const T* s, T* G, int64_t i0, int64_t tk, int64_t j0, int64_t tm,
                                   int64_t pos_offset, int64_t red, T tau, const GradPtrs<T>& p,
                                   T* drow, T* dcol) {
   for (int64_t r = 0; r < tk; ++r) {
-    const int64_t i = i0 + r;
-    const RowGrad<T> rg = row_grad_at<T>(p, i);
-    const int64_t pc = i + pos_offset - j0;
-    T* g_r = G + r * tm;
-    grad_row(s + r * tm, g_r, tm, (pc >= 0 && pc < tm) ? pc : -1, rg, p.g_col ? p.g_col + j0 : nullptr,
-             p.col_lse ? p.col_lse + j0 : nullptr, tau, red);
-    drow[i] += range_sum(g_r, 0, tm, [](T v) { return v; });
-    for (int64_t c = 0; c < tm; ++c) dcol[j0 + c] += g_r[c];
+    const int64_t pc = i0 + r + pos_offset - j0;
+    grad_tile_row(s + r * tm, G + r * tm, i0 + r, j0, tm, (pc >= 0 && pc < tm) ? pc : -1, red, tau, p, drow, dcol);
+  }
+}
+
+// Row statistics written by a walk ((K,) each, nullptr when not requested).
+template <typename T>
+struct Outputs {
+  T *row, *neg, *clamp, *sp;
+  T* pos = nullptr;  // the positive scores (one walk only)
+};
+
+// Whole rows of S (tk x M, rows i0..) folded and turned into G one row at a time: the
+// row's statistics are final after its one pass, so its G follows while the row is
+// still in L1 (a block-wide fold, then a block-wide G, would stream the block's S
+// from L2 or L3 twice). Writes the statistics to out; with grads (the reductions
+// with a gradient, 0: none) makes G, whose saved statistics p reads from out.
+template <typename T>
+INFOMAX_CPU_INLINE void fold_grad_rows(const T* s, T* G, int64_t i0, int64_t tk, int64_t M, int64_t pos_offset,
+                                       int64_t red, int64_t grads, T tau, const Outputs<T>& out,
+                                       const GradPtrs<T>& p, T* drow, T* dcol) {
+  for (int64_t r = 0; r < tk; ++r) {
+    const int64_t i = i0 + r, pc = i + pos_offset;
+    const int64_t skip = (pc >= 0 && pc < M) ? pc : -1;
+    LseState<T> neg = lse_empty<T>(), clamp = lse_empty<T>();
+    T sp = T(0), pos = T(0);
+    fold_row(s + r * M, M, skip, red, tau, neg, clamp, sp, pos);
+    finalize_row(i, red, neg, clamp, sp, pos, out.row, out.neg, out.clamp, out.sp);
+    if (out.pos) out.pos[i] = pos;
+    if (grads) grad_tile_row(s + r * M, G + r * M, i, int64_t(0), M, skip, grads, tau, p, drow, dcol);
   }
 }
 
@@ -246,6 +288,11 @@ INFOMAX_CPU_CLONES(grad_tile, grad_tile,
                     T tau, const GradPtrs<T>& p, T* drow, T* dcol),
                    (s, G, i0, tk, j0, tm, off, red, tau, p, drow, dcol), typename T)
 
+INFOMAX_CPU_CLONES(fold_grad_rows, fold_grad_rows,
+                   (const T* s, T* G, int64_t i0, int64_t tk, int64_t M, int64_t off, int64_t red, int64_t grads,
+                    T tau, const Outputs<T>& out, const GradPtrs<T>& p, T* drow, T* dcol),
+                   (s, G, i0, tk, M, off, red, grads, tau, out, p, drow, dcol), typename T)
+
 template <typename T>
 FoldTileFn<T> fold_tile_for_cpu() {
   return INFOMAX_CPU_PICK(fold_tile, T);
@@ -254,12 +301,13 @@ template <typename T>
 GradTileFn<T> grad_tile_for_cpu() {
   return INFOMAX_CPU_PICK(grad_tile, T);
 }
-
-// Row statistics written by a walk ((K,) each, nullptr when not requested).
 template <typename T>
-struct Outputs {
-  T *row, *neg, *clamp, *sp;
-};
+using FoldGradRowsFn = void (*)(const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T,
+                                const Outputs<T>&, const GradPtrs<T>&, T*, T*);
+template <typename T>
+FoldGradRowsFn<T> fold_grad_rows_for_cpu() {
+  return INFOMAX_CPU_PICK(fold_grad_rows, T);
+}
 
 // A thread's folding of whole row blocks: its row states (one block at a time), the
 // thread's column states (nullptr: no column reduction) and the outputs.
@@ -338,6 +386,7 @@ void reduce_forward(const Walk& w, const at::TensorOptions& opts, Tensor5& out, 
 struct GradInputs {
   Tensor g_row, g_col, g_neg, g_clamp, g_sp;  // (K,), (M,), (K,), (K,), (K,) or (0,)
   Tensor row_lse, col_lse, neg_lse, clamp_lse;  // saved forward outputs or (0,)
+  Tensor g_pos;  // (K,) or (0,): the positives' weights (one walk only)
 };
 
 inline GradInputs grad_inputs(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
@@ -349,9 +398,29 @@ inline GradInputs grad_inputs(const Tensor& g_row, const Tensor& g_col, const Te
                     c(row_lse), c(col_lse), c(neg_lse), c(clamp_lse)};
 }
 
+// A walk's gradient mask when only the positives have a weight: no reduction's term.
+constexpr int64_t kPositiveOnly = int64_t(1) << 30;
+
+// NB: a positive weight alone still needs G (its one entry per row).
 inline int64_t active_grads(int64_t reductions, const GradInputs& g) {
-  return infomax_ext::active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);
+  const int64_t red = infomax_ext::active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);
+  return red || !g.g_pos.defined() || !g.g_pos.numel() ? red : kPositiveOnly;
 }
+
+// Column sums of G (the column-bias gradient) over row blocks that threads share.
+// NB: kept per thread and added after the parallel region (no atomics, deterministic);
+// nothing is kept, and of_thread gives nullptr, when dcol is undefined (not wanted).
+template <typename T>
+struct ColumnSums {
+  Tensor part;  // (threads, M) or undefined
+
+  ColumnSums(const Tensor& dcol, const at::TensorOptions& opts)
+      : part(dcol.defined() ? at::zeros({at::get_num_threads(), dcol.size(0)}, opts) : Tensor()) {}
+  T* of_thread(int tid) { return part.defined() ? part[tid].data_ptr<T>() : nullptr; }
+  void finish(Tensor dcol) {
+    if (part.defined()) dcol.copy_(part.sum(0));
+  }
+};
 
 // G for the rows [i0, i0 + w.rows), tile by tile: scores(j0, tm) gives tile j0
 // of S, grad_tile turns it into G in gbuf (adding to drow and the thread's dcol_t),
@@ -370,27 +439,24 @@ void grad_block(const Walk& w, GradTileFn<T> grad, const GradPtrs<T>& ptrs, Tens
 
 // Backward walk: recomputes each tile of S with tile(...), turns it into
 // G = dL/dS in a second thread-local buffer (grad_row), accumulates drow (K,)
-// and dcol (M,), and hands the G tile to consume(tid, G, i0, tk, j0, tm) -- G
-// a (tk, tm) tensor view -- for the op's own accumulations; finish(tid, i0, tk)
-// runs after each row block.
+// and dcol (M,) (each skipped when undefined: no bias gradient wanted), and hands
+// the G tile to consume(tid, G, i0, tk, j0, tm) -- G a (tk, tm) tensor view -- for
+// the op's own accumulations; finish(tid, i0, tk) runs after each row block.
 template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
 void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInputs& g,
-                     Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
-  const int64_t K = w.K, M = w.M;
+                     Tensor drow, Tensor dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
+  const int64_t K = w.K;
   const auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
   const GradPtrs<T> ptrs{ptr(g.g_row),   ptr(g.g_col),   ptr(g.g_neg),   ptr(g.g_clamp),  ptr(g.g_sp),
                          ptr(g.row_lse), ptr(g.col_lse), ptr(g.neg_lse), ptr(g.clamp_lse)};
   const auto grad = grad_tile_for_cpu<T>();
-  const int n_threads = at::get_num_threads();
-  // NB: row blocks of different threads touch the same columns: column sums are
-  // kept per thread and added after the parallel region (no atomics, deterministic).
-  Tensor dcol_part = at::zeros({n_threads, M}, opts);
-  T* drow_p = drow.data_ptr<T>();
+  ColumnSums<T> dcol_sums(dcol, opts);
+  T* drow_p = drow.defined() ? drow.data_ptr<T>() : nullptr;
 
   at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     Tensor buf = tile_buffer(w, opts), gbuf = tile_buffer(w, opts);
-    T* dcol_t = dcol_part[tid].data_ptr<T>();
+    T* dcol_t = dcol_sums.of_thread(tid);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * w.rows, tk = std::min(w.rows, K - i0);
       grad_block(w, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
@@ -398,7 +464,7 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
       finish(tid, i0, tk);
     }
   });
-  dcol.copy_(dcol_part.sum(0));
+  dcol_sums.finish(dcol);
 }
 
 // Blocks of the one-walk forward and backward (reduce_forward_backward): whole rows of
@@ -452,8 +518,9 @@ inline Walk fwd_bwd_walk(Walk w, int64_t elem_bytes) {
 }
 
 // Forward and backward in one walk, for a loss whose upstream gradients are known
-// before the walk (g: the gradients; its saved-statistics fields are ignored, the
-// statistics come from this walk). NB: each row block's scores are kept (whole rows,
+// before the walk (g: the gradients, g.g_pos the positives' weights; its
+// saved-statistics fields are ignored, the statistics come from this walk). pos: (K,)
+// for the positive scores, or undefined. NB: each row block's scores are kept (whole rows,
 // fwd_bwd_walk); once the block's statistics are final, G is made from the kept
 // scores instead of recomputed ones: three GEMMs (S, G B, G^T A) instead of a
 // forward's one plus a backward's three (the trick of fused linear cross-entropy).
@@ -461,22 +528,22 @@ inline Walk fwd_bwd_walk(Walk w, int64_t elem_bytes) {
 // w.reductions: the statistics to write; their gradients are those of g that are
 // present.
 template <typename T, typename TileFn, typename ConsumeFn, typename FinishFn>
-void reduce_forward_backward(const Walk& w0, const at::TensorOptions& opts, Tensor5& out, const GradInputs& g,
-                             Tensor& drow, Tensor& dcol, TileFn tile, ConsumeFn consume, FinishFn finish) {
+void reduce_forward_backward(const Walk& w0, const at::TensorOptions& opts, Tensor5& out, Tensor pos,
+                             const GradInputs& g, Tensor drow, Tensor dcol, TileFn tile, ConsumeFn consume,
+                             FinishFn finish) {
   TORCH_CHECK(!(w0.reductions & kColLse), "score_reduce: a column reduction cannot take its gradient in the forward walk");
   const Walk w = fwd_bwd_walk(w0, sizeof(T));
   const auto out_ptr = [](const Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
   const Outputs<T> outs{out_ptr(std::get<0>(out)), out_ptr(std::get<2>(out)), out_ptr(std::get<3>(out)),
-                        out_ptr(std::get<4>(out))};
-  const auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
-  const GradPtrs<T> ptrs{ptr(g.g_row), nullptr, ptr(g.g_neg), ptr(g.g_clamp), ptr(g.g_sp),
-                         outs.row,     nullptr, outs.neg,     outs.clamp};
-  Walk wg = w;
-  wg.reductions = active_grads(w.reductions, g);
-  const auto grad = grad_tile_for_cpu<T>();
+                        out_ptr(std::get<4>(out)), pos.defined() ? out_ptr(pos) : nullptr};
+  const auto ptr = [](const Tensor& t) -> const T* { return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr; };
+  const GradPtrs<T> ptrs{ptr(g.g_row), nullptr,  ptr(g.g_neg), ptr(g.g_clamp), ptr(g.g_sp),
+                         outs.row,     nullptr,  outs.neg,     outs.clamp,      ptr(g.g_pos)};
+  const int64_t grads = active_grads(w.reductions, g);
+  const auto fold_grad = fold_grad_rows_for_cpu<T>();
+  ColumnSums<T> dcol_sums(dcol, opts);
+  T* drow_p = drow.defined() ? drow.data_ptr<T>() : nullptr;
   const int64_t n_slots = at::get_num_threads();
-  Tensor dcol_part = at::zeros({n_slots, w.M}, opts);
-  T* drow_p = drow.data_ptr<T>();
 
   // NB: the threads' buffers are taken here, not in the workers: memory a worker
   // allocates comes from its own malloc arena, which is not handed back between calls.
@@ -486,19 +553,17 @@ void reduce_forward_backward(const Walk& w0, const at::TensorOptions& opts, Tens
   at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     Tensor kept = kept_all[tid], gbuf = gbuf_all[tid];
-    T* dcol_t = dcol_part[tid].data_ptr<T>();
-    const T* kept_p = kept.data_ptr<T>();
-    BlockFolder<T> folder(w, nullptr, outs);
+    T* dcol_t = dcol_sums.of_thread(tid);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * w.rows;
-      folder.fold_block(i0, tile, [&](int64_t) { return kept; });
-      if (wg.reductions)
-        grad_block(wg, grad, ptrs, gbuf, tid, i0, drow_p, dcol_t, consume,
-                   [&](int64_t, int64_t) { return kept_p; });
-      finish(tid, i0, std::min(w.rows, w.K - i0));
+      const int64_t i0 = blk * w.rows, tk = std::min(w.rows, w.K - i0);
+      const T* s = tile(kept, i0, tk, 0, w.M);
+      fold_grad(s, gbuf.data_ptr<T>(), i0, tk, w.M, w.pos_offset, w.reductions, grads, static_cast<T>(w.tau), outs,
+                ptrs, drow_p, dcol_t);
+      if (grads) consume(tid, gbuf.narrow(0, 0, tk * w.M).view({tk, w.M}), i0, tk, 0, w.M);
+      finish(tid, i0, tk);
     }
   });
-  dcol.copy_(dcol_part.sum(0));
+  dcol_sums.finish(dcol);
 }
 
 }  // namespace cpu

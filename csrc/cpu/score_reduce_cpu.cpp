@@ -48,11 +48,12 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 // added in a fixed order: no atomics, bitwise reruns), so the matmuls of the gradient
 // are all BLAS calls; d scale = sum_ij G_ij <a_i, b_j> = sum_i <(G B)_i, a_i>, once at the end.
 // needs_grad (kNeedA | kNeedB | kNeedScale): a GEMM whose gradient nobody needs is
-// skipped, and so is the per-thread dB memory.
+// skipped, and so is the per-thread dB memory. The row and column sums of G are taken
+// only for a bias that is given (walk_drow / walk_dcol); without it they stay zeros.
 template <typename T>
 struct DotGrads {
   const DotInputs& in;
-  const bool with_dA, with_dB, with_dscale;
+  const bool with_dA, with_dB, with_dscale, with_drow, with_dcol;
   Tensor dA, dB, dB_rest, drow, dcol;
 
   DotGrads(const DotInputs& in_, int64_t K, int64_t M, int64_t needs_grad = kNeedAll)
@@ -60,11 +61,17 @@ struct DotGrads {
         with_dA(need_dA(needs_grad)),
         with_dB(need_dB(needs_grad)),
         with_dscale(needs_grad & kNeedScale),
+        with_drow(in_.rb.defined()),
+        with_dcol(in_.cb.defined()),
         dA(at::zeros_like(in_.A)),
         dB(at::zeros_like(in_.B)),
         dB_rest(at::zeros({with_dB ? at::get_num_threads() - 1 : 0, M, in_.B.size(1)}, in_.A.options())),
         drow(at::zeros({K}, in_.A.options())),
         dcol(at::zeros({M}, in_.A.options())) {}
+
+  // The walk's drow and dcol: undefined (not summed) without their bias.
+  Tensor walk_drow() const { return with_drow ? drow : Tensor(); }
+  Tensor walk_dcol() const { return with_dcol ? dcol : Tensor(); }
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
     if constexpr (std::is_same_v<T, float>) {
@@ -135,7 +142,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
     DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
     if (w.reductions) {
       cpu::reduce_backward<scalar_t>(
-          w, in.A.options(), g, acc.drow, acc.dcol, tile,
+          w, in.A.options(), g, acc.walk_drow(), acc.walk_dcol(), tile,
           [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
             acc.consume(tid, G, i0, tk, j0, tm);
           },
@@ -148,41 +155,39 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
 
 // The row statistics of score_reduce and, in the same walk, the gradients of the
 // loss sum_i (g_row_i row_lse_i + g_neg_i neg_lse_i + g_clamp_i neg_clamp_lse_i +
-// g_sp_i neg_softplus_i) for upstream gradients known in advance (e.g. 1/K for a
-// mean): three GEMMs instead of the four of score_reduce plus its backward. Returns
-// (row_lse, col_lse (0,), neg_lse, neg_clamp_lse, neg_softplus, da, db, dscale,
-// drow, dcol). NB: when the kept rows (cpu::fwd_bwd_fits) would pass kKeptRowsBudget,
-// it is score_reduce followed by its backward (same results).
-Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
-                                    const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
-                                    const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
-                                    const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
-                                    double clamp_tau, int64_t needs_grad) {
-  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  check_needs_grad(needs_grad, "_score_reduce_with_grad");
-  check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
+// g_sp_i neg_softplus_i + g_pos_i S[i, i + pos_offset]) for upstream gradients known in
+// advance (e.g. 1/K for a mean): three GEMMs instead of the four of score_reduce plus its
+// backward; the positives' weights join G. NB: when the kept rows (cpu::fwd_bwd_fits)
+// would pass kKeptRowsBudget, it is score_reduce followed by its backward (same results).
+// Arguments checked by score_reduce_with_grad (score_reduce_common.h).
+WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
+                                    const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& grad_pos,
+                                    const Tensor& a, const Tensor& b, const Tensor& scale,
+                                    const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
+                                    int64_t reductions, double clamp_tau, int64_t needs_grad) {
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
   if (reductions & kColLse || !cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
     return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
-                                 grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias, pos_offset,
-                                 reductions, clamp_tau, needs_grad);
+                                 grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias, col_bias,
+                                 pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor none = at::empty({0}, in.A.options());
-  const cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus,
-                                             none, none, none, none, in.acc);
+  cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus, none, none,
+                                       none, none, in.acc);
+  g.g_pos = grad_pos.detach().to(in.acc).contiguous();
   const Walk w{in.A.size(0), in.B.size(0), pos_offset, reductions, clamp_tau};
-  Tensor5 out = alloc_reductions(a, w.K, w.M, reductions), grads;
+  WithGrad r{alloc_reductions(a, w.K, w.M, reductions), at::empty({g.g_pos.numel() ? w.K : 0}, in.A.options()), {}};
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_with_grad_cpu", [&] {
     const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
     DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
     cpu::reduce_forward_backward<scalar_t>(
-        w, in.A.options(), out, g, acc.drow, acc.dcol, tile,
+        w, in.A.options(), r.stats, r.pos, g, acc.walk_drow(), acc.walk_dcol(), tile,
         [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
           acc.consume(tid, G, i0, tk, j0, tm);
         },
         [](int, int64_t, int64_t) {});
-    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale, /*keep_acc=*/true);
+    r.grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale, /*keep_acc=*/true);
   });
-  return join_stats_grads(out, grads);
+  return r;
 }
 
 }  // namespace
@@ -190,7 +195,7 @@ Tensor10 score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
 TORCH_LIBRARY_IMPL(infomax_ext, CPU, m) {
   m.impl("score_reduce", &score_reduce_forward_cpu);
   m.impl("_score_reduce_backward", &score_reduce_backward_cpu);
-  m.impl("_score_reduce_with_grad", &score_reduce_with_grad_cpu);
+  m.impl("_score_reduce_with_grad", &score_reduce_with_grad<&score_reduce_with_grad_cpu>);
 }
 
 }  // namespace infomax_ext

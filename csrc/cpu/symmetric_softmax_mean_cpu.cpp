@@ -53,7 +53,7 @@ INFOMAX_CPU_INLINE void softmax_rows(T* __restrict s, int64_t tk, int64_t tm, bo
     alpha[r] = softmax_weight(st[r].max, m);  // NB: 0 for an empty state (its O is 0)
     for (int64_t c = 0; c < tm; ++c) row[c] = softmax_weight(row[c], m);
     if (diag) row[r] = T(0);
-    st[r] = LseState<T>{m, st[r].sum * alpha[r] + cpu::range_sum(row, 0, tm, [](T v) { return v; })};
+    st[r] = LseState<T>{m, st[r].sum * alpha[r] + cpu::range_sum(row, 0, tm, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; })};
   }
 }
 

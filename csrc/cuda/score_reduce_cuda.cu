@@ -778,14 +778,12 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
 // rows' statistics, and the gradient kernel turns the same chunk into G -- three GEMMs
 // (S, G B, G^T A). Otherwise (huge M, column chunks) the forward walk then the
 // recomputing backward: the same results with four.
-Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
-                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& a,
-                                     const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
-                                     const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
-                                     double clamp_tau, int64_t needs_grad) {
-  check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  check_needs_grad(needs_grad, "_score_reduce_with_grad");
-  check_score_reduce_with_grad_args(grad_row_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, reductions);
+WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
+                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus,
+                                     const Tensor& grad_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
+                                     const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
+                                     int64_t reductions, double clamp_tau, int64_t needs_grad) {
+  // NB: arguments checked by score_reduce_with_grad (score_reduce_common.h).
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
   const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
@@ -796,8 +794,8 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
   const int64_t K = a.size(0), M = b.size(0), d = a.size(1);
   if ((reductions & kColLse) || !active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
     return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
-                                 grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, scale, row_bias, col_bias,
-                                 pos_offset, reductions, clamp_tau, needs_grad);
+                                 grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias,
+                                 col_bias, pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
   const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
@@ -813,8 +811,11 @@ Tensor10 score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                 pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
                                 std::get<3>(out), dA, dB, drow, dcol, has(col_bias), needs_grad, &fold);
   });
-  return join_stats_grads(out, finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias,
-                                            needs_grad, /*keep_acc=*/true));
+  WithGrad r{out, Tensor(),
+             finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias, needs_grad,
+                          /*keep_acc=*/true)};
+  add_positive_term(r, grad_pos, a, b, scale, row_bias, col_bias, pos_offset, needs_grad);
+  return r;
 }
 
 }  // namespace
@@ -823,7 +824,7 @@ INFOMAX_CUDA_LIBRARY_IMPL(m) {
   m.impl("score_reduce", &score_reduce_forward_cuda);
   m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
   m.impl("symmetric_softmax_mean", &symmetric_softmax_mean_cuda);
-  m.impl("_score_reduce_with_grad", &score_reduce_with_grad_cuda);
+  m.impl("_score_reduce_with_grad", &score_reduce_with_grad<&score_reduce_with_grad_cuda>);
 }
 
 }  // namespace infomax_ext
