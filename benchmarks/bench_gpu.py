@@ -41,14 +41,15 @@ def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
 
     Per chunk of R rows (R x M float32 scores within the budget): the S GEMM writes the
     chunk and reads B; the fold kernel reads it; the gradient kernel reads it and writes G
-    (bf16 for bf16 inputs, float32 otherwise); with a column bias the column-sum pass
-    reads G; the two G GEMMs read G and their operands and accumulate into float32 dA rows
-    and all of dB (read + write). fp16 inputs multiply G with float32 copies of a and b.
-    After the walk: dscale, the scaling and the casts of dA and dB. O(K + M) terms and
+    (in the input dtype for fp16/bf16 inputs, fp16 scaled by a power of two; float32
+    otherwise); with a column bias the column-sum pass reads G in float32 (for fp16/bf16
+    a float32 copy, which the gradient kernel writes too); the two G GEMMs read G and
+    their operands (in the input dtype) and accumulate into float32 dA rows and all of
+    dB (read + write). After the walk: for fp16, dA and dB divided by G's scale; dscale,
+    the scaling and the casts of dA and dB. O(K + M) terms (G's scale among them) and
     the positive term (O((K + M) d)) are left out."""
     e = ELEM[dtype]
-    g = 2 if dtype == "bf16" else 4
-    ge = 4 if dtype == "fp16" else e  # operand bytes of the G GEMMs
+    g = 4 if dtype == "fp32" else e  # bytes of a stored G
     R = max(1, min(K, budget // (4 * M)))
     n = -(-K // R)
     KM = K * M
@@ -56,11 +57,12 @@ def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
         "S write (GEMM)": 4 * KM,
         "S read (fold)": 4 * KM,
         "S read + G write (gradient)": (4 + g) * KM,
-        "G read (column sums)": g * KM if col_bias else 0,
+        "G float32 copy write (column sums, fp16/bf16)": 4 * KM if col_bias and g != 4 else 0,
+        "G read (column sums)": 4 * KM if col_bias else 0,
         "G read (2 G GEMMs)": 2 * g * KM,
-        "a, b reads (3 GEMMs, per chunk)": n * M * d * e + K * d * e + n * M * d * ge + K * d * ge,
+        "a, b reads (3 GEMMs, per chunk)": 2 * (n * M * d * e + K * d * e),
         "dA, dB accumulate (per chunk)": 2 * 4 * K * d + n * 2 * 4 * M * d,
-        "fp32 copies of a, b (fp16)": (K + M) * d * (e + 4 + 4) if dtype == "fp16" else 0,
+        "G scale undone on dA, dB (fp16)": (K + M) * d * (4 + 4) if dtype == "fp16" else 0,
         "dscale, scale, cast": (K + M) * d * (4 + 4 + 4 + 4 + e) + K * d * e,
     }
     return {k: v for k, v in parts.items() if v}

@@ -41,3 +41,23 @@ def test_design_only_prints_without_a_gpu(capsys):
     assert bench_gpu.main(["--design-only", "--sizes", "1024", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "GB moved" in out and "bf16" in out
+
+
+def test_fp16_g_is_stored_in_fp16_like_bf16():
+    """fp16 G (scaled) moves bf16's bytes per score: no float32 G and no float32 copies of
+    a and b; only the scale undone on dA and dB after the walk (float32 read + write)."""
+    K = M = 4096
+    d = 64
+    fp16 = bench_gpu.design_bytes(K, M, d, "fp16")
+    bf16 = bench_gpu.design_bytes(K, M, d, "bf16")
+    assert fp16.pop("G scale undone on dA, dB (fp16)") == (K + M) * d * 8
+    assert fp16 == bf16
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_column_bias_reads_a_float32_copy_of_low_precision_g(dtype):
+    """With a column bias the gradient kernel also writes G in float32 and the column sums
+    read that: 8 bytes per score."""
+    without = sum(bench_gpu.design_bytes(2048, 2048, 32, dtype).values())
+    with_cb = sum(bench_gpu.design_bytes(2048, 2048, 32, dtype, col_bias=True).values())
+    assert with_cb - without == 8 * 2048 * 2048

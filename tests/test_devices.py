@@ -209,14 +209,15 @@ def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, backend,
     for n, (x, y) in enumerate(zip(got, want)):
         assert x.dtype == y.dtype and x.shape == y.shape
         t = dict(rtol=1e-4, atol=1e-4) if low else tol(dtype)
-        if n == len(got) - 1 and dtype == torch.bfloat16 and backend != "cpu":
-            # NB: symmetric_softmax_mean's weights go to the GEMM in bf16 on CUDA (relative
-            # error 2^-9 each, summing to 1): |error| <= 2^-9 max |x|.
-            t = dict(rtol=0, atol=2.0 ** -8 * kw["a"].abs().max().item())
+        if n == len(got) - 1 and low and backend != "cpu":
+            # NB: symmetric_softmax_mean's weights go to the GEMM in bf16 / fp16 on CUDA
+            # (relative error 2^-9 / 2^-12 each, summing to 1): |error| <= 2^-9 / 2^-12 max |x|.
+            u = 2.0 ** -9 if dtype == torch.bfloat16 else 2.0 ** -12
+            t = dict(rtol=0, atol=2 * u * kw["a"].abs().max().item())
         torch.testing.assert_close(x.cpu(), y, **t)
     for x, y in zip(grads, wgrads):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.isfinite(x).all()
-        # NB: bf16 G (CUDA) and float32 G (CPU) round differently; judged at the gradient's scale
+        # NB: fp16/bf16 G (CUDA) and float32 G (CPU) round differently; judged at the gradient's scale
         scale = y.abs().max().item()
         t = dict(rtol=2e-2, atol=2e-2 * scale + 1e-3) if low else gtol(dtype)
         torch.testing.assert_close(x.cpu(), y, **t)
@@ -312,3 +313,204 @@ def test_bf16_bias_gradients_are_sums_of_float32_g(device, monkeypatch):
     # NB: d value / d row_bias = w (1 - 1): cancels to rounding; judged at the terms' scale (|w| ~ 1).
     for g, o in zip(torch.autograd.grad(value, biases(kw)), torch.autograd.grad(oracle, biases(kw32))):
         torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# fp16 inputs: G, and symmetric_softmax_mean's weights, go to the GEMMs in fp16
+# ---------------------------------------------------------------------------
+#
+# K = 1100, M = 8192: InfoNCE's mean makes |G| ~ 1/(K M) ~ 1e-7, below fp16's normal range
+# (6e-5), about its smallest subnormal (6e-8); upstream weights of 0.1 / K (or 0.1 / M)
+# make it ~1e-8, a fp16 zero. The gradients (~0.1 / K, ~0.1 / M) stay fp16 numbers. Cast
+# unscaled, G would lose most of its bits or all of them; the walker scales it by a power
+# of two first.
+FP16_K, FP16_M, FP16_D = 1100, 8192, 4
+ONE_WALK, COLUMN_CHUNKS = str(1024 * FP16_M * 4), str(1024 * 2048 * 4)
+FP16_WALKS = [
+    ("infonce", ONE_WALK),        # _score_reduce_with_grad: one walk, 2 row chunks of whole rows
+    ("infonce", COLUMN_CHUNKS),   # 2 x 4 chunks: the forward walk, then _score_reduce_backward
+    ("weighted", ONE_WALK),       # _score_reduce_with_grad with weights 0.1 / K
+    ("weighted", COLUMN_CHUNKS),
+    ("score_reduce", COLUMN_CHUNKS),  # the four softmax reductions, biases: _score_reduce_backward
+]
+SOFTMAX_REDUCTIONS = ops.ROW_LSE | ops.COL_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE
+FP16_REL = 2e-3  # of the largest |gradient|; fp16 G and outputs: ~4e-4 here, an unscaled G: >= 5e-3
+
+
+def _fp16_inputs(K, M, d, device, seed):
+    """Leaves: fp16 a, b, float32 biases, a float64 scale (so d scale comes back in float64,
+    summed from the float32 G B); and their float64 copies (the same values)."""
+    g = torch.Generator().manual_seed(seed)
+    half = [torch.randn(n, d, generator=g, dtype=torch.float64).half() for n in (K, M)]
+    bias = [torch.randn(n, generator=g, dtype=torch.float64).float() for n in (K, M)]
+    scale = [torch.tensor(1.5, dtype=torch.float64)]
+    fused = [t.to(device).requires_grad_() for t in half + bias + scale]
+    exact = [t.detach().cpu().double().requires_grad_() for t in fused]
+    return fused, exact
+
+
+def _small_weights(K, M, device, seed):
+    """Upstream weights 0.1 N(0, 1) / K for the row statistics (rows, negatives, clamped,
+    positives) and / M for the columns', in float32."""
+    g = torch.Generator().manual_seed(seed)
+    return [(0.1 * torch.randn(n, generator=g, dtype=torch.float64) / n).float().to(device)
+            for n in (K, M, K, K, K)]
+
+
+def _fp16_value(kind, a, b, rb, cb, s, w, fused):
+    """The loss of a case, fused (fp16 inputs) or by the reference (their float64 copies)."""
+    if kind == "infonce":
+        return infomax_ext.infonce(a, b, s) if fused else ref.infonce(ref.scores_dot(a, b, s))
+    w = w if fused else [x.double().cpu() for x in w]
+    if kind == "weighted" and fused:
+        red = ops.ROW_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE
+        return ops.score_reduce_weighted(a, b, s, rb, cb, 0, red, clamp_tau=2.0, weights=(w[0], w[2], w[3], None),
+                                         w_pos=w[4])[0]
+    red = SOFTMAX_REDUCTIONS if kind == "score_reduce" else ops.ROW_LSE | ops.NEG_LSE | ops.NEG_CLAMP_LSE
+    out = (ops.score_reduce if fused else ref.score_reduce)(a, b, s, rb, cb, 0, red, clamp_tau=2.0)
+    value = sum((x.to(o) * o).sum() for x, o in zip(w[:4], out[:4]) if o.numel())
+    if kind == "weighted":
+        value = value + (w[4] * ref.positive_scores(ref.scores_dot(a, b, s, rb, cb))).sum()
+    return value
+
+
+def _close_at_scale(got, want, rel=FP16_REL):
+    """|got - want| <= rel * max |want| on the finite entries, NaN exactly where want has NaN."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    fin = ~torch.isnan(want)
+    if fin.any():
+        err, top = (got[fin] - want[fin]).abs().max().item(), want[fin].abs().max().item()
+        assert err <= rel * top, (err, top)
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("kind, tile", FP16_WALKS, ids=[f"{k}-{'one-walk' if t == ONE_WALK else 'column-chunks'}"
+                                                         for k, t in FP16_WALKS])
+def test_fp16_tiny_g_gradients_match_float64_reference(kind, tile, device, monkeypatch):
+    """fp16 inputs, |G| ~ 1e-7 or 1e-8, several chunks: value and gradients (a, b in fp16;
+    biases and scale from float32 sums) against float64 on the same (rounded) inputs."""
+    set_tile(monkeypatch, tile)
+    fused, exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=3)
+    w = _small_weights(FP16_K, FP16_M, device, seed=4)
+    value = _fp16_value(kind, *fused, w, fused=True)
+    oracle = _fp16_value(kind, *exact, w, fused=False)
+    torch.testing.assert_close(value.double().cpu(), oracle.detach(), rtol=1e-5, atol=1e-7)
+    pick = [0, 1, 4] if kind == "infonce" else [0, 1, 2, 3, 4]
+    grads = torch.autograd.grad(value, [fused[i] for i in pick])
+    for i, got, want in zip(pick, grads, torch.autograd.grad(oracle, [exact[i] for i in pick])):
+        assert got.dtype == fused[i].dtype
+        _close_at_scale(got, want)
+
+
+@needs_c
+@on_cuda_backends
+def test_fp16_g_is_stored_in_fp16(device, monkeypatch):
+    """The G GEMMs take G rounded to fp16 (11 significant bits), not float32: d scale
+    (float64, summed from the float32 G B before any cast) is far closer to
+    sum_ij fp16(G_ij) <a_i, b_j> than to sum_ij G_ij <a_i, b_j>."""
+    set_tile(monkeypatch, str(64 * 517 * 4))
+    (a, b, _, _, s), (a64, b64, _, _, s64) = _fp16_inputs(300, 517, 8, device, seed=6)
+    w = torch.randn(300, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    row = ops.score_reduce(a, b, s, None, None, 0, ops.ROW_LSE)[0]
+    (ds,) = torch.autograd.grad((w.to(row) * row).sum(), [s])
+    S = ref.scores_dot(a64, b64, s64)
+    (G,) = torch.autograd.grad((w * torch.logsumexp(S, 1)).sum(), [S])
+    dot = a64.detach() @ b64.detach().T
+    m, e = torch.frexp(G)
+    as_fp16 = (torch.ldexp(torch.round(m * 2048) / 2048, e) * dot).sum()  # fp16's rounding past a 2^k scale
+    as_fp32 = (G * dot).sum()
+    assert abs(ds.item() - as_fp16) < 0.05 * abs(as_fp32 - as_fp16), (ds.item(), as_fp16, as_fp32)
+
+
+@needs_c
+@on_cuda_backends
+def test_fp16_zero_upstream_gradients_give_zero_gradients(device, monkeypatch):
+    """A zero bound makes no inf or NaN scale: all weights zero give zero gradients; zero
+    weights on the first row chunk's 1024 rows (G all zero there) give zero rows of dA
+    and leave the rest as accurate as ever."""
+    set_tile(monkeypatch, ONE_WALK)
+    (a, b, rb, cb, s), exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=8)
+    out = ops.score_reduce(a, b, s, rb, cb, 0, ops.ROW_LSE | ops.NEG_LSE)
+    zero = torch.zeros(FP16_K, device=device)
+    for g in torch.autograd.grad((zero * out[0]).sum() + (zero * out[2]).sum(), [a, b, rb, cb, s],
+                                 retain_graph=True):
+        assert torch.equal(g, torch.zeros_like(g))
+    w = _small_weights(FP16_K, FP16_M, device, seed=9)[0]
+    w[:1024] = 0
+    ga, gb = torch.autograd.grad((w * out[0]).sum(), [a, b])
+    assert torch.equal(ga[:1024], torch.zeros_like(ga[:1024]))
+    row = ref.score_reduce(exact[0], exact[1], exact[4], exact[2], exact[3], 0, ops.ROW_LSE)[0]
+    for got, want in zip((ga, gb), torch.autograd.grad((w.double().cpu() * row).sum(), exact[:2])):
+        _close_at_scale(got, want)
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("where", ["input", "upstream"])
+def test_fp16_nan_propagates_to_the_gradients(where, device, monkeypatch):
+    """A NaN in a (its row of S) or in an upstream gradient (its row of G) gives NaN exactly
+    where the float64 reference has them (that row of dA, all of dB); the other rows keep
+    their tiny-G accuracy (a NaN upstream gradient does not spoil the scale)."""
+    set_tile(monkeypatch, COLUMN_CHUNKS)
+    (a, b, rb, cb, s), exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=10)
+    w = _small_weights(FP16_K, FP16_M, device, seed=11)[0]
+    if where == "input":
+        with torch.no_grad():
+            a[5, 1] = exact[0][5, 1] = float("nan")
+    else:
+        w[5] = float("nan")
+    row = ops.score_reduce(a, b, s, rb, cb, 0, ops.ROW_LSE)[0]
+    got = torch.autograd.grad((w * row).sum(), [a, b])
+    row_o = ref.score_reduce(exact[0], exact[1], exact[4], exact[2], exact[3], 0, ops.ROW_LSE)[0]
+    want = torch.autograd.grad((w.double().cpu() * row_o).sum(), exact[:2])
+    assert torch.isnan(want[0][5]).all() and torch.isnan(want[1]).all() and not torch.isnan(want[0][6:]).any()
+    for g, o in zip(got, want):
+        _close_at_scale(g, o)
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("tile", [None, "4096"])
+def test_fp16_symmetric_softmax_mean_matches_float64_with_fp16_weights(tile, device, monkeypatch):
+    """fp16 x, K = 300 in one chunk or 1 x 100 (3 columns each): lse, mean and lse's
+    gradient against float64; the mean's error is that of weights rounded to fp16 (11
+    significant bits): far closer to sum_j fp16(W_ij) x_j than to sum_j W_ij x_j."""
+    set_tile(monkeypatch, tile)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(300, 8, generator=g, dtype=torch.float64).half().to(device).requires_grad_()
+    bias = torch.randn(300, generator=g, dtype=torch.float64).float().to(device)
+    lse, mean = ops.symmetric_softmax_mean(x, 1.5, bias)
+    X, b64 = x.detach().double().cpu().requires_grad_(), bias.double().cpu()
+    lse_o, mean_o = ref.symmetric_softmax_mean(X, 1.5, b64)
+    torch.testing.assert_close(lse.double().cpu(), lse_o.detach(), rtol=1e-5, atol=1e-5)
+    _close_at_scale(mean, mean_o)
+    S = 1.5 * X.detach() @ X.detach().T + b64[:, None] + b64[None, :]
+    W = torch.softmax(S.fill_diagonal_(-math.inf), 1)
+    m, e = torch.frexp(W)
+    as_fp16 = torch.ldexp(torch.round(m * 2048) / 2048, e) @ X.detach()
+    assert (mean.double().cpu() - as_fp16).abs().mean() < 0.1 * (as_fp16 - mean_o.detach()).abs().mean()
+    wl = torch.randn(300, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((wl.to(lse) * lse).sum(), [x])
+    (go,) = torch.autograd.grad((wl * lse_o).sum(), [X])
+    _close_at_scale(gx, go)
+
+
+@needs_c
+@on_cuda_backends
+def test_fp16_symmetric_softmax_mean_tiny_weights_count(device, monkeypatch):
+    """Weights below fp16's smallest subnormal still count: 4 points near 0 with bias 0 and
+    400 far ones (x ~ 2000, bias -17), scale 1e-9 (the biases set the weights). A near
+    point's mean gives each far one a weight of ~1.4e-8 (a fp16 zero unscaled): together
+    they move it by ~1e-2."""
+    set_tile(monkeypatch, str(64 * 404 * 4))
+    g = torch.Generator().manual_seed(13)
+    x = torch.cat([torch.randn(4, 4, generator=g, dtype=torch.float64),
+                   2000 + 100 * torch.randn(400, 4, generator=g, dtype=torch.float64)]).half().to(device)
+    bias = torch.cat([torch.zeros(4), torch.full((400,), -17.0)]).to(device)
+    lse, mean = ops.symmetric_softmax_mean(x, 1e-9, bias)
+    lse_o, mean_o = ref.symmetric_softmax_mean(x.double().cpu(), 1e-9, bias.double().cpu())
+    torch.testing.assert_close(lse.double().cpu(), lse_o, rtol=1e-5, atol=1e-5)
+    _close_at_scale(mean[:4], mean_o[:4])
+    _close_at_scale(mean, mean_o)

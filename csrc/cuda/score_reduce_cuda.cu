@@ -33,11 +33,16 @@
 // inputs). float32/float64 inputs are multiplied in their dtype. fp16/bf16 inputs
 // are NOT upcast: their GEMMs run on tensor cores with float32 accumulation and
 // float32 output (at::mm with out_dtype, torch >= 2.8), so S is as exact as with
-// upcast inputs. In backward, bf16 stores G in bf16 for the two G GEMMs (as
-// flash-attention stores dS), with drow computed from the float32 G; fp16 keeps G
-// in float32 and multiplies it with float32 copies of a and b, because entries of G
-// (softmax weights times upstream gradients, down to ~1/(K M)) fall below fp16's
-// normal range (6e-5) already at moderate K * M, while bf16 has float32's range.
+// upcast inputs. In backward, G is computed in float32 and stored in the input's
+// dtype for the two G GEMMs (as flash-attention stores dS), which accumulate in
+// float32 into dA and dB; drow and dcol are sums of the float32 G. bf16 has float32's
+// range and stores G as is. fp16 does not: entries of G (softmax weights times upstream
+// gradients, down to ~1/(K M) for a mean loss) fall below fp16's normal range (6e-5)
+// already at moderate K * M, so G is stored as sigma G, sigma a power of two (exact)
+// chosen once per walk on the device from the upstream gradients, which bound |G|
+// (sigma * bound < 2^14, a quarter of fp16's max), and dA, dB are divided by sigma
+// after the walk (fp16_g_scales). symmetric_softmax_mean's weights (<= 1) are stored
+// the same way with sigma = 2^14.
 // On torch < 2.8 (no out_dtype GEMM) low-precision inputs are upcast once to
 // float32 (O((K + M) d) memory) and everything runs in float32.
 //
@@ -52,6 +57,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -110,7 +116,7 @@ void mm_acc(Tensor& out, const Tensor& x, const Tensor& y) {
   }
 }
 
-// acc += x @ y (acc in the accumulation dtype, x and y possibly bf16).
+// acc += x @ y (acc in the accumulation dtype, x and y possibly fp16/bf16).
 void addmm_acc(Tensor acc, const Tensor& x, const Tensor& y) {
   if (x.scalar_type() == acc.scalar_type()) {
     acc.addmm_(x, y);
@@ -452,6 +458,7 @@ struct GradArgs {
   T* drow;  // (K,), zero-initialised, accumulated over column chunks
   T* g_acc;  // G again in the accumulation dtype (over dot), for the column sums; nullptr
              // when G itself is in that dtype or no column sums are needed
+  const T* g_scale;  // one element on the device: g holds g_scale * G (fp16); nullptr: G
 };
 
 // A block per row of the chunk: G_ij = score_grad(S_ij) written over the chunk,
@@ -463,6 +470,7 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
   TG* grow = p.g + r * p.cols;
   const T scale = *p.sc.scale;
   const T rb = p.sc.row_bias ? p.sc.row_bias[i] : T(0);
+  const T gs = p.g_scale ? *p.g_scale : T(1);  // a power of two: the product is exact
   const RowGrad<T> rg = row_grad_at<T>(p, i);
   const int64_t pc = i + p.pos_offset - p.j0;
   T sum = T(0);
@@ -482,8 +490,9 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
       const T s = score_from_dot(v[u], scale, rb, p.sc.col_bias ? p.sc.col_bias[j] : T(0));
       const T g = score_grad(s, c == pc, rg, p.g_col ? p.g_col[j] : T(0), p.col_lse ? p.col_lse[j] : T(0),
                              p.tau, p.reductions);
-      grow[c] = static_cast<TG>(g);  // NB: same thread read this element above: in-place is safe
-      // NB: drow and dcol from the float32 G even when G is stored in bf16 for the GEMMs.
+      grow[c] = static_cast<TG>(gs * g);  // NB: same thread read this element above: in-place is safe
+      // NB: drow and dcol from the unscaled float32 G even when G is stored in fp16/bf16
+      // for the GEMMs.
       if (p.g_acc) p.g_acc[r * p.cols + c] = g;
       sum += g;
     }
@@ -492,13 +501,15 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
   if (threadIdx.x == 0) p.drow[i] += sum;
 }
 
-// A_g, B_g: the operands of the G GEMMs, in the dtype of TG (bf16 path) or T.
+// A, B: the GEMM operands, also those of the G GEMMs: fp16/bf16 with G in the same
+// dtype (TG) on the tensor-core path, else the accumulation dtype T with G in place over
+// the scores. g_scale: see GradArgs (the caller divides dA and dB by it afterwards).
 template <typename T, typename TG>
-void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Tensor& B_g,
-                   const ScoreArgs<T>& sc, T tau, int64_t pos_offset, int64_t active, const Tensor5& grads,
-                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& neg_lse,
-                   const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow, Tensor& dcol,
-                   bool need_dcol, int64_t needs_grad, const RowForwardArgs<T>* fold) {
+void backward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau, int64_t pos_offset,
+                   int64_t active, const Tensor5& grads, const Tensor& row_lse, const Tensor& col_lse,
+                   const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow,
+                   Tensor& dcol, bool need_dcol, int64_t needs_grad, const RowForwardArgs<T>* fold,
+                   const T* g_scale) {
   constexpr bool kInPlace = std::is_same<T, TG>::value;
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
@@ -524,8 +535,9 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
   p.neg_lse = ptr_or_null<T>(neg_lse);
   p.clamp_lse = ptr_or_null<T>(clamp_lse);
   p.drow = drow.data_ptr<T>();
+  p.g_scale = g_scale;
   T* dcol_p = dcol.data_ptr<T>();
-  // NB: with G in bf16 the column sums read a float32 copy of G written over the dots
+  // NB: with G in fp16/bf16 the column sums read a float32 copy of G written over the dots
   // (the chunk's dots are dead once the gradient kernel has read them).
   p.g_acc = (need_dcol && !kInPlace) ? ws.data_ptr<T>() : nullptr;
   const cudaStream_t stream = cuda::current_stream();
@@ -556,9 +568,84 @@ void backward_impl(const Tensor& A, const Tensor& B, const Tensor& A_g, const Te
                                  i0 + rows == K, nullptr, dcol_p, stream);  // dcol += G^T 1
     }
     // NB: a GEMM whose gradient nobody needs (a frozen tower) is skipped.
-    if (need_dA(needs_grad)) addmm_acc(dA.narrow(0, i0, rows), G, B_g.narrow(0, j0, cols));  // (G B) rows
-    if (need_dB(needs_grad)) addmm_acc(dB.narrow(0, j0, cols), G.t(), A_g.narrow(0, i0, rows));  // (G^T A) rows
+    if (need_dA(needs_grad)) addmm_acc(dA.narrow(0, i0, rows), G, B.narrow(0, j0, cols));  // (G B) rows
+    if (need_dB(needs_grad)) addmm_acc(dB.narrow(0, j0, cols), G.t(), A.narrow(0, i0, rows));  // (G^T A) rows
   });
+}
+
+// ---------------------------------------------------------------------------
+// fp16 G: the power-of-two scale
+// ---------------------------------------------------------------------------
+//
+// NB: why one scale per walk from the upstream gradients, not max|G| per chunk: every
+// term of score_grad is an upstream gradient times a weight in [0, 1] (a softmax weight
+// exp(S_ij - lse) against the forward's lse, a clamped one, a sigmoid), so
+//   |G_ij| <= bound = max_i (|g_row_i| + |g_neg_i| + |g_clamp_i| + |g_softplus_i|) + max_j |g_col_j|,
+// known before the walk from O(K + M) numbers. Scaling by sigma with sigma * bound <
+// 2^14 (a quarter of fp16's max 65504: room for exp(S - lse) rounding above 1) needs
+// no pass over the chunk, so fp16 moves bf16's bytes. A per-chunk max|G| before the cast
+// would need G in float32 first: a float32 write, a read for the max, a read and an fp16
+// write for the cast, ~12 more bytes per score on a walk that moves ~20 and is
+// memory-bound (benchmarks/bench_gpu.py --design-only: K = M = 65536, d = 512, H200);
+// and an addmm alpha of 1 / sigma per chunk would need a host sync per chunk. sigma is
+// constant over the walk, so the float32 dA and dB (sums of sigma-scaled chunks) are
+// divided by sigma once at the end, exactly. What is lost:
+// entries below 2^-28 of the bound become fp16 subnormals (absolute error <= 2^-39
+// bound each, <= M 2^-39 bound |b| summed over a row of dA: below fp16's own
+// rounding of G for any M up to 2^24). A row whose upstream gradient is much smaller
+// than the largest one sits lower in fp16's range by that ratio (bf16 has no such
+// limit). Non-finite upstream gradients are left out of the bound: the NaN / inf
+// entries of G they make stay NaN / inf through sigma and the cast, and the finite rest
+// of G keeps its scale.
+constexpr int kFp16GTop = 14;  // sigma * bound < 2^kFp16GTop
+
+// |x[i]| if finite, else 0 (also for an absent array); in double: the sum of the
+// row's terms cannot overflow.
+__device__ __forceinline__ double finite_abs(const float* x, int64_t i) {
+  if (!x) return 0.0;
+  const double v = x[i] < 0.0f ? -double(x[i]) : double(x[i]);
+  return v < INFINITY ? v : 0.0;  // NB: NaN and inf fail the test
+}
+
+// One block: out[0] = sigma = 2^k, out[1] = 1 / sigma, k = kFp16GTop - e with bound <
+// 2^e, clamped to [-126, 126] so both are normal float32. bound = 0 (every upstream
+// gradient zero or non-finite: G is zero, or its entries are NaN / inf): sigma = 1.
+__global__ void fp16_g_scale_kernel(const float* g_row, const float* g_neg, const float* g_clamp,
+                                    const float* g_sp, int64_t K, const float* g_col, int64_t M, float* out) {
+  __shared__ double s_row[kRowThreads], s_col[kRowThreads];
+  double row = 0.0, col = 0.0;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    const double r = finite_abs(g_row, i) + finite_abs(g_neg, i) + finite_abs(g_clamp, i) + finite_abs(g_sp, i);
+    row = r > row ? r : row;
+  }
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const double c = finite_abs(g_col, j);
+    col = c > col ? c : col;
+  }
+  s_row[threadIdx.x] = row;
+  s_col[threadIdx.x] = col;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (unsigned t = 1; t < blockDim.x; ++t) {
+    row = s_row[t] > row ? s_row[t] : row;
+    col = s_col[t] > col ? s_col[t] : col;
+  }
+  const double bound = row + col;
+  int e = kFp16GTop;  // bound = 0: k = 0
+  if (bound > 0.0) (void)::frexp(bound, &e);  // bound = m 2^e, m in [0.5, 1): bound < 2^e
+  const int k = std::min(126, std::max(-126, kFp16GTop - e));
+  out[0] = ::ldexpf(1.0f, k);
+  out[1] = ::ldexpf(1.0f, -k);
+}
+
+// (sigma, 1 / sigma) of a walk's G, float32 on like's device: no host sync.
+Tensor fp16_g_scales(const Tensor5& grads, int64_t active, int64_t K, int64_t M, const Tensor& like) {
+  Tensor out = at::empty({2}, like.options().dtype(at::kFloat));
+  const auto g = [&](const Tensor& t, int64_t bit) { return (active & bit) ? ptr_or_null<float>(t) : nullptr; };
+  cuda::launch(fp16_g_scale_kernel, 1, kRowThreads, cuda::current_stream(), g(std::get<0>(grads), kRowLse),
+               g(std::get<2>(grads), kNegLse), g(std::get<3>(grads), kNegClampLse),
+               g(std::get<4>(grads), kNegSoftplus), K, g(std::get<1>(grads), kColLse), M, out.data_ptr<float>());
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -575,28 +662,36 @@ Tensor gemm_operand(const Tensor& x, at::ScalarType acc) {
   return tensor_core_path(x.scalar_type()) ? x.detach().contiguous() : x.detach().to(acc).contiguous();
 }
 
-// Picks the dtype of G: bf16 for bf16 inputs on the tensor-core path, else the
-// accumulation dtype (in place over the chunk of scores).
+// Picks the dtype of G from the GEMM operands: fp16/bf16 on the tensor-core path (G in
+// that dtype, fp16 scaled), else the accumulation dtype (in place over the chunk of scores).
 template <typename T>
-void backward_dispatch(bool bf16_input, const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau,
-                       int64_t pos_offset, int64_t active, const Tensor5& grads, const Tensor& row_lse,
-                       const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA,
-                       Tensor& dB, Tensor& drow, Tensor& dcol, bool need_dcol, int64_t needs_grad,
-                       const RowForwardArgs<T>* fold = nullptr) {
+void backward_dispatch(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau, int64_t pos_offset,
+                       int64_t active, const Tensor5& grads, const Tensor& row_lse, const Tensor& col_lse,
+                       const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow,
+                       Tensor& dcol, bool need_dcol, int64_t needs_grad, const RowForwardArgs<T>* fold = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
-    if (bf16_input && A.scalar_type() == at::kBFloat16) {
+    if (A.scalar_type() == at::kBFloat16) {
       // NB: G in bf16 (float32's range, 8 bits of mantissa) for the two G GEMMs on tensor cores.
-      backward_impl<float, at::BFloat16>(A, B, A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse,
-                                         neg_lse, clamp_lse, dA, dB, drow, dcol, need_dcol, needs_grad, fold);
+      backward_impl<float, at::BFloat16>(A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse,
+                                         clamp_lse, dA, dB, drow, dcol, need_dcol, needs_grad, fold, nullptr);
+      return;
+    }
+    if (A.scalar_type() == at::kHalf) {
+      // NB: G as sigma G in fp16 (11 bits of mantissa, sigma from fp16_g_scales), the two
+      // G GEMMs on tensor cores accumulate sigma dA, sigma dB in float32; divided here
+      // (exact: a power of two; a pass over dA and dB, O((K + M) d), on the device).
+      const Tensor scales = fp16_g_scales(grads, active, A.size(0), B.size(0), A);
+      backward_impl<float, at::Half>(A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse,
+                                     clamp_lse, dA, dB, drow, dcol, need_dcol, needs_grad, fold,
+                                     scales.data_ptr<float>());
+      const Tensor inv = scales.select(0, 1);
+      if (need_dA(needs_grad)) dA.mul_(inv);
+      if (need_dB(needs_grad)) dB.mul_(inv);
       return;
     }
   }
-  // NB: fp16 inputs reach here with A, B in fp16 (tensor-core S GEMM) and G in
-  // float32; the G GEMMs take float32 copies, as G ~ 1/(K M) can underflow fp16.
-  const auto acc = c10::CppTypeToScalarType<T>::value;
-  const Tensor A_g = A.to(acc), B_g = B.to(acc);
-  backward_impl<T, T>(A, B, A_g, B_g, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse,
-                      dA, dB, drow, dcol, need_dcol, needs_grad, fold);
+  backward_impl<T, T>(A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse, dA, dB,
+                      drow, dcol, need_dcol, needs_grad, fold, nullptr);
 }
 
 Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
@@ -675,9 +770,8 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
     const Tensor r_lse = cont(row_lse), c_lse = cont(col_lse), n_lse = cont(neg_lse), cl_lse = cont(clamp_lse);
     AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_backward_cuda", [&] {
       const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
-      backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
-                                  pos_offset, active, grads, r_lse, c_lse, n_lse, cl_lse, dA, dB, drow, dcol,
-                                  has(col_bias), needs_grad);
+      backward_dispatch<scalar_t>(A, B, args, static_cast<scalar_t>(clamp_tau), pos_offset, active, grads, r_lse,
+                                  c_lse, n_lse, cl_lse, dA, dB, drow, dcol, has(col_bias), needs_grad);
     });
   }
   return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias, needs_grad);
@@ -696,11 +790,11 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
 // Uniformity's backward is O(K d) either way, against a forward plus a recomputing
 // backward (four GEMMs) through score_reduce.
 
-// A block per row of the chunk: W_ij = softmax_weight(S_ij, lse_i), W_ii = 0, written
-// to w (over the chunk of dots when TW is T: each thread rewrites only what it read).
+// A block per row of the chunk: w_scale W_ij, W_ij = softmax_weight(S_ij, lse_i), W_ii = 0,
+// written to w (over the chunk of dots when TW is T: each thread rewrites only what it read).
 template <typename T, typename TW>
 __global__ void softmax_weights_kernel(const T* dot, TW* w, int64_t cols, int64_t i0, int64_t j0,
-                                       ScoreArgs<T> sc, const T* lse) {
+                                       ScoreArgs<T> sc, const T* lse, T w_scale) {
   const int64_t r = blockIdx.x, i = i0 + r;
   const T* row = dot + r * cols;
   TW* wrow = w + r * cols;
@@ -711,21 +805,28 @@ __global__ void softmax_weights_kernel(const T* dot, TW* w, int64_t cols, int64_
     const int64_t j = j0 + c;
     const T s = score_from_dot(row[c], scale, rb, sc.col_bias ? sc.col_bias[j] : T(0));
     // NB: softmax_weight gives a masked (-inf) entry 0 even when lse_i is -inf too.
-    wrow[c] = static_cast<TW>(j == i ? T(0) : softmax_weight(s, l));
+    wrow[c] = static_cast<TW>(j == i ? T(0) : w_scale * softmax_weight(s, l));
   }
 }
 
 // mean (K x d, float32 or float64, zero-initialised) += W X over all chunks. X: the GEMM
-// operand of the scores (bf16/fp16 on the tensor-core path). NB: bf16 inputs: W in
-// bf16 (weights in [0, 1], float32's range), the GEMM on tensor cores with float32
-// accumulation, as the score_reduce backward's G. fp16 inputs: W and x in float32 (W
-// underflows fp16's normal range at 6e-5), like G there.
+// operand of the scores and of the weighted sum (fp16/bf16 on the tensor-core path, with
+// W in the same dtype TW; else the accumulation dtype, W in place over the scores).
+// NB: W in bf16 (weights in [0, 1], float32's range) or fp16, the GEMM on tensor cores
+// with float32 accumulation, as the score_reduce backward's G. fp16 W is stored as
+// 2^14 W: unscaled, a row's weights (summing to 1, each ~1/K when spread out) would fall
+// below fp16's normal range (6e-5) from K ~ 2^14 on, and to 0 below 6e-8 (at any K for
+// points whose scores lie ~17 below the row's largest, which may still count when there
+// are many of them or they are far away). W <= 1 is the
+// bound (the lse is the same row's, from the forward walk), so no max is needed:
+// entries below 2^-28 become subnormals (absolute error <= 2^-39 each, <= K 2^-39 max|x|
+// over a row), and mean is divided by 2^14 after the walk (exact).
 template <typename T, typename TW>
 void softmax_mean_impl(const Tensor& X, const ScoreArgs<T>& sc, const Tensor& lse, Tensor& mean) {
   constexpr bool kInPlace = std::is_same<T, TW>::value;
   const int64_t K = X.size(0);
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const Tensor X_w = kInPlace ? X.to(acc) : X;  // the weighted sum's operand
+  const T w_scale = std::is_same<TW, at::Half>::value ? T(1 << kFp16GTop) : T(1);
   const Tiling t = choose_tiling(K, K, sizeof(T));
   Tensor ws = at::empty({t.rows * t.cols}, X.options().dtype(acc));
   Tensor wws = kInPlace ? ws : at::empty({t.rows * t.cols}, X.options().dtype(c10::CppTypeToScalarType<TW>::value));
@@ -733,17 +834,23 @@ void softmax_mean_impl(const Tensor& X, const ScoreArgs<T>& sc, const Tensor& ls
   for_each_dot_chunk(X, X, t, ws, [&](const Tensor& S, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
     Tensor W = wws.narrow(0, 0, rows * cols).view({rows, cols});
     cuda::launch(softmax_weights_kernel<T, TW>, static_cast<unsigned>(rows), row_threads(cols), stream,
-                 S.data_ptr<T>(), reinterpret_cast<TW*>(W.data_ptr()), cols, i0, j0, sc, lse.data_ptr<T>());
-    addmm_acc(mean.narrow(0, i0, rows), W, X_w.narrow(0, j0, cols));
+                 S.data_ptr<T>(), reinterpret_cast<TW*>(W.data_ptr()), cols, i0, j0, sc, lse.data_ptr<T>(),
+                 w_scale);
+    addmm_acc(mean.narrow(0, i0, rows), W, X.narrow(0, j0, cols));
   });
+  if (w_scale != T(1)) mean.mul_(T(1) / w_scale);
 }
 
-// Picks the dtype of W: bf16 for bf16 inputs on the tensor-core path, else T.
+// Picks the dtype of W: X's, fp16/bf16 on the tensor-core path, else T.
 template <typename T>
 void softmax_mean_dispatch(const Tensor& X, const ScoreArgs<T>& sc, const Tensor& lse, Tensor& mean) {
   if constexpr (std::is_same<T, float>::value) {
     if (X.scalar_type() == at::kBFloat16) {
       softmax_mean_impl<float, at::BFloat16>(X, sc, lse, mean);
+      return;
+    }
+    if (X.scalar_type() == at::kHalf) {
+      softmax_mean_impl<float, at::Half>(X, sc, lse, mean);
       return;
     }
   }
@@ -807,9 +914,9 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
     const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
     const RowForwardArgs<scalar_t> fold =
         row_forward_args(args, static_cast<scalar_t>(clamp_tau), pos_offset, reductions, out);
-    backward_dispatch<scalar_t>(a.scalar_type() == at::kBFloat16, A, B, args, static_cast<scalar_t>(clamp_tau),
-                                pos_offset, active, grads, std::get<0>(out), none, std::get<2>(out),
-                                std::get<3>(out), dA, dB, drow, dcol, has(col_bias), needs_grad, &fold);
+    backward_dispatch<scalar_t>(A, B, args, static_cast<scalar_t>(clamp_tau), pos_offset, active, grads,
+                                std::get<0>(out), none, std::get<2>(out), std::get<3>(out), dA, dB, drow, dcol,
+                                has(col_bias), needs_grad, &fold);
   });
   WithGrad r{out, Tensor(),
              finish_grads(dA, dB, drow, dcol, A, sc, true, a, b, scale, row_bias, col_bias, needs_grad,
