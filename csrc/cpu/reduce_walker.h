@@ -217,6 +217,19 @@ struct GradPtrs {
   const T* g_pos = nullptr;  // weight of each row's positive score (one walk only)
 };
 
+// Ends row i's G (tm entries from column j0; pc: the positive's column in it, -1: none):
+// the positive's weight added, the row sum to drow[i], the entries to dcol[j0..]
+// (nullptr: not wanted).
+template <typename T>
+INFOMAX_CPU_INLINE void finish_grad_row(T* g, int64_t i, int64_t j0, int64_t tm, int64_t pc, const GradPtrs<T>& p,
+                                        T* drow, T* dcol) {
+  // NB: the positive term's weight joins G, so the G GEMMs (and the sums) carry its gradient.
+  if (p.g_pos && pc >= 0) g[pc] += p.g_pos[i];
+  if (drow) drow[i] += range_sum(g, 0, tm, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
+  if (dcol)
+    for (int64_t c = 0; c < tm; ++c) dcol[j0 + c] += g[c];
+}
+
 // G for row i from its tm scores (columns j0..; pc: the positive's column, -1: none),
 // its row sum added to drow[i] and its entries to dcol[j0..] (nullptr: not wanted).
 template <typename T>
@@ -224,11 +237,7 @@ INFOMAX_CPU_INLINE void grad_tile_row(const T* s, T* g, int64_t i, int64_t j0, i
                                       T tau, const GradPtrs<T>& p, T* drow, T* dcol) {
   grad_row(s, g, tm, pc, row_grad_at<T>(p, i), p.g_col ? p.g_col + j0 : nullptr,
            p.col_lse ? p.col_lse + j0 : nullptr, tau, red);
-  // NB: the positive term's weight joins G, so the G GEMMs (and the sums) carry its gradient.
-  if (p.g_pos && pc >= 0) g[pc] += p.g_pos[i];
-  if (drow) drow[i] += range_sum(g, 0, tm, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
-  if (dcol)
-    for (int64_t c = 0; c < tm; ++c) dcol[j0 + c] += g[c];
+  finish_grad_row(g, i, j0, tm, pc, p, drow, dcol);
 }
 
 // Turns one tile of S into G = dL/dS (tk x tm, row-major) and adds its row sums
@@ -250,6 +259,33 @@ struct Outputs {
   T* pos = nullptr;  // the positive scores (one walk only)
 };
 
+// One log-sum-exp statistic of a whole row and its gradient, the common case (InfoNCE's
+// row_lse, NT-Xent's neg_lse): lse = m + log sum_c e_c with e_c = exp(s_c - m), written
+// to *stat, and g_c = g_stat e_c / sum, all from one exp per score (the general path
+// takes one for the statistic and one for G). skip: a column outside the statistic
+// (-1: none), whose g is 0. Returns false, doing nothing, when g_stat is 0 (the
+// general path then keeps G exactly 0 whatever the scores).
+template <typename T>
+INFOMAX_CPU_INLINE bool softmax_row(const T* __restrict s, T* __restrict g, int64_t M, int64_t skip, T g_stat,
+                                    T* stat) {
+  if (g_stat == T(0)) return false;
+  const int64_t a = skip < 0 ? M : skip;
+  const T m = range_max(s, a + 1, M, range_max(s, 0, a, neg_infinity<T>()));
+  if (m == neg_infinity<T>()) {  // NB: every score masked (-inf): an empty sum, zero weights
+    *stat = neg_infinity<T>();
+    for (int64_t c = 0; c < M; ++c) g[c] = T(0);
+    return true;
+  }
+  const auto e = [m](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(v - m); };
+  for (int64_t c = 0; c < M; ++c) g[c] = e(s[c]);
+  if (skip >= 0) g[skip] = T(0);
+  const T sum = range_sum(g, 0, M, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
+  *stat = m + log(sum);
+  const T coef = g_stat / sum;
+  for (int64_t c = 0; c < M; ++c) g[c] *= coef;
+  return true;
+}
+
 // Whole rows of S (tk x M, rows i0..) folded and turned into G one row at a time: the
 // row's statistics are final after its one pass, so its G follows while the row is
 // still in L1 (a block-wide fold, then a block-wide G, would stream the block's S
@@ -259,9 +295,20 @@ template <typename T>
 INFOMAX_CPU_INLINE void fold_grad_rows(const T* s, T* G, int64_t i0, int64_t tk, int64_t M, int64_t pos_offset,
                                        int64_t red, int64_t grads, T tau, const Outputs<T>& out,
                                        const GradPtrs<T>& p, T* drow, T* dcol) {
+  // NB: one statistic with its own gradient (row_lse or neg_lse alone): softmax_row.
+  const bool one_lse = (red == kRowLse || red == kNegLse) && grads == red;
   for (int64_t r = 0; r < tk; ++r) {
     const int64_t i = i0 + r, pc = i + pos_offset;
     const int64_t skip = (pc >= 0 && pc < M) ? pc : -1;
+    if (one_lse) {
+      const bool row = red == kRowLse;
+      T* g = G + r * M;
+      if (softmax_row(s + r * M, g, M, row ? -1 : skip, row ? p.g_row[i] : p.g_neg[i], row ? out.row + i : out.neg + i)) {
+        if (out.pos && skip >= 0) out.pos[i] = s[r * M + skip];
+        finish_grad_row(g, i, 0, M, skip, p, drow, dcol);
+        continue;
+      }
+    }
     LseState<T> neg = lse_empty<T>(), clamp = lse_empty<T>();
     T sp = T(0), pos = T(0);
     fold_row(s + r * M, M, skip, red, tau, neg, clamp, sp, pos);
