@@ -28,6 +28,14 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// t detached, in dtype acc and contiguous. NB: returned as is when it already is all
+// three, without a dispatcher call: every op call converts several small tensors, and
+// at K = M = 256 such calls are a visible share of its fixed cost.
+inline Tensor as_acc(const Tensor& t, at::ScalarType acc) {
+  if (t.scalar_type() == acc && t.is_contiguous() && !t.requires_grad()) return t;
+  return t.detach().to(acc).contiguous();
+}
+
 inline void check_bias(const OptTensor& bias, const char* name, int64_t n, const char* n_name,
                        const Tensor& a, const char* op = "score_reduce") {
   if (!has(bias)) return;
@@ -265,7 +273,7 @@ inline void check_symmetric_args(const Tensor& x, const Tensor& scale, const Opt
 
 // Contiguous copy of an optional bias in the accumulation dtype (undefined if absent).
 inline Tensor bias_acc(const OptTensor& bias, at::ScalarType acc) {
-  return has(bias) ? bias->detach().to(acc).contiguous() : Tensor();
+  return has(bias) ? as_acc(*bias, acc) : Tensor();
 }
 
 // The five outputs; those not requested are empty (0,) tensors.

@@ -44,7 +44,7 @@ ConcatInputs concat_inputs(const Tensor& P, const Tensor& Q, const Tensor& w2, c
   // NB: low-precision inputs are upcast once (O((K + M) H)) so every pair is
   // accumulated in float32 (float64 for float64). detach(): the worker threads
   // of parallel_for do not inherit the below-autograd dispatch state.
-  const auto c = [acc](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const auto c = [acc](const Tensor& t) { return as_acc(t, acc); };
   return ConcatInputs{c(P), c(Q), c(w2), b2.detach().to(at::kDouble).item<double>(), acc};
 }
 

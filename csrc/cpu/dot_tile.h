@@ -96,10 +96,10 @@ inline DotInputs dot_inputs(const Tensor& a, const Tensor& b, const OptTensor& r
   // BLAS calls there must not see tensors that require grad.
   // NB: one tensor in both roles (NT-Xent's z against z, the symmetric op's x) and one
   // bias on both sides are converted once.
-  const Tensor A = a.detach().to(acc).contiguous();
+  const Tensor A = as_acc(a, acc);
   const Tensor rb = bias_acc(row_bias, acc);
   const bool same_bias = has(row_bias) && has(col_bias) && row_bias->is_same(*col_bias);
-  DotInputs in{A, b.is_same(a) ? A : b.detach().to(acc).contiguous(), rb, same_bias ? rb : bias_acc(col_bias, acc),
+  DotInputs in{A, b.is_same(a) ? A : as_acc(b, acc), rb, same_bias ? rb : bias_acc(col_bias, acc),
                acc};
   // NB: bf16 inputs keep their bf16 copies for the GEMMs (float32 accumulation and
   // output); the statistics and gradients stay float32. int sizes: CBLAS's LP64 ints.

@@ -440,7 +440,7 @@ inline GradInputs grad_inputs(const Tensor& g_row, const Tensor& g_col, const Te
                               const Tensor& g_clamp, const Tensor& g_sp, const Tensor& row_lse,
                               const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse,
                               at::ScalarType acc) {
-  const auto c = [acc](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const auto c = [acc](const Tensor& t) { return as_acc(t, acc); };
   return GradInputs{c(g_row),   c(g_col),   c(g_neg),   c(g_clamp),  c(g_sp),
                     c(row_lse), c(col_lse), c(neg_lse), c(clamp_lse)};
 }

@@ -173,7 +173,7 @@ WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
   const Tensor none = at::empty({0}, in.A.options());
   cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus, none, none,
                                        none, none, in.acc);
-  g.g_pos = grad_pos.detach().to(in.acc).contiguous();
+  g.g_pos = as_acc(grad_pos, in.acc);
   const Walk w{in.A.size(0), in.B.size(0), pos_offset, reductions, clamp_tau};
   WithGrad r{alloc_reductions(a, w.K, w.M, reductions), at::empty({g.g_pos.numel() ? w.K : 0}, in.A.options()), {}};
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_with_grad_cpu", [&] {
