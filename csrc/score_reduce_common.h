@@ -139,9 +139,11 @@ inline void check_score_reduce_backward_args(const Tensor& g_row, const Tensor& 
                       g_sp, row_lse, col_lse, neg_lse, clamp_lse);
 }
 
-// _score_reduce_with_grad's upstream gradients (after check_score_reduce_args): (K,) or empty.
+// _score_reduce_with_grad's upstream gradients and positive weights (after
+// check_score_reduce_args): (K,) or empty.
 inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor& g_neg, const Tensor& g_clamp,
-                                              const Tensor& g_sp, const Tensor& a, int64_t reductions) {
+                                              const Tensor& g_sp, const Tensor& g_pos, const Tensor& a,
+                                              int64_t reductions) {
   TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only (no col_lse), got ",
               reductions);
   const int64_t K = a.size(0);
@@ -149,6 +151,7 @@ inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor&
   check_vector_arg(g_neg, "_score_reduce_with_grad", "grad_neg_lse", K, "K", a);
   check_vector_arg(g_clamp, "_score_reduce_with_grad", "grad_clamp_lse", K, "K", a);
   check_vector_arg(g_sp, "_score_reduce_with_grad", "grad_softplus", K, "K", a);
+  check_vector_arg(g_pos, "_score_reduce_with_grad", "grad_pos", K, "K", a);
 }
 
 // Bits of the backward ops' needs_grad argument: which of the inputs' gradients to make.
@@ -243,8 +246,7 @@ Tensor12 score_reduce_with_grad(const Tensor& g_row, const Tensor& g_neg, const 
                                 int64_t reductions, double clamp_tau, int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   check_needs_grad(needs_grad, "_score_reduce_with_grad");
-  check_score_reduce_with_grad_args(g_row, g_neg, g_clamp, g_sp, a, reductions);
-  check_vector_arg(g_pos, "_score_reduce_with_grad", "grad_pos", a.size(0), "K", a);
+  check_score_reduce_with_grad_args(g_row, g_neg, g_clamp, g_sp, g_pos, a, reductions);
   const WithGrad r = walk(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias, pos_offset,
                           reductions, clamp_tau, needs_grad);
   const auto& [row, col, neg, clamp, sp] = r.stats;

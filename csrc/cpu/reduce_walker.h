@@ -110,11 +110,18 @@ INFOMAX_CPU_INLINE T range_sum(const T* x, int64_t lo, int64_t hi, F f) {
   return s;
 }
 
+// max of x[0, n) without x[skip] (-1: none); -inf when nothing is left.
+template <typename T>
+INFOMAX_CPU_INLINE T max_without(const T* x, int64_t n, int64_t skip) {
+  const int64_t a = skip < 0 ? n : skip;
+  return range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>()));
+}
+
 // Log-sum-exp state of x[0, n) without x[skip] (-1: none).
 template <typename T>
 INFOMAX_CPU_INLINE LseState<T> row_state(const T* x, int64_t n, int64_t skip) {
   const int64_t a = skip < 0 ? n : skip;
-  const T m = range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>()));
+  const T m = max_without(x, n, skip);
   // NB: all entries -inf (masked) or none at all: the state stays empty.
   if (m == neg_infinity<T>()) return lse_empty<T>();
   const auto f = [m](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(v - m); };
@@ -125,7 +132,7 @@ INFOMAX_CPU_INLINE LseState<T> row_state(const T* x, int64_t n, int64_t skip) {
 template <typename T>
 INFOMAX_CPU_INLINE LseState<T> clamped_row_state(const T* x, int64_t n, int64_t skip, T tau) {
   const int64_t a = skip < 0 ? n : skip;
-  const T m = clamp_tau(range_max(x, a + 1, n, range_max(x, 0, a, neg_infinity<T>())), tau);
+  const T m = clamp_tau(max_without(x, n, skip), tau);
   const auto f = [m, tau](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(clamp_tau(v, tau) - m); };
   return LseState<T>{m, range_sum(x, 0, a, f) + range_sum(x, a + 1, n, f)};
 }
@@ -269,8 +276,7 @@ template <typename T>
 INFOMAX_CPU_INLINE bool softmax_row(const T* __restrict s, T* __restrict g, int64_t M, int64_t skip, T g_stat,
                                     T* stat) {
   if (g_stat == T(0)) return false;
-  const int64_t a = skip < 0 ? M : skip;
-  const T m = range_max(s, a + 1, M, range_max(s, 0, a, neg_infinity<T>()));
+  const T m = max_without(s, M, skip);
   if (m == neg_infinity<T>()) {  // NB: every score masked (-inf): an empty sum, zero weights
     *stat = neg_infinity<T>();
     for (int64_t c = 0; c < M; ++c) g[c] = T(0);

@@ -53,7 +53,7 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 template <typename T>
 struct DotGrads {
   const DotInputs& in;
-  const bool with_dA, with_dB, with_dscale, with_drow, with_dcol;
+  const bool with_dA, with_dB, with_dscale;
   Tensor dA, dB, dB_rest, drow, dcol;
 
   DotGrads(const DotInputs& in_, int64_t K, int64_t M, int64_t needs_grad = kNeedAll)
@@ -61,8 +61,6 @@ struct DotGrads {
         with_dA(need_dA(needs_grad)),
         with_dB(need_dB(needs_grad)),
         with_dscale(needs_grad & kNeedScale),
-        with_drow(in_.rb.defined()),
-        with_dcol(in_.cb.defined()),
         dA(at::zeros_like(in_.A)),
         dB(at::zeros_like(in_.B)),
         dB_rest(at::zeros({with_dB ? at::get_num_threads() - 1 : 0, M, in_.B.size(1)}, in_.A.options())),
@@ -70,8 +68,8 @@ struct DotGrads {
         dcol(at::zeros({M}, in_.A.options())) {}
 
   // The walk's drow and dcol: undefined (not summed) without their bias.
-  Tensor walk_drow() const { return with_drow ? drow : Tensor(); }
-  Tensor walk_dcol() const { return with_dcol ? dcol : Tensor(); }
+  Tensor walk_drow() const { return in.rb.defined() ? drow : Tensor(); }
+  Tensor walk_dcol() const { return in.cb.defined() ? dcol : Tensor(); }
 
   void consume(int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
     if constexpr (std::is_same_v<T, float>) {
