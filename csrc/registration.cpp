@@ -122,6 +122,9 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_avx2"] = infomax_ext::cpu::cpu_isa() >= infomax_ext::cpu::Isa::kAvx2;
     // bf16 inputs multiplied by a bf16 GEMM with float32 output (else upcast first)
     info["cpu_bf16_gemm"] = infomax_ext::cpu::bf16_gemm() != nullptr;
+    // float32 / float64 tile GEMMs called on the BLAS directly (else through at::addmm_out)
+    info["cpu_blas_gemm"] = infomax_ext::cpu::fortran_gemm<float>() != nullptr &&
+                            infomax_ext::cpu::fortran_gemm<double>() != nullptr;
     info["aten_threads"] = at::get_num_threads();
     info["aten_parallel"] = at::get_parallel_info();
     return info;

@@ -23,8 +23,8 @@ How it measures (one implementation, also used by ``benchmarks/peak.py``): the c
 of one (op, implementation) run in a fresh subprocess, smallest K first (``--fresh``:
 one process per case). Per case: one first call (warm-up, compilation), whose result
 is checked against a float64 reference (float32 for concat); then the peak extra
-memory of one call; then the median time of ``--min-reps``..``--max-reps`` calls
-(about ``--target-s`` seconds). Peak memory on CPU is the process's peak resident set
+memory of one call; three more warm calls; then the median time of ``--min-reps``..
+``--max-reps`` calls (about ``--target-s`` seconds at the last warm call's time). Peak memory on CPU is the process's peak resident set
 during the call minus the resident set just before it, with the inputs allocated:
 freed heap memory is first returned to the OS (``malloc_trim``) and the peak reset
 (``/proc/self/clear_refs``), so earlier cases and the warm-up do not count. On CUDA it
@@ -189,6 +189,13 @@ def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_
         del out
     reps = repeats
     if reps is None:
+        # NB: the calls above carry the check, the peak measurement and first-call
+        # costs; the number of timed calls comes from a plain call after two more.
+        for _ in range(3):
+            t1 = time.perf_counter()
+            fn()
+            _sync(device)
+        one = time.perf_counter() - t1
         reps = int(min(max_reps, max(min_reps, math.ceil(target_s / max(one, 1e-6)))))
     times = []
     for _ in range(reps):

@@ -76,7 +76,7 @@ class Terms(NamedTuple):
 
 
 class Walk(NamedTuple):
-    """Per-row constant weights of ``sum_i (row * row_lse_i + neg * neg_lse_i +
+    """Per-row constant weights of ``offset + sum_i (row * row_lse_i + neg * neg_lse_i +
     clamp * neg_clamp_lse_i + softplus * neg_softplus_i + pos * S[i, i + pos_offset])``;
     None leaves a term out."""
     row: Optional[float] = None
@@ -84,6 +84,7 @@ class Walk(NamedTuple):
     clamp: Optional[float] = None
     softplus: Optional[float] = None
     pos: Optional[float] = None
+    offset: float = 0.0
 
 
 class ScoreSource:
@@ -156,9 +157,9 @@ class DotScores(ScoreSource):
         if walk is None or not self.wants_grad():
             return super().terms(reductions, clamp_tau)
         acc = ops.acc_dtype(self.a.dtype)
-        w = [None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk]
+        w = [None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk[:5]]
         out = ops.score_reduce_weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset,
-                                        reductions, clamp_tau, w[:4], w_pos=w[4])
+                                        reductions, clamp_tau, w[:4], w_pos=w[4], offset=walk.offset)
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
 
 
@@ -193,10 +194,10 @@ def infonce_from(src):
     """InfoNCE ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M); per row
     ``S_ii - logsumexp_j S_ij + log M``. The cross entropy ``log M - value`` is a mean
     of row statistics, so its gradient comes out of the forward walk."""
-    t = src.terms(ROW_LSE, walk=Walk(row=1.0 / src.K, pos=-1.0 / src.K))
     log_m = math.log(src.M)
-    value = log_m - t.walked if t.walked is not None else (t.pos - t.stats.row_lse).mean() + log_m
-    return Estimate(value, t.pos - t.stats.row_lse + log_m)
+    t = src.terms(ROW_LSE, walk=Walk(row=-1.0 / src.K, pos=1.0 / src.K, offset=log_m))
+    per_row = t.pos - t.stats.row_lse + log_m
+    return Estimate(per_row.mean() if t.walked is None else t.walked, per_row)
 
 
 def infonce_symmetric_from(src):
@@ -253,9 +254,9 @@ def mine_from(src, ema=None, momentum=0.9):
 def _js_terms(src, reductions, clamp_tau=CLAMP_TAU):
     """Terms for JS, its objective and SMILE, whose gradient is the JS objective's, and
     that objective ``-mean_pos softplus(-S) - mean_neg softplus(S)``. NB: its negatives'
-    term is a constant-weight sum (-1/n_neg), so a source may make its gradient in the walk."""
-    t = src.terms(reductions | NEG_SOFTPLUS, clamp_tau, walk=Walk(softplus=-1.0 / src.n_neg))
-    neg = -t.walked if t.walked is not None else t.stats.neg_softplus.sum() / src.n_neg
+    term is a constant-weight sum (1/n_neg), so a source may make its gradient in the walk."""
+    t = src.terms(reductions | NEG_SOFTPLUS, clamp_tau, walk=Walk(softplus=1.0 / src.n_neg))
+    neg = t.walked if t.walked is not None else t.stats.neg_softplus.sum() / src.n_neg
     return t, -F.softplus(-t.pos).mean() - neg
 
 

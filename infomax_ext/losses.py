@@ -88,7 +88,8 @@ def _check_temperature(temperature):
 
 def _contrastive_result(per_row, log_m, return_diagnostics, loss=None, **extra):
     """Loss = mean of the per-anchor cross entropies (or ``loss``, that mean computed
-    by the caller); bound = log_m - loss (nats)."""
+    by the caller, who may then pass per_row None without diagnostics); bound = log_m -
+    loss (nats)."""
     loss = per_row.mean() if loss is None else loss
     if not return_diagnostics:
         return loss
@@ -167,7 +168,8 @@ class InfoNCELoss(nn.Module):
             # The InfoNCE estimator itself (its gradient made in the forward walk).
             log_m = math.log(cand.shape[0])
             e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off))
-            return _contrastive_result(log_m - e.per_row, log_m, return_diagnostics, loss=log_m - e.value)
+            return _contrastive_result(log_m - e.per_row if return_diagnostics else None, log_m, return_diagnostics,
+                                       loss=log_m - e.value)
 
         pos = est.DotScores(z1, z2, scale, pos_offset=pos_offset).positive()
         lse2 = None

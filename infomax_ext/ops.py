@@ -187,10 +187,10 @@ class _ReduceWithGrad(torch.autograd.Function):
     up front."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, shared):
+    def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, offset, shared):
         # NB: reached only with the fused path on (score_reduce_weighted decided).
         inputs = (a, b, scale, row_bias, col_bias)
-        ctx.weights, ctx.args = weights, (pos_offset, reductions, clamp_tau)
+        ctx.weights, ctx.args = weights, (pos_offset, reductions, clamp_tau, offset)
         # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
         # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
         b = a if shared[0] else b
@@ -204,36 +204,44 @@ class _ReduceWithGrad(torch.autograd.Function):
         value, *out = _ops()._score_reduce_with_grad(
             *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau, needs)
         stats, pos, grads = out[:5], out[5], out[6:]
+        if offset:
+            value.add_(offset)  # NB: a constant: no autograd node of its own
         # NB: the inputs are saved too (no copy): torch's version counter then catches an
         # in-place change before the backward, and a create_graph backward needs them.
         ctx.save_for_backward(*inputs, *grads)
-        ctx.shared, ctx.has_rb, ctx.has_cb = shared, row_bias is not None, col_bias is not None
+        ctx.shared = shared
         ctx.mark_non_differentiable(*stats, pos)
+        # NB: the statistics and positives carry no gradient: no zero tensors for them.
+        ctx.set_materialize_grads(False)
         return (value, *stats, pos)
 
     @staticmethod
     def backward(ctx, g, *_):
         a, b, scale, row_bias, col_bias, *grads = ctx.saved_tensors
-        (same_ab, same_bias), has_rb, has_cb = ctx.shared, ctx.has_rb, ctx.has_cb
+        same_ab, same_bias = ctx.shared
+        if g is None:
+            return (None,) * 11
         if torch.is_grad_enabled():  # create_graph=True
             grads = _grads_by_reference(
                 lambda *x: _weighted_value_reference(*x, *ctx.args, ctx.weights)[:1],
                 (a, a if same_ab else b, scale, row_bias, row_bias if same_bias else col_bias), (g,))
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None)
         da, db, dscale, drow, dcol = grads
-        da, db = (da + db, None) if same_ab else (da, db)
-        drow, dcol = (drow + dcol, None) if same_bias and has_rb else (drow, dcol)
-        scaled = [None if x is None else g * x for x in (da, db, dscale, drow, dcol)]
+        need_a, need_b, need_scale, need_rb, need_cb = ctx.needs_input_grad[:5]
         # NB: da and db are kept in the accumulation dtype until here: one rounding to
         # the inputs' dtype, after the op added the positive term.
-        scaled[0] = scaled[0].to(a.dtype)
-        scaled[1] = None if scaled[1] is None else scaled[1].to(b.dtype)
-        scaled[3] = scaled[3] if has_rb else None
-        scaled[4] = scaled[4] if has_cb and not same_bias else None
-        return (*scaled, None, None, None, None, None)
+        da = (da + db if same_ab else da) if need_a else None
+        db = None if same_ab or not need_b else db
+        drow = (drow + dcol if same_bias else drow) if need_rb else None
+        dcol = None if same_bias or not need_cb else dcol
+        scaled = [None if x is None else g * x for x in (da, db, dscale if need_scale else None, drow, dcol)]
+        for i, t in ((0, a), (1, b)):
+            if scaled[i] is not None:
+                scaled[i] = scaled[i].to(t.dtype)
+        return (*scaled, None, None, None, None, None, None)
 
 
-def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights):
+def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, offset, weights):
     """:func:`score_reduce_weighted` from the materialising reference: the value is
     differentiable (twice and more), the statistics and positives are returned without
     gradient, as by the fused walk."""
@@ -243,13 +251,14 @@ def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reduc
     stats = ScoreStats(*ref.reduce_scores(S, pos_offset, reductions, clamp_tau))
     pos = ref.positive_scores(S, pos_offset) if weights[4] is not None else S.new_empty((0,))
     used = zip(weights, (stats.row_lse, stats.neg_lse, stats.neg_clamp_lse, stats.neg_softplus, pos))
-    value = sum((w * st).sum() for w, st in used if w is not None)
+    value = sum(((w * st).sum() for w, st in used if w is not None), S.new_tensor(float(offset)))
     return WeightedStats(value, *(t.detach() for t in (*stats, pos)))
 
 
 def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
-                          reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None), w_pos=None):
-    """``value = sum_i (w_row_i row_lse_i + w_neg_i neg_lse_i + w_clamp_i neg_clamp_lse_i +
+                          reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None), w_pos=None,
+                          offset=0.0):
+    """``value = offset + sum_i (w_row_i row_lse_i + w_neg_i neg_lse_i + w_clamp_i neg_clamp_lse_i +
     w_sp_i neg_softplus_i + w_pos_i S[i, i + pos_offset])`` and score_reduce's outputs, for
     weights known before the call (e.g. InfoNCE's cross entropy: ``w_row = 1/K``,
     ``w_pos = -1/K``).
@@ -257,7 +266,8 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     Same arguments as :func:`score_reduce` (row reductions only: no COL_LSE), plus
     ``weights``: ``(w_row, w_neg, w_clamp, w_sp)`` and ``w_pos``, each a (K,) tensor
     without gradient or None for a term outside the sum (requested statistics may stay
-    outside).
+    outside), and ``offset``, a constant added to value (InfoNCE's ``log M``) without an
+    autograd node of its own.
 
     Returns:
         :class:`WeightedStats` ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse,
@@ -280,11 +290,11 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
             raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
     if _lib() is None:
         return _weighted_value_reference(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset),
-                                         int(reductions), float(clamp_tau), weights)
+                                         int(reductions), float(clamp_tau), float(offset), weights)
     shared = (b is a, col_bias is not None and col_bias is row_bias)
     return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
                                                 None if shared[1] else col_bias, int(pos_offset), int(reductions),
-                                                float(clamp_tau), weights, shared))
+                                                float(clamp_tau), weights, float(offset), shared))
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):

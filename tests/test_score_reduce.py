@@ -440,6 +440,25 @@ def test_narrower_isa_clones_match_reference(isa, env):
     assert out.returncode == 0, out.stdout[-3000:]
 
 
+@pytest.mark.parametrize("off", ["0", "1"], ids=["blas", "aten"])
+def test_tile_gemms_match_reference_on_the_blas_and_through_aten(off):
+    """The CPU walkers call the BLAS's sgemm_ / dgemm_ directly where torch exports
+    them, and at::addmm_out otherwise (INFOMAX_EXT_NO_BLAS_GEMM=1): rerun the float32 and
+    float64 comparisons of the forward, the recomputing backward and the one walk in a
+    fresh process on each path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, INFOMAX_EXT_NO_BLAS_GEMM=off)
+    check = subprocess.run([sys.executable, "-c", "import infomax_ext; print(infomax_ext.build_info()['cpu_blas_gemm'])"],
+                           capture_output=True, text=True, env=env, cwd=root)
+    assert check.stdout.strip() == ("False" if off == "1" else "True"), check.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_score_reduce.py", "tests/test_weighted.py", "tests/test_symmetric.py",
+                          "-k", "values_and_gradients and cpu or large_logits or with_grad and cpu"],
+                         capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout, out.stdout[-3000:]
+
+
 BF16_CHECK = r"""
 import torch, infomax_ext as ie
 from infomax_ext import reference as ref

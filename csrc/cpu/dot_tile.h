@@ -1,12 +1,14 @@
 // The dot-product tile of S = scale * A B^T + row_bias + col_bias for the CPU
-// walkers: one BLAS call (at::mm_out into the thread's tile buffer) plus the
+// walkers: one BLAS call (gemm, into the thread's tile buffer) plus the
 // bias epilogue. Shared by score_reduce and symmetric_softmax_mean.
 #pragma once
 
 #include <ATen/ops/addmm.h>
-
+#include <ATen/ops/from_blob.h>
+#include <ATen/record_function.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <type_traits>
@@ -41,6 +43,48 @@ inline void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
               B, int(ldb), beta, C, int(ldc));
 }
 
+// The Fortran GEMM of the BLAS torch links (MKL or OpenBLAS export sgemm_ / dgemm_),
+// found at run time; nullptr: none (then gemm goes through at::addmm_out).
+// INFOMAX_EXT_NO_BLAS_GEMM=1 turns it off (the tests run both).
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                             const int*, const T*, const int*, const T*, T*, const int*);
+template <typename T>
+FortranGemm<T> fortran_gemm() {
+  static const FortranGemm<T> fn = [] {
+    const char* off = std::getenv("INFOMAX_EXT_NO_BLAS_GEMM");
+    if (off && off[0] && std::strcmp(off, "0") != 0) return FortranGemm<T>(nullptr);
+    return reinterpret_cast<FortranGemm<T>>(dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "sgemm_" : "dgemm_"));
+  }();
+  return fn;
+}
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C on raw pointers (leading dimensions
+// given; beta = 0 never reads C). NB: straight to the BLAS when torch exposes it: an
+// at::addmm_out with its views costs several dispatcher calls, and at K = M = 256 the
+// op's three GEMMs are a few hundred microseconds, so those calls were a visible share.
+// Column-major BLAS computes the transposed product C^T = op(B)^T op(A)^T in place.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // NB: named in profiles (a few nanoseconds when none runs), as ATen's own GEMMs are.
+  RECORD_FUNCTION("infomax_ext::gemm", std::vector<c10::IValue>());
+  const FortranGemm<T> fn = fortran_gemm<T>();
+  if (fn && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
+    const int M = int(m), N = int(n), Kd = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+    fn(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &Kd, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](const T* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    const Tensor x = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(c, c, view(A, ta, m, k, lda), view(B, tb, k, n, ldb), beta, alpha);
+}
+
 // Writes the scores S[i0:i0+tk, j0:j0+tm] into buf and returns a pointer to them.
 template <typename T>
 struct DotTile {
@@ -65,11 +109,12 @@ struct DotTile {
   }
 
   T* operator()(Tensor& buf, int64_t i0, int64_t tk, int64_t j0, int64_t tm) const {
-    Tensor out = buf.narrow(0, 0, tk * tm).view({tk, tm});
     // NB: the scale rides on the GEMM (alpha; beta = 0 never reads the buffer), so
     // without biases no pass over the tile is needed.
-    T* s = out.data_ptr<T>();
-    if (!bf16_tile(s, i0, tk, j0, tm)) at::addmm_out(out, out, A.narrow(0, i0, tk), B.narrow(0, j0, tm).t(), 0, scale);
+    T* s = buf.data_ptr<T>();
+    const int64_t d = A.size(1);
+    if (!bf16_tile(s, i0, tk, j0, tm))
+      gemm<T>(false, true, tk, tm, d, scale, A.data_ptr<T>() + i0 * d, d, B.data_ptr<T>() + j0 * d, d, T(0), s, tm);
     if (!row_bias && !col_bias) return s;
     for (int64_t r = 0; r < tk; ++r) {
       const T rb = row_bias ? row_bias[i0 + r] : T(0);

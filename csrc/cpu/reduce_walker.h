@@ -267,38 +267,39 @@ struct Outputs {
 };
 
 // One log-sum-exp statistic of a whole row and its gradient, the common case (InfoNCE's
-// row_lse, NT-Xent's neg_lse): lse = m + log sum_c e_c with e_c = exp(s_c - m), written
-// to *stat, and g_c = g_stat e_c / sum, all from one exp per score (the general path
-// takes one for the statistic and one for G). skip: a column outside the statistic
-// (-1: none), whose g is 0. Returns false, doing nothing, when g_stat is 0 (the
-// general path then keeps G exactly 0 whatever the scores).
+// row_lse, NT-Xent's neg_lse), in place: the row's M scores s_c become g_c = g_stat e_c /
+// sum with e_c = exp(s_c - m), and lse = m + log sum_c e_c is written to *stat, all from
+// one exp per score (the general path takes one for the statistic and one for G). skip:
+// a column outside the statistic (-1: none), whose g is 0. Returns false, doing nothing,
+// when g_stat is 0 (the general path then keeps G exactly 0 whatever the scores).
 template <typename T>
-INFOMAX_CPU_INLINE bool softmax_row(const T* __restrict s, T* __restrict g, int64_t M, int64_t skip, T g_stat,
-                                    T* stat) {
+INFOMAX_CPU_INLINE bool softmax_row(T* row, int64_t M, int64_t skip, T g_stat, T* stat) {
   if (g_stat == T(0)) return false;
-  const T m = max_without(s, M, skip);
+  const T m = max_without(row, M, skip);
   if (m == neg_infinity<T>()) {  // NB: every score masked (-inf): an empty sum, zero weights
     *stat = neg_infinity<T>();
-    for (int64_t c = 0; c < M; ++c) g[c] = T(0);
+    for (int64_t c = 0; c < M; ++c) row[c] = T(0);
     return true;
   }
   const auto e = [m](T v) INFOMAX_CPU_INLINE_LAMBDA { return vexp(v - m); };
-  for (int64_t c = 0; c < M; ++c) g[c] = e(s[c]);
-  if (skip >= 0) g[skip] = T(0);
-  const T sum = range_sum(g, 0, M, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
+  for (int64_t c = 0; c < M; ++c) row[c] = e(row[c]);
+  if (skip >= 0) row[skip] = T(0);
+  const T sum = range_sum(row, 0, M, [](T v) INFOMAX_CPU_INLINE_LAMBDA { return v; });
   *stat = m + log(sum);
   const T coef = g_stat / sum;
-  for (int64_t c = 0; c < M; ++c) g[c] *= coef;
+  for (int64_t c = 0; c < M; ++c) row[c] *= coef;
   return true;
 }
 
-// Whole rows of S (tk x M, rows i0..) folded and turned into G one row at a time: the
-// row's statistics are final after its one pass, so its G follows while the row is
-// still in L1 (a block-wide fold, then a block-wide G, would stream the block's S
-// from L2 or L3 twice). Writes the statistics to out; with grads (the reductions
-// with a gradient, 0: none) makes G, whose saved statistics p reads from out.
+// Whole rows of S (tk x M, rows i0..) folded and, in place, turned into G one row at a
+// time: the row's statistics are final after its one pass, so its G follows while the
+// row is still in L1 (a block-wide fold, then a block-wide G, would stream the block's
+// S from L2 or L3 twice), and G needs no buffer of its own. Writes the statistics to
+// out; with grads (the reductions with a gradient, 0: none) makes G, whose saved
+// statistics p reads from out. scratch: M values, a copy of the row for the general
+// path's G (its epilogue reads the scores while it writes G).
 template <typename T>
-INFOMAX_CPU_INLINE void fold_grad_rows(const T* s, T* G, int64_t i0, int64_t tk, int64_t M, int64_t pos_offset,
+INFOMAX_CPU_INLINE void fold_grad_rows(T* s, T* scratch, int64_t i0, int64_t tk, int64_t M, int64_t pos_offset,
                                        int64_t red, int64_t grads, T tau, const Outputs<T>& out,
                                        const GradPtrs<T>& p, T* drow, T* dcol) {
   // NB: one statistic with its own gradient (row_lse or neg_lse alone): softmax_row.
@@ -306,21 +307,26 @@ INFOMAX_CPU_INLINE void fold_grad_rows(const T* s, T* G, int64_t i0, int64_t tk,
   for (int64_t r = 0; r < tk; ++r) {
     const int64_t i = i0 + r, pc = i + pos_offset;
     const int64_t skip = (pc >= 0 && pc < M) ? pc : -1;
+    T* row = s + r * M;
     if (one_lse) {
-      const bool row = red == kRowLse;
-      T* g = G + r * M;
-      if (softmax_row(s + r * M, g, M, row ? -1 : skip, row ? p.g_row[i] : p.g_neg[i], row ? out.row + i : out.neg + i)) {
-        if (out.pos && skip >= 0) out.pos[i] = s[r * M + skip];
-        finish_grad_row(g, i, 0, M, skip, p, drow, dcol);
+      const bool lse_row = red == kRowLse;
+      const T pos = skip >= 0 ? row[skip] : T(0);
+      if (softmax_row(row, M, lse_row ? -1 : skip, lse_row ? p.g_row[i] : p.g_neg[i],
+                      lse_row ? out.row + i : out.neg + i)) {
+        if (out.pos && skip >= 0) out.pos[i] = pos;
+        finish_grad_row(row, i, 0, M, skip, p, drow, dcol);
         continue;
       }
     }
     LseState<T> neg = lse_empty<T>(), clamp = lse_empty<T>();
     T sp = T(0), pos = T(0);
-    fold_row(s + r * M, M, skip, red, tau, neg, clamp, sp, pos);
+    fold_row(row, M, skip, red, tau, neg, clamp, sp, pos);
     finalize_row(i, red, neg, clamp, sp, pos, out.row, out.neg, out.clamp, out.sp);
     if (out.pos) out.pos[i] = pos;
-    if (grads) grad_tile_row(s + r * M, G + r * M, i, int64_t(0), M, skip, grads, tau, p, drow, dcol);
+    if (grads) {
+      std::copy(row, row + M, scratch);
+      grad_tile_row(scratch, row, i, int64_t(0), M, skip, grads, tau, p, drow, dcol);
+    }
   }
 }
 
@@ -342,9 +348,9 @@ INFOMAX_CPU_CLONES(grad_tile, grad_tile,
                    (s, G, i0, tk, j0, tm, off, red, tau, p, drow, dcol), typename T)
 
 INFOMAX_CPU_CLONES(fold_grad_rows, fold_grad_rows,
-                   (const T* s, T* G, int64_t i0, int64_t tk, int64_t M, int64_t off, int64_t red, int64_t grads,
+                   (T* s, T* scratch, int64_t i0, int64_t tk, int64_t M, int64_t off, int64_t red, int64_t grads,
                     T tau, const Outputs<T>& out, const GradPtrs<T>& p, T* drow, T* dcol),
-                   (s, G, i0, tk, M, off, red, grads, tau, out, p, drow, dcol), typename T)
+                   (s, scratch, i0, tk, M, off, red, grads, tau, out, p, drow, dcol), typename T)
 
 template <typename T>
 FoldTileFn<T> fold_tile_for_cpu() {
@@ -355,7 +361,7 @@ GradTileFn<T> grad_tile_for_cpu() {
   return INFOMAX_CPU_PICK(grad_tile, T);
 }
 template <typename T>
-using FoldGradRowsFn = void (*)(const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T,
+using FoldGradRowsFn = void (*)(T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T,
                                 const Outputs<T>&, const GradPtrs<T>&, T*, T*);
 template <typename T>
 FoldGradRowsFn<T> fold_grad_rows_for_cpu() {
@@ -522,16 +528,16 @@ void reduce_backward(const Walk& w, const at::TensorOptions& opts, const GradInp
 
 // Blocks of the one-walk forward and backward (reduce_forward_backward): whole rows of
 // S (one tile per block, so each block is three GEMMs: S, G B and G^T A), as many rows
-// as keep the block's scores and its G within kFwdBwdBlockBytes per thread, no more
-// than give every thread a block, and at least kFwdBwdMinRows. NB: the rows are the
+// as keep the block's scores (G overwrites them) within kFwdBwdBlockBytes per thread,
+// no more than give every thread a block, and at least kFwdBwdMinRows. NB: the rows are the
 // inner size of the G^T A GEMM, which re-reads and rewrites the thread's dB once per
 // block: few rows make that GEMM memory-bound, many make the block's epilogue passes
 // run from L3 instead of L2. INFOMAX_EXT_CPU_BLOCK_BYTES overrides the budget.
-constexpr int64_t kFwdBwdBlockBytes = int64_t(8) << 20;
+constexpr int64_t kFwdBwdBlockBytes = int64_t(4) << 20;
 constexpr int64_t kFwdBwdMinRows = 16;
-// Above this (kFwdBwdMinRows rows of S and G per thread) the ops fall back to a
-// forward plus a recomputing backward.
-constexpr int64_t kKeptRowsBudget = int64_t(32) << 20;
+// Above this (kFwdBwdMinRows rows of S per thread) the ops fall back to a forward plus a
+// recomputing backward.
+constexpr int64_t kKeptRowsBudget = int64_t(16) << 20;
 
 inline int64_t fwd_bwd_block_bytes() {
   static const int64_t bytes = [] {
@@ -543,7 +549,7 @@ inline int64_t fwd_bwd_block_bytes() {
 }
 
 inline bool fwd_bwd_fits(int64_t M, int64_t elem_bytes) {
-  return 2 * kFwdBwdMinRows * M * elem_bytes <= kKeptRowsBudget;
+  return kFwdBwdMinRows * M * elem_bytes <= kKeptRowsBudget;
 }
 
 // Scratch memory of a walk, kept by the calling thread between calls (one buffer per
@@ -564,7 +570,7 @@ inline Tensor workspace(int64_t numel, const at::TensorOptions& opts) {
 
 inline Walk fwd_bwd_walk(Walk w, int64_t elem_bytes) {
   const int64_t per_thread = (w.K + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t fit = fwd_bwd_block_bytes() / (2 * w.M * elem_bytes);
+  const int64_t fit = fwd_bwd_block_bytes() / (w.M * elem_bytes);
   w.rows = std::max<int64_t>(1, std::min(per_thread, std::max(fit, kFwdBwdMinRows)));
   w.cols = w.M;
   return w;
@@ -574,8 +580,8 @@ inline Walk fwd_bwd_walk(Walk w, int64_t elem_bytes) {
 // before the walk (g: the gradients, g.g_pos the positives' weights; its
 // saved-statistics fields are ignored, the statistics come from this walk). pos: (K,)
 // for the positive scores, or undefined. NB: each row block's scores are kept (whole rows,
-// fwd_bwd_walk); once the block's statistics are final, G is made from the kept
-// scores instead of recomputed ones: three GEMMs (S, G B, G^T A) instead of a
+// fwd_bwd_walk); once a row's statistics are final, its G is made from the kept
+// scores (over them) instead of recomputed ones: three GEMMs (S, G B, G^T A) instead of a
 // forward's one plus a backward's three (the trick of fused linear cross-entropy).
 // Row reductions only: a column statistic is final only after every row block.
 // w.reductions: the statistics to write; their gradients are those of g that are
@@ -600,19 +606,21 @@ void reduce_forward_backward(const Walk& w0, const at::TensorOptions& opts, Tens
 
   // NB: the threads' buffers are taken here, not in the workers: memory a worker
   // allocates comes from its own malloc arena, which is not handed back between calls.
-  const Tensor bufs = workspace(2 * n_slots * w.rows * w.M, opts).view({2, n_slots, w.rows * w.M});
-  const Tensor kept_all = bufs[0], gbuf_all = bufs[1];
+  // Per thread: its block's scores (then G) and a row of scratch.
+  const int64_t per_slot = (w.rows + 1) * w.M;
+  const Tensor bufs = workspace(n_slots * per_slot, opts).view({n_slots, per_slot});
 
   at::parallel_for(0, w.blocks(), 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    Tensor kept = kept_all[tid], gbuf = gbuf_all[tid];
+    Tensor kept = bufs[tid];
+    T* scratch = kept.data_ptr<T>() + w.rows * w.M;
     T* dcol_t = dcol_sums.of_thread(tid);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * w.rows, tk = std::min(w.rows, w.K - i0);
-      const T* s = tile(kept, i0, tk, 0, w.M);
-      fold_grad(s, gbuf.data_ptr<T>(), i0, tk, w.M, w.pos_offset, w.reductions, grads, static_cast<T>(w.tau), outs,
-                ptrs, drow_p, dcol_t);
-      if (grads) consume(tid, gbuf.narrow(0, 0, tk * w.M).view({tk, w.M}), i0, tk, 0, w.M);
+      T* s = tile(kept, i0, tk, 0, w.M);
+      fold_grad(s, scratch, i0, tk, w.M, w.pos_offset, w.reductions, grads, static_cast<T>(w.tau), outs, ptrs,
+                drow_p, dcol_t);
+      if (grads) consume(tid, kept.narrow(0, 0, tk * w.M).view({tk, w.M}), i0, tk, 0, w.M);
       finish(tid, i0, tk);
     }
   });

@@ -50,20 +50,28 @@ Tensor5 score_reduce_forward_cpu(const Tensor& a,            // (K, d) anchors
 // needs_grad (kNeedA | kNeedB | kNeedScale): a GEMM whose gradient nobody needs is
 // skipped, and so is the per-thread dB memory. The row and column sums of G are taken
 // only for a bias that is given (walk_drow / walk_dcol); without it they stay zeros.
+// NB: the scale s of S rides on the G GEMMs (alpha = s) unless d scale is wanted, which
+// needs G B unscaled (dividing by s would fail at s = 0); then dA and dB are scaled
+// once at the end.
 template <typename T>
 struct DotGrads {
   const DotInputs& in;
   const bool with_dA, with_dB, with_dscale;
+  const T s, alpha;
   Tensor dA, dB, dB_rest, drow, dcol;
 
-  DotGrads(const DotInputs& in_, int64_t K, int64_t M, int64_t needs_grad = kNeedAll)
+  DotGrads(const DotInputs& in_, int64_t K, int64_t M, T s_, int64_t needs_grad = kNeedAll)
       : in(in_),
         with_dA(need_dA(needs_grad)),
         with_dB(need_dB(needs_grad)),
         with_dscale(needs_grad & kNeedScale),
+        s(s_),
+        alpha(with_dscale ? T(1) : s_),
         dA(at::zeros_like(in_.A)),
         dB(at::zeros_like(in_.B)),
-        dB_rest(at::zeros({with_dB ? at::get_num_threads() - 1 : 0, M, in_.B.size(1)}, in_.A.options())),
+        dB_rest(with_dB && at::get_num_threads() > 1
+                    ? at::zeros({at::get_num_threads() - 1, M, in_.B.size(1)}, in_.A.options())
+                    : Tensor()),
         drow(at::zeros({K}, in_.A.options())),
         dcol(at::zeros({M}, in_.A.options())) {}
 
@@ -75,10 +83,14 @@ struct DotGrads {
     if constexpr (std::is_same_v<T, float>) {
       if (in.A16.defined()) return consume_bf16(tid, G, i0, tk, j0, tm);
     }
-    if (with_dA) dA.narrow(0, i0, tk).addmm_(G, in.B.narrow(0, j0, tm));  // rows of G B
-    if (with_dB) {
-      Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
-      dB_t.narrow(0, j0, tm).addmm_(G.t(), in.A.narrow(0, i0, tk));  // (partial) G^T A
+    const T* g = G.data_ptr<T>();
+    const int64_t d = in.A.size(1);
+    if (with_dA)  // rows of G B
+      cpu::gemm<T>(false, false, tk, d, tm, alpha, g, tm, in.B.data_ptr<T>() + j0 * d, d, T(1),
+                   dA.data_ptr<T>() + i0 * d, d);
+    if (with_dB) {  // (partial) G^T A
+      T* dB_t = (tid == 0 ? dB : dB_rest[tid - 1]).data_ptr<T>();
+      cpu::gemm<T>(true, false, tm, d, tk, alpha, g, tm, in.A.data_ptr<T>() + i0 * d, d, T(1), dB_t + j0 * d, d);
     }
   }
 
@@ -90,11 +102,11 @@ struct DotGrads {
     const at::BFloat16* g = G16.data_ptr<at::BFloat16>();
     const int64_t d = in.A16.size(1);
     if (with_dA)
-      cpu::gemm_bf16(false, false, tk, d, tm, 1.0f, g, tm, in.B16.data_ptr<at::BFloat16>() + j0 * d, d, 1.0f,
+      cpu::gemm_bf16(false, false, tk, d, tm, alpha, g, tm, in.B16.data_ptr<at::BFloat16>() + j0 * d, d, 1.0f,
                      dA.data_ptr<float>() + i0 * d, d);
     if (with_dB) {
       Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
-      cpu::gemm_bf16(true, false, tm, d, tk, 1.0f, g, tm, in.A16.data_ptr<at::BFloat16>() + i0 * d, d, 1.0f,
+      cpu::gemm_bf16(true, false, tm, d, tk, alpha, g, tm, in.A16.data_ptr<at::BFloat16>() + i0 * d, d, 1.0f,
                      dB_t.data_ptr<float>() + j0 * d, d);
     }
   }
@@ -103,13 +115,18 @@ struct DotGrads {
   // accumulation dtype with keep_acc (the caller adds to them before one cast). NB: scaled
   // in place.
   Tensor5 result(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
-                 const OptTensor& col_bias, T s, bool keep_acc = false) {
-    for (int64_t t = 0; t < dB_rest.size(0); ++t) dB.add_(dB_rest[t]);
+                 const OptTensor& col_bias, bool keep_acc = false) {
+    if (dB_rest.defined())
+      for (int64_t t = 0; t < dB_rest.size(0); ++t) dB.add_(dB_rest[t]);
     dB_rest = Tensor();
-    // NB: accumulated in double: K * d products of either sign.
-    const double dscale = with_dscale ? dA.mul(in.A).sum(at::kDouble).template item<double>() : 0.0;
-    return Tensor5{dA.mul_(s).to(keep_acc ? in.acc : a.scalar_type()),
-                   dB.mul_(s).to(keep_acc ? in.acc : b.scalar_type()),
+    double dscale = 0.0;
+    if (with_dscale) {
+      // NB: accumulated in double: K * d products of either sign.
+      dscale = dA.mul(in.A).sum(at::kDouble).template item<double>();
+      dA.mul_(s);
+      dB.mul_(s);
+    }
+    return Tensor5{dA.to(keep_acc ? in.acc : a.scalar_type()), dB.to(keep_acc ? in.acc : b.scalar_type()),
                    at::full_like(scale, dscale), drow.to(has(row_bias) ? row_bias->scalar_type() : in.acc),
                    dcol.to(has(col_bias) ? col_bias->scalar_type() : in.acc)};
   }
@@ -137,7 +154,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
   Tensor5 grads;
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_backward_cpu", [&] {
     const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
-    DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
+    DotGrads<scalar_t> acc(in, w.K, w.M, tile.scale, needs_grad);
     if (w.reductions) {
       cpu::reduce_backward<scalar_t>(
           w, in.A.options(), g, acc.walk_drow(), acc.walk_dcol(), tile,
@@ -146,7 +163,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
           },
           [](int, int64_t, int64_t) {});
     }
-    grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale);
+    grads = acc.result(a, b, scale, row_bias, col_bias);
   });
   return grads;
 }
@@ -176,14 +193,14 @@ WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
   WithGrad r{alloc_reductions(a, w.K, w.M, reductions), at::empty({g.g_pos.numel() ? w.K : 0}, in.A.options()), {}};
   AT_DISPATCH_FLOATING_TYPES(in.acc, "score_reduce_with_grad_cpu", [&] {
     const DotTile<scalar_t> tile = dot_tile<scalar_t>(in, scale);
-    DotGrads<scalar_t> acc(in, w.K, w.M, needs_grad);
+    DotGrads<scalar_t> acc(in, w.K, w.M, tile.scale, needs_grad);
     cpu::reduce_forward_backward<scalar_t>(
         w, in.A.options(), r.stats, r.pos, g, acc.walk_drow(), acc.walk_dcol(), tile,
         [&](int tid, const Tensor& G, int64_t i0, int64_t tk, int64_t j0, int64_t tm) {
           acc.consume(tid, G, i0, tk, j0, tm);
         },
         [](int, int64_t, int64_t) {});
-    r.grads = acc.result(a, b, scale, row_bias, col_bias, tile.scale, /*keep_acc=*/true);
+    r.grads = acc.result(a, b, scale, row_bias, col_bias, /*keep_acc=*/true);
   });
   return r;
 }
