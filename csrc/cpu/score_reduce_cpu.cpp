@@ -1,13 +1,12 @@
 // CPU kernels of score_reduce: S = scale * A B^T + row_bias + col_bias.
 //
-// A tile's dot products come from one BLAS call (at::mm_out into the thread's
+// A tile's dot products come from one BLAS call (cpu::gemm into the thread's
 // tile buffer); the walk over tiles and the epilogues are the shared ones of
 // reduce_walker.h. Backward adds, per G tile, (G B) into the block's rows of dA
 // (owned by the thread) and G^T A into a per-thread partial dB (threads * M * d
 // extra memory), so the four matmuls of a recomputing op are all BLAS calls.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/full_like.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
