@@ -18,6 +18,13 @@
 namespace infomax_ext {
 namespace cpu {
 
+// A BLAS function of the library torch was built with, looked up in libtorch_cpu and
+// what it links (nullptr: absent), not in whatever the process loaded first.
+inline void* torch_blas_symbol(const char* name) {
+  static void* const lib = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+  return lib ? dlsym(lib, name) : nullptr;
+}
+
 // bfloat16 x bfloat16 -> float32 GEMM with float32 accumulation (row-major, C = alpha
 // op(A) op(B) + beta C), where the BLAS torch links has one: MKL's
 // cblas_gemm_bf16bf16f32, found at run time (nullptr: none; the bf16 inputs are then
@@ -30,7 +37,7 @@ inline Bf16Gemm bf16_gemm() {
   static const Bf16Gemm fn = [] {
     const char* off = std::getenv("INFOMAX_EXT_NO_BF16_GEMM");
     if (off && off[0] && std::strcmp(off, "0") != 0) return Bf16Gemm(nullptr);
-    return reinterpret_cast<Bf16Gemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+    return reinterpret_cast<Bf16Gemm>(torch_blas_symbol("cblas_gemm_bf16bf16f32"));
   }();
   return fn;
 }
@@ -54,7 +61,7 @@ FortranGemm<T> fortran_gemm() {
   static const FortranGemm<T> fn = [] {
     const char* off = std::getenv("INFOMAX_EXT_NO_BLAS_GEMM");
     if (off && off[0] && std::strcmp(off, "0") != 0) return FortranGemm<T>(nullptr);
-    return reinterpret_cast<FortranGemm<T>>(dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "sgemm_" : "dgemm_"));
+    return reinterpret_cast<FortranGemm<T>>(torch_blas_symbol(std::is_same_v<T, float> ? "sgemm_" : "dgemm_"));
   }();
   return fn;
 }
