@@ -37,9 +37,11 @@ def test_value_statistics_and_gradients_match_reference(device, dtype, reduction
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         weights = weights_for(reductions, kw["a"].shape[0], torch.empty(0, dtype=acc, device=device), n)
         w_pos = weights_for(ops.ROW_LSE, kw["a"].shape[0], weights[0] if weights[0] is not None else weights[1], n + 50)[0]
+        offset = 0.37 * n - 1.0  # a constant term, added without a node of its own
         value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=reductions, clamp_tau=2.0, weights=weights,
-                                                       w_pos=w_pos if n % 2 else None)
+                                                       w_pos=w_pos if n % 2 else None, offset=offset)
         value_o, stats_o = weighted_reference(kw, reductions, weights)
+        value_o = value_o + offset
         if n % 2:
             pos_o = ref.positive_scores(ref.scores_dot(**{k: kw[k] for k in ARGS}), kw["pos_offset"])
             torch.testing.assert_close(pos, pos_o.detach(), **tol)
@@ -53,6 +55,29 @@ def test_value_statistics_and_gradients_match_reference(device, dtype, reduction
         inputs = [kw[k] for k in ARGS if kw[k] is not None]
         for g, o in zip(torch.autograd.grad(0.7 * value, inputs), torch.autograd.grad(0.7 * value_o, inputs)):
             torch.testing.assert_close(g, o, **tol)
+
+
+def test_reference_path_takes_the_same_arguments():
+    """With the reference forced, score_reduce_weighted gives the fused value (offset
+    included), statistics and gradients, first and second."""
+    a, b = make_pair(9, 13, 4, requires_grad=True, seed=8)
+    w = torch.rand(9, dtype=torch.float64)
+    args = dict(pos_offset=2, reductions=ops.ROW_LSE | ops.NEG_SOFTPLUS, weights=(w, None, None, -w), w_pos=-w,
+                offset=2.5)
+    fused = ops.score_reduce_weighted(a, b, 0.7, **args)
+    infomax_ext.use_reference(True)
+    try:
+        slow = ops.score_reduce_weighted(a, b, 0.7, **args)
+    finally:
+        infomax_ext.use_reference(False)
+    for f, s in zip(fused, slow):
+        torch.testing.assert_close(f, s)
+    firsts = [torch.autograd.grad(v.value, (a, b), create_graph=True) for v in (fused, slow)]
+    for f, s in zip(*firsts):
+        torch.testing.assert_close(f, s)
+    seconds = [torch.autograd.grad(sum((g * g).sum() for g in gs), (a, b)) for gs in firsts]
+    for f, s in zip(*seconds):
+        torch.testing.assert_close(f, s)
 
 
 def test_gradcheck():
