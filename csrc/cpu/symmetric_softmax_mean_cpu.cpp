@@ -108,6 +108,7 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
   const RowsFn<T> rows_fn = INFOMAX_CPU_PICK(softmax_rows, T);
   const ColsFn<T> cols_fn = INFOMAX_CPU_PICK(softmax_cols, T);
   const Tensor& X = in.A;
+  const T* X_p = X.data_ptr<T>();
   const int64_t K = X.size(0), d = X.size(1);
   const auto opts = X.options();
   const cpu::DotTile<T> tile = cpu::dot_tile<T>(in, scale);
@@ -122,8 +123,7 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
     Tensor buf = at::empty({kTileRows * kTileCols}, opts), pbuf = at::empty({kTileRows * kTileCols}, opts);
     std::vector<T> mx(kTileCols), sm(kTileCols), alpha(kTileCols);
     for (int64_t slot = s0; slot < s1; ++slot) {
-      Tensor O = with_mean ? O_acc[slot] : Tensor();
-      T* O_p = with_mean ? O.data_ptr<T>() : nullptr;
+      T* O_p = with_mean ? O_acc[slot].data_ptr<T>() : nullptr;
       LseState<T>* st = states.data() + slot * K;
       for (int64_t blk = slot; blk < n_blocks; blk += n_slots) {
         const int64_t i0 = blk * kTileRows, tk = std::min(kTileRows, K - i0);
@@ -137,15 +137,17 @@ void symmetric_walk(const cpu::DotInputs& in, const Tensor& scale, Tensor& lse, 
             T* p = pbuf.data_ptr<T>();
             cols_fn(s, p, tk, tm, c0, st + j0, mx.data(), sm.data(), alpha.data());
             if (with_mean) {
+              // rows j0 + c0.. of O += P[:, c0:]^T X[i0:i0+tk] (P: tk x tm, row-major)
               rescale_rows(O_p + (j0 + c0) * d, d, alpha.data() + c0, tm - c0);
-            const Tensor P = pbuf.narrow(0, 0, tk * tm).view({tk, tm}).narrow(1, c0, tm - c0);
-              O.narrow(0, j0 + c0, tm - c0).addmm_(P.t(), X.narrow(0, i0, tk));
+              cpu::gemm<T>(true, false, tm - c0, d, tk, T(1), p + c0, tm, X_p + i0 * d, d, T(1),
+                           O_p + (j0 + c0) * d, d);
             }
           }
           rows_fn(s, tk, tm, diag, st + i0, alpha.data());
           if (with_mean) {
+            // rows i0.. of O += E X[j0:j0+tm], E the tile's exps (written over its scores)
             rescale_rows(O_p + i0 * d, d, alpha.data(), tk);
-            O.narrow(0, i0, tk).addmm_(buf.narrow(0, 0, tk * tm).view({tk, tm}), X.narrow(0, j0, tm));
+            cpu::gemm<T>(false, false, tk, d, tm, T(1), s, tm, X_p + j0 * d, d, T(1), O_p + i0 * d, d);
           }
         }
       }
