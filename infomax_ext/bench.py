@@ -19,13 +19,14 @@ peak extra memory against K = M for
 printed as a table with the ratios fused / other (time and peak memory), plus a
 CSV and a PNG plot (time and peak memory against K) under ``--out``.
 
-How it measures (one implementation, also used by ``benchmarks/peak.py``): the cases
+How it measures (one implementation, also used by the ``benchmarks/`` suites): the cases
 of one (op, implementation) run in a fresh subprocess, smallest K first (``--fresh``:
 one process per case). Per case: one first call (warm-up, compilation), whose result
 is checked against a float64 reference (float32 for concat); then the peak extra
 memory of one call; three more warm calls; then the median time of ``--min-reps``..
-``--max-reps`` calls (about ``--target-s`` seconds at the last warm call's time). Peak memory on CPU is the process's peak resident set
-during the call minus the resident set just before it, with the inputs allocated:
+``--max-reps`` calls (about ``--target-s`` seconds at the last warm call's time). Peak
+memory on CPU is the process's peak resident set during the call minus the resident
+set just before it, with the inputs allocated:
 freed heap memory is first returned to the OS (``malloc_trim``) and the peak reset
 (``/proc/self/clear_refs``), so earlier cases and the warm-up do not count. On CUDA it
 is ``max_memory_allocated`` minus ``memory_allocated`` before the call.
@@ -57,8 +58,8 @@ import infomax_ext as ie
 from . import reference as ref
 
 # ---------------------------------------------------------------------------
-# Time and peak memory of one case (the one implementation; benchmarks/peak.py
-# imports these)
+# Time and peak memory of one case (the one implementation; benchmarks/_common.py
+# and benchmarks/bench_gpu.py import these)
 # ---------------------------------------------------------------------------
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -190,7 +191,7 @@ def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_
     reps = repeats
     if reps is None:
         # NB: the calls above carry the check, the peak measurement and first-call
-        # costs; the number of timed calls comes from a plain call after two more.
+        # costs; the number of timed calls comes from the last of three plain calls.
         for _ in range(3):
             t1 = time.perf_counter()
             fn()
