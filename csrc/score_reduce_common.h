@@ -190,8 +190,8 @@ inline void add_positive_term(WithGrad& r, const Tensor& g_pos, const Tensor& a,
   const int64_t K = a.size(0);
   r.pos = at::empty({0}, a.options().dtype(acc));
   if (!g_pos.numel()) return;
-  const Tensor w = g_pos.detach().to(acc), s = scale.detach().to(acc).reshape({});
-  const Tensor A = a.detach().to(acc), Bp = b.detach().narrow(0, pos_offset, K).to(acc);
+  const Tensor w = as_acc(g_pos, acc), s = as_acc(scale, acc).reshape({});
+  const Tensor A = as_acc(a, acc), Bp = b.detach().narrow(0, pos_offset, K).to(acc);
   const Tensor dot = at::mul(A, Bp).sum(-1);
   r.pos = at::mul(dot, s);
   if (has(row_bias)) r.pos.add_(row_bias->detach().to(acc));
@@ -214,7 +214,6 @@ inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, co
                                       const Tensor& g_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
                                       const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
                                       int64_t reductions, double clamp_tau, int64_t needs_grad) {
-  TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only, got ", reductions);
   const Tensor5 out = forward(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   const Tensor none = std::get<1>(out);  // (0,): no column statistic, no gradient for it
   const Tensor5 grads = backward(g_row, none, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, std::get<0>(out),

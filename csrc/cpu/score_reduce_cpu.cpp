@@ -74,6 +74,9 @@ struct DotGrads {
         drow(at::zeros({K}, in_.A.options())),
         dcol(at::zeros({M}, in_.A.options())) {}
 
+  // The dB a thread accumulates into: dB itself for thread 0, its partial otherwise.
+  Tensor dB_of(int tid) const { return tid == 0 ? dB : dB_rest[tid - 1]; }
+
   // The walk's drow and dcol: undefined (not summed) without their bias.
   Tensor walk_drow() const { return in.rb.defined() ? drow : Tensor(); }
   Tensor walk_dcol() const { return in.cb.defined() ? dcol : Tensor(); }
@@ -88,7 +91,7 @@ struct DotGrads {
       cpu::gemm<T>(false, false, tk, d, tm, alpha, g, tm, in.B.data_ptr<T>() + j0 * d, d, T(1),
                    dA.data_ptr<T>() + i0 * d, d);
     if (with_dB) {  // (partial) G^T A
-      T* dB_t = (tid == 0 ? dB : dB_rest[tid - 1]).data_ptr<T>();
+      T* dB_t = dB_of(tid).template data_ptr<T>();
       cpu::gemm<T>(true, false, tm, d, tk, alpha, g, tm, in.A.data_ptr<T>() + i0 * d, d, T(1), dB_t + j0 * d, d);
     }
   }
@@ -104,9 +107,8 @@ struct DotGrads {
       cpu::gemm_bf16(false, false, tk, d, tm, alpha, g, tm, in.B16.data_ptr<at::BFloat16>() + j0 * d, d, 1.0f,
                      dA.data_ptr<float>() + i0 * d, d);
     if (with_dB) {
-      Tensor dB_t = tid == 0 ? dB : dB_rest[tid - 1];
       cpu::gemm_bf16(true, false, tm, d, tk, alpha, g, tm, in.A16.data_ptr<at::BFloat16>() + i0 * d, d, 1.0f,
-                     dB_t.data_ptr<float>() + j0 * d, d);
+                     dB_of(tid).template data_ptr<float>() + j0 * d, d);
     }
   }
 
@@ -180,7 +182,7 @@ WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
                                     const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
                                     int64_t reductions, double clamp_tau, int64_t needs_grad) {
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
-  if (reductions & kColLse || !cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
+  if (!cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
     return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
                                  grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias, col_bias,
                                  pos_offset, reductions, clamp_tau, needs_grad);

@@ -565,8 +565,7 @@ void backward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t 
 // Entry points
 // ---------------------------------------------------------------------------
 
-// NB: detach(): no autograd history for the internal copies; fp16/bf16 upcast once.
-Tensor acc_contiguous(const Tensor& t, at::ScalarType acc) { return t.detach().to(acc).contiguous(); }
+// NB: as_acc: internal copies without autograd history; fp16/bf16 upcast once.
 
 template <typename T>
 ConcatParams<T> concat_params(const Tensor& P, const Tensor& Q, const Tensor& w2, const Tensor& b2) {
@@ -585,9 +584,9 @@ Tensor5 concat_score_reduce_forward_cuda(const Tensor& P,    // (K, H) = u Wu^T 
   check_concat_args(P, Q, w2, b2, activation, pos_offset, reductions, clamp_tau);
   const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
-  const Tensor Pc = acc_contiguous(P, acc), Qc = acc_contiguous(Q, acc), wc = acc_contiguous(w2, acc);
+  const Tensor Pc = as_acc(P, acc), Qc = as_acc(Q, acc), wc = as_acc(w2, acc);
   // NB: b2 stays on the device (read through a pointer): no .item() sync.
-  const Tensor bc = acc_contiguous(b2, acc).reshape({});
+  const Tensor bc = as_acc(b2, acc).reshape({});
   Tensor5 out = alloc_reductions(P, Pc.size(0), Qc.size(0), reductions);
   const auto opts = Pc.options();
   const cudaStream_t stream = cuda::current_stream();
@@ -616,9 +615,9 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
   check_concat_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, P, Q, row_lse, col_lse, neg_lse, clamp_lse, reductions);
   const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
-  const Tensor Pc = acc_contiguous(P, acc), Qc = acc_contiguous(Q, acc), wc = acc_contiguous(w2, acc);
-  const Tensor bc = acc_contiguous(b2, acc).reshape({});
-  const auto c = [acc](const Tensor& t) { return acc_contiguous(t, acc); };
+  const Tensor Pc = as_acc(P, acc), Qc = as_acc(Q, acc), wc = as_acc(w2, acc);
+  const Tensor bc = as_acc(b2, acc).reshape({});
+  const auto c = [acc](const Tensor& t) { return as_acc(t, acc); };
   const GradTensors g{c(grad_row_lse), c(grad_col_lse), c(grad_neg_lse), c(grad_clamp_lse), c(grad_softplus),
                       c(row_lse),      c(col_lse),      c(neg_lse),      c(clamp_lse)};
   const int64_t active = active_grads(reductions, g.g_row, g.g_col, g.g_neg, g.g_clamp, g.g_sp);

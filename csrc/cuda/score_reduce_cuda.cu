@@ -757,7 +757,7 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
   const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
-  const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const auto cont = [acc](const Tensor& t) { return as_acc(t, acc); };
   const Tensor5 grads{cont(grad_row_lse), cont(grad_col_lse), cont(grad_neg_lse), cont(grad_clamp_lse),
                       cont(grad_softplus)};
   const int64_t active = active_grads(reductions, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
@@ -893,13 +893,13 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
   // NB: arguments checked by score_reduce_with_grad (score_reduce_common.h).
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
-  const auto cont = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const auto cont = [acc](const Tensor& t) { return as_acc(t, acc); };
   const Tensor none = at::empty({0}, a.options().dtype(acc));
   const Tensor5 grads{cont(grad_row_lse), none, cont(grad_neg_lse), cont(grad_clamp_lse), cont(grad_softplus)};
   const int64_t active = active_grads(reductions, std::get<0>(grads), none, std::get<2>(grads),
                                       std::get<3>(grads), std::get<4>(grads));
   const int64_t K = a.size(0), M = b.size(0), d = a.size(1);
-  if ((reductions & kColLse) || !active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
+  if (!active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
     return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
                                  grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias,
                                  col_bias, pos_offset, reductions, clamp_tau, needs_grad);
