@@ -2,7 +2,8 @@
 
 For InfoNCE, symmetric InfoNCE (CLIP) and NT-Xent, forward + backward in float32:
 
-  fused          ie.infonce / ie.infonce_symmetric / ie.NTXentLoss
+  fused          the drop-in losses: ie.InfoNCELoss(t, normalize=False), with
+                 symmetric=True for CLIP, and ie.NTXentLoss(t)
   eager          F.cross_entropy(scale * a @ b.T, arange(K)) (CLIP: rows and columns;
                  NT-Xent: the 2K x 2K similarities with the diagonal masked)
   eager_compile  torch.compile of that line

@@ -166,8 +166,9 @@ class DotScores(ScoreSource):
 class Estimate(NamedTuple):
     """An estimator's result on a source."""
     value: torch.Tensor               # 0-dim bound in nats; its gradient is the estimator's training gradient
-    per_row: torch.Tensor             # per-anchor terms (K,) (2K for infonce_symmetric); their mean is the
-                                      # bound, except DV, MINE and SMILE (per-anchor DV: mean >= the bound)
+    per_row: Optional[torch.Tensor]   # per-anchor terms (K,) (2K for infonce_symmetric); their mean is the
+                                      # bound, except DV, MINE and SMILE (per-anchor DV: mean >= the bound);
+                                      # None where the caller said it needs none (infonce_from's rows)
     state: Optional[torch.Tensor] = None  # MINE: the new log moving average
 
 
@@ -190,14 +191,20 @@ def _row_log_mean_neg(src, lse_rows):
 # One function per estimator, ``<name>_from(src)``: its Estimate on a source. The public
 # ``<name>(a, b, ...)`` below are the dot-product form; ``mi_lower_bound`` takes any critic.
 
-def infonce_from(src):
+def infonce_from(src, as_loss=False, rows=True):
     """InfoNCE ``mean_i [S_ii - logsumexp_j S_ij] + log M`` (at most log M); per row
     ``S_ii - logsumexp_j S_ij + log M``. The cross entropy ``log M - value`` is a mean
-    of row statistics, so its gradient comes out of the forward walk."""
-    log_m = math.log(src.M)
-    t = src.terms(ROW_LSE, walk=Walk(row=-1.0 / src.K, pos=1.0 / src.K, offset=log_m))
-    per_row = t.pos - t.stats.row_lse + log_m
-    return Estimate(per_row.mean() if t.walked is None else t.walked, per_row)
+    of row statistics, so its gradient comes out of the forward walk.
+
+    as_loss: the value is that cross entropy instead (walked as such, so no subtraction
+    follows the walk); per_row stays the bound's. rows=False: per_row is None when the
+    walk made the value (two small ops fewer per training step)."""
+    log_m, s = math.log(src.M), (1.0 if as_loss else -1.0)
+    t = src.terms(ROW_LSE, walk=Walk(row=s / src.K, pos=-s / src.K, offset=0.0 if as_loss else log_m))
+    per_row = t.pos - t.stats.row_lse + log_m if rows or t.walked is None else None
+    if t.walked is not None:
+        return Estimate(t.walked, per_row)
+    return Estimate(log_m - per_row.mean() if as_loss else per_row.mean(), per_row)
 
 
 def infonce_symmetric_from(src):
@@ -315,7 +322,7 @@ def infonce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
     column i + pos_offset. The cross-entropy loss of contrastive libraries is
     ``log M - infonce``. Returns a 0-dim tensor in nats.
     """
-    return infonce_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset)).value
+    return infonce_from(DotScores(a, b, scale, row_bias, col_bias, pos_offset), rows=False).value
 
 
 def infonce_symmetric(a, b, scale=1.0, row_bias=None, col_bias=None):

@@ -167,9 +167,9 @@ class InfoNCELoss(nn.Module):
         if not (self.symmetric or self.bank_only or negatives is not None):
             # The InfoNCE estimator itself (its gradient made in the forward walk).
             log_m = math.log(cand.shape[0])
-            e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off))
+            e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off), as_loss=True, rows=return_diagnostics)
             return _contrastive_result(log_m - e.per_row if return_diagnostics else None, log_m, return_diagnostics,
-                                       loss=log_m - e.value)
+                                       loss=e.value)
 
         pos = est.DotScores(z1, z2, scale, pos_offset=pos_offset).positive()
         lse2 = None

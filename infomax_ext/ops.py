@@ -84,7 +84,7 @@ def as_scale(scale, like):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
         return scale.reshape(()) if scale.dim() else scale
-    return torch.tensor(float(scale), dtype=acc_dtype(like.dtype), device=like.device)
+    return torch.full((), float(scale), dtype=acc_dtype(like.dtype), device=like.device)
 
 
 def score_reduce(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
@@ -184,61 +184,52 @@ def _needs_grad(a, b, scale):
 class _ReduceWithGrad(torch.autograd.Function):
     """``sum_i w . stats_i`` of score_reduce's row statistics (and of the positives), its
     gradient made in the forward walk (``_score_reduce_with_grad``): the weights are known
-    up front."""
+    up front. ``spec``: ``(pos_offset, reductions, clamp_tau, offset, shared)``."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, offset, shared):
-        # NB: reached only with the fused path on (score_reduce_weighted decided).
-        inputs = (a, b, scale, row_bias, col_bias)
-        ctx.weights, ctx.args = weights, (pos_offset, reductions, clamp_tau, offset)
+    def forward(ctx, a, b, scale, row_bias, col_bias, weights, spec):
+        # NB: reached only with the fused path on (score_reduce_weighted decided). Grad
+        # mode is off here, so the op records nothing: its inputs need no detach.
+        pos_offset, reductions, clamp_tau, offset, shared = spec
+        ctx.weights, ctx.spec = weights, spec
         # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
         # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
-        b = a if shared[0] else b
-        col_bias = row_bias if shared[1] else col_bias
         empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
-        w = [empty if x is None else x for x in weights]
-        d = [None if t is None else t.detach() for t in (row_bias, col_bias)]
-        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        needs = _needs_grad(need_a, need_a if shared[0] else need_b, need_scale)
+        need = ctx.needs_input_grad
         # NB: the op adds the positive term (value and gradients) itself.
         value, *out = _ops()._score_reduce_with_grad(
-            *w, a.detach(), b.detach(), scale.detach(), *d, pos_offset, reductions, clamp_tau, needs)
-        stats, pos, grads = out[:5], out[5], out[6:]
+            *[empty if x is None else x for x in weights], a, a if shared[0] else b, scale, row_bias,
+            row_bias if shared[1] else col_bias, pos_offset, reductions, clamp_tau,
+            _needs_grad(need[0], need[0] if shared[0] else need[1], need[2]))
         if offset:
             value.add_(offset)  # NB: a constant: no autograd node of its own
         # NB: the inputs are saved too (no copy): torch's version counter then catches an
         # in-place change before the backward, and a create_graph backward needs them.
-        ctx.save_for_backward(*inputs, *grads)
-        ctx.shared = shared
-        ctx.mark_non_differentiable(*stats, pos)
+        ctx.save_for_backward(a, b, scale, row_bias, col_bias, *out[6:])
         # NB: the statistics and positives carry no gradient: no zero tensors for them.
+        ctx.mark_non_differentiable(*out[:6])
         ctx.set_materialize_grads(False)
-        return (value, *stats, pos)
+        return (value, *out[:6])
 
     @staticmethod
     def backward(ctx, g, *_):
-        a, b, scale, row_bias, col_bias, *grads = ctx.saved_tensors
-        same_ab, same_bias = ctx.shared
         if g is None:
-            return (None,) * 11
+            return (None,) * 7
+        a, b, scale, row_bias, col_bias, da, db, dscale, drow, dcol = ctx.saved_tensors
+        pos_offset, reductions, clamp_tau, offset, (same_ab, same_bias) = ctx.spec
         if torch.is_grad_enabled():  # create_graph=True
             grads = _grads_by_reference(
-                lambda *x: _weighted_value_reference(*x, *ctx.args, ctx.weights)[:1],
+                lambda *x: _weighted_value_reference(*x, pos_offset, reductions, clamp_tau, offset, ctx.weights)[:1],
                 (a, a if same_ab else b, scale, row_bias, row_bias if same_bias else col_bias), (g,))
-            return (*grads, None, None, None, None, None, None)
-        da, db, dscale, drow, dcol = grads
+            return (*grads, None, None)
         need_a, need_b, need_scale, need_rb, need_cb = ctx.needs_input_grad[:5]
         # NB: da and db are kept in the accumulation dtype until here: one rounding to
         # the inputs' dtype, after the op added the positive term.
-        da = (da + db if same_ab else da) if need_a else None
-        db = None if same_ab or not need_b else db
-        drow = (drow + dcol if same_bias else drow) if need_rb else None
-        dcol = None if same_bias or not need_cb else dcol
-        scaled = [None if x is None else g * x for x in (da, db, dscale if need_scale else None, drow, dcol)]
-        for i, t in ((0, a), (1, b)):
-            if scaled[i] is not None:
-                scaled[i] = scaled[i].to(t.dtype)
-        return (*scaled, None, None, None, None, None, None)
+        da = (g * (da + db if same_ab else da)).to(a.dtype) if need_a else None
+        db = (g * db).to(a.dtype) if need_b and not same_ab else None
+        drow = g * (drow + dcol if same_bias else drow) if need_rb else None
+        dcol = g * dcol if need_cb and not same_bias else None
+        return da, db, g * dscale if need_scale else None, drow, dcol, None, None
 
 
 def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, offset, weights):
@@ -292,9 +283,9 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
         return _weighted_value_reference(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset),
                                          int(reductions), float(clamp_tau), float(offset), weights)
     shared = (b is a, col_bias is not None and col_bias is row_bias)
+    spec = (int(pos_offset), int(reductions), float(clamp_tau), float(offset), shared)
     return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
-                                                None if shared[1] else col_bias, int(pos_offset), int(reductions),
-                                                float(clamp_tau), weights, float(offset), shared))
+                                                None if shared[1] else col_bias, weights, spec))
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):

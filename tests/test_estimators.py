@@ -114,6 +114,29 @@ def test_infonce_equals_log_m_minus_cross_entropy_at_scale():
     torch.testing.assert_close(ie.infonce(a, b, 50.0, pos_offset=150), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["walked", "no_grad"])
+@pytest.mark.parametrize("seed", [11, 12])
+def test_infonce_as_loss_is_the_cross_entropy(device, grad, seed):
+    """``infonce_from(as_loss=True)`` is ``log M - bound`` in value and gradient, walked
+    (a backward follows) or not; its per_row is the bound's, None only when the walk made
+    the value and rows=False."""
+    from infomax_ext import estimators as est
+    for kw in sample_inputs(device, torch.float64, requires_grad=grad, seed=seed):
+        src = est.DotScores(kw["a"], kw["b"], kw["scale"], kw["row_bias"], kw["col_bias"], kw["pos_offset"])
+        S = ref.scores_dot(kw["a"], kw["b"], kw["scale"], kw["row_bias"], kw["col_bias"])
+        bound = ref.infonce(S, kw["pos_offset"])
+        loss = est.infonce_from(src, as_loss=True)
+        torch.testing.assert_close(loss.value, math.log(src.M) - bound)
+        torch.testing.assert_close(loss.per_row.mean(), bound)
+        lean = est.infonce_from(src, as_loss=True, rows=False)
+        assert (lean.per_row is None) == grad
+        torch.testing.assert_close(lean.value, loss.value)
+        if grad:
+            inputs = [kw[k] for k in ("a", "b", "scale", "row_bias", "col_bias") if kw[k] is not None]
+            for x, y in zip(torch.autograd.grad(lean.value, inputs), torch.autograd.grad(-bound, inputs)):
+                torch.testing.assert_close(x, y)
+
+
 def test_nwj_overflow_is_minus_inf_not_nan():
     a, b = make_pair(3, 5, 2, dtype=torch.float32)
     value = ie.nwj(a, b, 1e4)
