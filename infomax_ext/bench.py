@@ -34,6 +34,7 @@ is ``max_memory_allocated`` minus ``memory_allocated`` before the call.
 
     python -m infomax_ext bench                        # the default report
     python -m infomax_ext bench --sizes 1024 4096 --ops infonce --no-compile
+    python -m infomax_ext bench --ops infonce --sizes 256 512 --no-compile --interleave 31
     python -m infomax_ext.bench --help
 """
 import argparse
@@ -223,6 +224,55 @@ def run_case(make, repeats=3, device=None):
     """``make() -> callable``; returns (median seconds, extra peak bytes) of that callable."""
     r = time_and_peak(make(), _device_of(device), repeats=repeats)
     return r["time_s"], r["peak_bytes"]
+
+
+def interleaved(op, K, impls, rounds=31, calls=30, device="cpu", **case):
+    """The implementations of one (op, K) timed round-robin in this process, so that a
+    shared machine's drift hits them alike: per round, per implementation, three warm
+    calls and the median of ``calls`` timed ones. Returns ``(ms, ratio)``: the median
+    over rounds per implementation, and the median over rounds of the per-round ratio
+    fused / other (``impls`` must hold ``"fused"``)."""
+    runs = {impl: make_case(op, impl, K, device=device, **case) for impl in impls}
+    per = {impl: [] for impl in runs}
+    for _ in range(rounds):
+        for impl, run in runs.items():
+            for _ in range(3):
+                run()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                ts.append(time.perf_counter() - t0)
+            per[impl].append(statistics.median(ts))
+    ms = {impl: statistics.median(v) * 1e3 for impl, v in per.items()}
+    ratio = {impl: statistics.median(f / o for f, o in zip(per["fused"], v)) for impl, v in per.items()
+             if impl != "fused"}
+    return ms, ratio
+
+
+def _interleaved_report(args):
+    """``--interleave``: the cases of each (op, K) of the plan timed round-robin in this
+    process (no peak memory, no CSV)."""
+    groups = {}
+    for op, impl, cases in _plan(args):
+        for c in cases:
+            if impl != "floor":
+                groups.setdefault((op, c["K"]), (c, []))[1].append(impl)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"interleaved: {args.interleave} rounds of {args.calls} calls per implementation, "
+          f"{torch.get_num_threads()} threads, {args.dtype}, median ms (fused / this: median of the "
+          f"per-round ratios)")
+    for (op, K), (c, impls) in groups.items():
+        if "fused" not in impls:
+            continue
+        kw = {k: v for k, v in c.items() if k not in ("op", "impl", "K", "device")}
+        ms, ratio = interleaved(op, K, impls, rounds=args.interleave, calls=args.calls, device=args.device, **kw)
+        cells = [f"fused {ms['fused']:.3f}"] + [f"{LABELS.get((op, i), i)} {ms[i]:.3f} ({ratio[i]:.3f})"
+                                                 for i in impls if i != "fused"]
+        print(f"{op:<10} K={K:<6} " + "; ".join(cells), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -542,6 +592,11 @@ def _parse(argv):
     p.add_argument("--out", default=os.path.join("infomax_out", "bench"),
                    help="folder for bench.csv and bench.png (created)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                   help="instead: time the implementations of each (op, K) round-robin in this process, "
+                        "ROUNDS rounds (drift of a shared machine hits them alike; no peak memory, no CSV; "
+                        "the 4-matmul floor left out)")
+    p.add_argument("--calls", type=int, default=30, help="timed calls per implementation and round (--interleave)")
     return p.parse_args(argv)
 
 
@@ -716,6 +771,8 @@ def _plot(rows, path, title):
 def main(argv=None):
     """Runs the report; returns 0, or 1 when a case failed or a check did not hold."""
     args = _parse(argv)
+    if args.interleave:
+        return _interleaved_report(args)
     from tqdm import tqdm
 
     t_start = time.perf_counter()

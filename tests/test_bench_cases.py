@@ -27,3 +27,18 @@ def test_fused_losses_equal_the_eager_lines():
     for op in ("infonce", "clip", "ntxent"):
         fused, eager = bench.make_case(op, "fused", K=16, d=6), bench.make_case(op, "eager", K=16, d=6)
         assert abs(float(fused()) - float(eager())) < 1e-4, op
+
+
+def test_interleaved_times_every_implementation_and_orients_its_ratios():
+    """One round: each ratio is exactly fused's median over the other's (fused / other)."""
+    ms, ratio = bench.interleaved("infonce", 16, ["fused", "eager", "floor3"], rounds=1, calls=3, d=4)
+    assert set(ms) == {"fused", "eager", "floor3"} and set(ratio) == {"eager", "floor3"}
+    for impl, r in ratio.items():
+        assert ms[impl] > 0 and r == pytest.approx(ms["fused"] / ms[impl])
+
+
+def test_interleaved_report_runs(capsys):
+    assert bench.main(["--ops", "infonce", "ntxent", "--sizes", "16", "--d", "4", "--no-compile",
+                       "--interleave", "2", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "infonce    K=16" in out and "ntxent     K=16" in out and "floor" in out
