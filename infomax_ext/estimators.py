@@ -150,16 +150,17 @@ class DotScores(ScoreSource):
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
 
     def terms(self, reductions, clamp_tau=CLAMP_TAU, walk=None):
-        """With ``walk`` and a backward to follow, from ``ops.score_reduce_weighted``: the
+        """With ``walk`` and a backward to follow, from ``ops.score_reduce_weighted`` (its
+        unchecked ``ops.weighted``: the source checked its inputs and builds the weights): the
         weights are constants, so the op makes the sum's gradient during the forward walk
         (three K x M x d GEMMs instead of four, nothing left for autograd to hold) and the
         statistics come back without gradient. Otherwise the plain reductions."""
         if walk is None or not self.wants_grad():
             return super().terms(reductions, clamp_tau)
         acc = ops.acc_dtype(self.a.dtype)
-        w = [None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk[:5]]
-        out = ops.score_reduce_weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset,
-                                        reductions, clamp_tau, w[:4], w_pos=w[4], offset=walk.offset)
+        w = tuple(None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk[:5])
+        out = ops.weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
+                           float(clamp_tau), w, float(walk.offset))
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
 
 

@@ -279,13 +279,22 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp", "w_pos"), weights):
         if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (K,) or w.requires_grad):
             raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
+    return weighted(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset), int(reductions),
+                    float(clamp_tau), weights, float(offset))
+
+
+def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, offset):
+    """:func:`score_reduce_weighted` on arguments its callers built themselves (the score
+    sources' walks): scale a 0-dim tensor, ``weights`` the five of them (w_pos last), the
+    numbers Python ints and floats. Nothing is checked twice; the op still checks what it
+    reads."""
     if _lib() is None:
-        return _weighted_value_reference(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset),
-                                         int(reductions), float(clamp_tau), float(offset), weights)
+        return _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
+                                         offset, weights)
     shared = (b is a, col_bias is not None and col_bias is row_bias)
-    spec = (int(pos_offset), int(reductions), float(clamp_tau), float(offset), shared)
-    return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, as_scale(scale, a), row_bias,
-                                                None if shared[1] else col_bias, weights, spec))
+    return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, scale, row_bias,
+                                                None if shared[1] else col_bias, weights,
+                                                (pos_offset, reductions, clamp_tau, offset, shared)))
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):

@@ -40,7 +40,8 @@ def assert_same(out, expected, inputs, **tol):
 
 def count_op_calls(monkeypatch):
     """Counts calls of the fused ops made through ops.score_reduce,
-    ops.score_reduce_weighted (a mean with its gradient from the forward walk) and
+    ops.weighted (score_reduce_weighted's path: a mean with its gradient from the
+    forward walk) and
     ops.symmetric_softmax_mean (uniformity), and records their input dtypes."""
     calls = []
 
@@ -54,7 +55,7 @@ def count_op_calls(monkeypatch):
         monkeypatch.setattr(ops, name, spy)
 
     spy_on("score_reduce")
-    spy_on("score_reduce_weighted")
+    spy_on("weighted")
     spy_on("symmetric_softmax_mean", two_inputs=False)
     return calls
 

@@ -165,8 +165,8 @@ def test_reruns_are_bitwise_identical_and_threads_agree():
 def test_infonce_takes_the_one_walk_path_only_when_a_backward_follows(monkeypatch):
     a, b = make_pair(40, 60, 5, requires_grad=True)
     calls = []
-    real_w, real = ops.score_reduce_weighted, ops.score_reduce
-    monkeypatch.setattr(ops, "score_reduce_weighted", lambda *x, **k: calls.append("weighted") or real_w(*x, **k))
+    real_w, real = ops.weighted, ops.score_reduce
+    monkeypatch.setattr(ops, "weighted", lambda *x, **k: calls.append("weighted") or real_w(*x, **k))
     monkeypatch.setattr(ops, "score_reduce", lambda *x, **k: calls.append("plain") or real(*x, **k))
     value = est.infonce(a, b, 2.0, pos_offset=3)
     with torch.no_grad():
@@ -272,8 +272,8 @@ def test_estimators_on_the_one_walk_path(name, monkeypatch):
     equal the reference's; gradcheck in float64 where the value is what is differentiated
     (JS's and SMILE's values are other bounds than the objective that gives the gradient)."""
     calls = []
-    real = ops.score_reduce_weighted
-    monkeypatch.setattr(ops, "score_reduce_weighted", lambda *x, **k: calls.append(1) or real(*x, **k))
+    real = ops.weighted
+    monkeypatch.setattr(ops, "weighted", lambda *x, **k: calls.append(1) or real(*x, **k))
     a, b = make_pair(37, 80, 6, seed=11, requires_grad=True)
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     fn, oracle_fn = getattr(est, name), getattr(ref, name)
