@@ -226,20 +226,31 @@ def run_case(make, repeats=3, device=None):
     return r["time_s"], r["peak_bytes"]
 
 
-def interleaved(op, K, impls, rounds=31, calls=30, device="cpu", **case):
+def interleaved(op, K, impls, rounds=31, calls=30, device="cpu", round_s=0.1, **case):
     """The implementations of one (op, K) timed round-robin in this process, so that a
-    shared machine's drift hits them alike: per round, per implementation, three warm
-    calls and the median of ``calls`` timed ones. Returns ``(ms, ratio)``: the median
-    over rounds per implementation, and the median over rounds of the per-round ratio
-    fused / other (``impls`` must hold ``"fused"``)."""
+    shared machine's drift hits them alike: per round, per implementation, warm calls
+    (three, one for a call over 10 ms) and the median of up to ``calls`` timed ones (at
+    least one, fewer when they would pass about ``round_s`` seconds). Returns ``(ms,
+    ratio)``: the median over rounds per implementation, and the median over rounds of
+    the per-round ratio fused / other (``impls`` must hold ``"fused"``)."""
     runs = {impl: make_case(op, impl, K, device=device, **case) for impl in impls}
+    plan = {}
+    for impl, run in runs.items():
+        run()  # the first call (compilation for the compiled lines)
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        one = time.perf_counter() - t0
+        plan[impl] = (3 if one < 0.01 else 1, max(1, min(calls, int(round_s / max(one, 1e-6)))))
     per = {impl: [] for impl in runs}
     for _ in range(rounds):
         for impl, run in runs.items():
-            for _ in range(3):
+            warm, n = plan[impl]
+            for _ in range(warm):
                 run()
             ts = []
-            for _ in range(calls):
+            for _ in range(n):
                 t0 = time.perf_counter()
                 run()
                 _sync(device)
@@ -261,7 +272,7 @@ def _interleaved_report(args):
                 groups.setdefault((op, c["K"]), (c, []))[1].append(impl)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"interleaved: {args.interleave} rounds of {args.calls} calls per implementation, "
+    print(f"interleaved: {args.interleave} rounds of up to {args.calls} calls per implementation, "
           f"{torch.get_num_threads()} threads, {args.dtype}, median ms (fused / this: median of the "
           f"per-round ratios)")
     for (op, K), (c, impls) in groups.items():
@@ -596,7 +607,9 @@ def _parse(argv):
                    help="instead: time the implementations of each (op, K) round-robin in this process, "
                         "ROUNDS rounds (drift of a shared machine hits them alike; no peak memory, no CSV; "
                         "the 4-matmul floor left out)")
-    p.add_argument("--calls", type=int, default=30, help="timed calls per implementation and round (--interleave)")
+    p.add_argument("--calls", type=int, default=30,
+                   help="timed calls per implementation and round (--interleave; fewer for a slow one, "
+                        "about 0.1 s a round)")
     return p.parse_args(argv)
 
 
