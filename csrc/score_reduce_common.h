@@ -37,6 +37,10 @@ inline Tensor as_acc(const Tensor& t, at::ScalarType acc) {
   return t.detach().to(acc).contiguous();
 }
 
+// A one-element tensor (a scale, the concat critic's b2) as a 0-dim tensor in dtype acc,
+// as as_acc gives it.
+inline Tensor scalar_acc(const Tensor& t, at::ScalarType acc) { return as_acc(t, acc).reshape({}); }
+
 inline void check_bias(const OptTensor& bias, const char* name, int64_t n, const char* n_name,
                        const Tensor& a, const char* op = "score_reduce") {
   if (!has(bias)) return;
@@ -190,7 +194,7 @@ inline void add_positive_term(WithGrad& r, const Tensor& g_pos, const Tensor& a,
   const int64_t K = a.size(0);
   r.pos = at::empty({0}, a.options().dtype(acc));
   if (!g_pos.numel()) return;
-  const Tensor w = as_acc(g_pos, acc), s = as_acc(scale, acc).reshape({});
+  const Tensor w = as_acc(g_pos, acc), s = scalar_acc(scale, acc);
   const Tensor A = as_acc(a, acc), Bp = b.detach().narrow(0, pos_offset, K).to(acc);
   const Tensor dot = at::mul(A, Bp).sum(-1);
   r.pos = at::mul(dot, s);

@@ -156,6 +156,17 @@ def measure_peak(fn, device="cpu"):
     return max(_status_bytes("VmHWM") - base, 0)
 
 
+def _call_times(fn, device, n):
+    """Seconds of each of ``n`` calls of ``fn``, each one synchronised (CUDA)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_reps=20, check=None):
     """Runs a zero-argument ``fn``: first call, peak memory of one call, then timed calls.
 
@@ -163,7 +174,8 @@ def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_
         fn: the case (``make_case(...)``'s callable); may carry ``fn.check(out)`` returning
             ``(ok, message)``, called on the first call's result unless ``check`` is given.
         repeats: a fixed number of timed calls; None picks ``ceil(target_s / t)`` within
-            ``[min_reps, max_reps]`` from the time ``t`` of the peak-memory call.
+            ``[min_reps, max_reps]`` from the time ``t`` of the last of three plain calls
+            after the peak-memory one.
 
     Returns:
         dict(time_s (median), peak_bytes, reps, first_s, check): ``check`` is "ok",
@@ -177,16 +189,14 @@ def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_
         first = time.perf_counter() - t0
         verdict = _run_check(check, out)
         del out
-        t1 = time.perf_counter()
         peak = measure_peak(fn, device)
         _sync(device)
-        one = time.perf_counter() - t1
     else:
         # NB: no resettable peak mark: the peak of the *first* call (ru_maxrss, a
         # lifetime maximum), taken before anything else grows the process.
         base = current_rss()
         out = fn()
-        first = one = time.perf_counter() - t0
+        first = time.perf_counter() - t0
         peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
         verdict = _run_check(check, out)
         del out
@@ -194,18 +204,9 @@ def time_and_peak(fn, device="cpu", repeats=None, target_s=1.0, min_reps=3, max_
     if reps is None:
         # NB: the calls above carry the check, the peak measurement and first-call
         # costs; the number of timed calls comes from the last of three plain calls.
-        for _ in range(3):
-            t1 = time.perf_counter()
-            fn()
-            _sync(device)
-        one = time.perf_counter() - t1
+        one = _call_times(fn, device, 3)[-1]
         reps = int(min(max_reps, max(min_reps, math.ceil(target_s / max(one, 1e-6)))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    times = _call_times(fn, device, reps)
     return {"time_s": statistics.median(times), "peak_bytes": peak, "reps": reps, "first_s": first,
             "check": verdict}
 
@@ -236,12 +237,7 @@ def interleaved(op, K, impls, rounds=31, calls=30, device="cpu", round_s=0.1, **
     runs = {impl: make_case(op, impl, K, device=device, **case) for impl in impls}
     plan = {}
     for impl, run in runs.items():
-        run()  # the first call (compilation for the compiled lines)
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        one = time.perf_counter() - t0
+        one = _call_times(run, device, 2)[-1]  # after the first call (compilation for the compiled lines)
         plan[impl] = (3 if one < 0.01 else 1, max(1, min(calls, int(round_s / max(one, 1e-6)))))
     per = {impl: [] for impl in runs}
     for _ in range(rounds):
@@ -249,13 +245,7 @@ def interleaved(op, K, impls, rounds=31, calls=30, device="cpu", round_s=0.1, **
             warm, n = plan[impl]
             for _ in range(warm):
                 run()
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                run()
-                _sync(device)
-                ts.append(time.perf_counter() - t0)
-            per[impl].append(statistics.median(ts))
+            per[impl].append(statistics.median(_call_times(run, device, n)))
     ms = {impl: statistics.median(v) * 1e3 for impl, v in per.items()}
     ratio = {impl: statistics.median(f / o for f, o in zip(per["fused"], v)) for impl, v in per.items()
              if impl != "fused"}

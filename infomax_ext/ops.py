@@ -226,7 +226,7 @@ class _ReduceWithGrad(torch.autograd.Function):
         # NB: da and db are kept in the accumulation dtype until here: one rounding to
         # the inputs' dtype, after the op added the positive term.
         da = (g * (da + db if same_ab else da)).to(a.dtype) if need_a else None
-        db = (g * db).to(a.dtype) if need_b and not same_ab else None
+        db = (g * db).to(b.dtype) if need_b and not same_ab else None
         drow = g * (drow + dcol if same_bias else drow) if need_rb else None
         dcol = g * dcol if need_cb and not same_bias else None
         return da, db, g * dscale if need_scale else None, drow, dcol, None, None

@@ -3,7 +3,7 @@
 // A tile's dot products come from one BLAS call (cpu::gemm into the thread's
 // tile buffer); the walk over tiles and the epilogues are the shared ones of
 // reduce_walker.h. Backward adds, per G tile, (G B) into the block's rows of dA
-// (owned by the thread) and G^T A into a per-thread partial dB (threads * M * d
+// (owned by the thread) and G^T A into dB or a per-thread partial ((threads - 1) * M * d
 // extra memory), so the four matmuls of a recomputing op are all BLAS calls.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/full_like.h>

@@ -565,8 +565,6 @@ void backward_impl(const ConcatParams<T>& d, T tau, int64_t pos_offset, int64_t 
 // Entry points
 // ---------------------------------------------------------------------------
 
-// NB: as_acc: internal copies without autograd history; fp16/bf16 upcast once.
-
 template <typename T>
 ConcatParams<T> concat_params(const Tensor& P, const Tensor& Q, const Tensor& w2, const Tensor& b2) {
   return ConcatParams<T>{P.data_ptr<T>(), Q.data_ptr<T>(), w2.data_ptr<T>(), b2.data_ptr<T>(),
@@ -586,7 +584,7 @@ Tensor5 concat_score_reduce_forward_cuda(const Tensor& P,    // (K, H) = u Wu^T 
   const auto acc = acc_dtype(P.scalar_type());
   const Tensor Pc = as_acc(P, acc), Qc = as_acc(Q, acc), wc = as_acc(w2, acc);
   // NB: b2 stays on the device (read through a pointer): no .item() sync.
-  const Tensor bc = as_acc(b2, acc).reshape({});
+  const Tensor bc = scalar_acc(b2, acc);
   Tensor5 out = alloc_reductions(P, Pc.size(0), Qc.size(0), reductions);
   const auto opts = Pc.options();
   const cudaStream_t stream = cuda::current_stream();
@@ -616,7 +614,7 @@ Tensor4 concat_score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,)
   const cuda::DeviceGuard guard(P.device());
   const auto acc = acc_dtype(P.scalar_type());
   const Tensor Pc = as_acc(P, acc), Qc = as_acc(Q, acc), wc = as_acc(w2, acc);
-  const Tensor bc = as_acc(b2, acc).reshape({});
+  const Tensor bc = scalar_acc(b2, acc);
   const auto c = [acc](const Tensor& t) { return as_acc(t, acc); };
   const GradTensors g{c(grad_row_lse), c(grad_col_lse), c(grad_neg_lse), c(grad_clamp_lse), c(grad_softplus),
                       c(row_lse),      c(col_lse),      c(neg_lse),      c(clamp_lse)};

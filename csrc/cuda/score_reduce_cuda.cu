@@ -708,7 +708,7 @@ Tensor5 score_reduce_forward_cuda(const Tensor& a,            // (K, d) anchors
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
   // NB: scale stays on the device (kernels read it through a pointer): no .item() sync.
-  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  const Tensor sc = scalar_acc(scale, acc);
   Tensor5 out = alloc_reductions(a, A.size(0), B.size(0), reductions);
   AT_DISPATCH_FLOATING_TYPES(acc, "score_reduce_forward_cuda", [&] {
     const ScoreArgs<scalar_t> args{sc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rb), ptr_or_null<scalar_t>(cb)};
@@ -756,7 +756,7 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
   const auto acc = acc_dtype(a.scalar_type());
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
-  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  const Tensor sc = scalar_acc(scale, acc);
   const auto cont = [acc](const Tensor& t) { return as_acc(t, acc); };
   const Tensor5 grads{cont(grad_row_lse), cont(grad_col_lse), cont(grad_neg_lse), cont(grad_clamp_lse),
                       cont(grad_softplus)};
@@ -866,7 +866,7 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
   const auto acc = acc_dtype(x.scalar_type());
   const Tensor X = gemm_operand(x, acc);
   const Tensor b = bias_acc(bias, acc);
-  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  const Tensor sc = scalar_acc(scale, acc);
   Tensor5 out = alloc_reductions(x, x.size(0), x.size(0), kNegLse);
   Tensor mean = std::get<1>(alloc_symmetric(x, with_mean));
   AT_DISPATCH_FLOATING_TYPES(acc, "symmetric_softmax_mean_cuda", [&] {
@@ -905,7 +905,7 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
                                  col_bias, pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
-  const Tensor sc = scale.detach().to(acc).reshape({}).contiguous();
+  const Tensor sc = scalar_acc(scale, acc);
   Tensor5 out = alloc_reductions(a, K, M, reductions);
   const auto opts = a.options().dtype(acc);
   Tensor dA = at::zeros({K, d}, opts), dB = at::zeros({M, d}, opts);
