@@ -59,6 +59,23 @@ void define_ops(torch::Library& m) {
       "Tensor grad_softplus, Tensor grad_pos, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, "
       "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same walk as a differentiable op (autograd in score_reduce_weighted.cpp):
+  // (value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus, pos) with value =
+  // offset + sum_i (w_row_i row_lse_i + ... + w_pos_i S[i, i + pos_offset]); a weight is
+  // (K,) or None (its term left out); only value carries a gradient.
+  m.def(
+      "score_reduce_weighted(Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
+      "int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_neg, Tensor? w_clamp, "
+      "Tensor? w_softplus, Tensor? w_pos, float offset) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad times the gradients (a, b, scale, row_bias, col_bias) of score_reduce_weighted's
+  // value, as differentiable torch ops from the materialising reference (its kernel is
+  // registered from Python): its backward under create_graph=True. A gradient of an
+  // input that is None comes back empty (0,).
+  m.def(
+      "_score_reduce_weighted_grads(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, "
+      "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_neg, "
+      "Tensor? w_clamp, Tensor? w_softplus, Tensor? w_pos) -> Tensor[]");
   // For the symmetric S = scale * x x^T + bias_i + bias_j with the diagonal excluded:
   // (lse (K,) = logsumexp_{j != i} S_ij, mean (K, d) = sum_{j != i} softmax_i(S)_j x_j),
   // from the upper half of S; with_mean=false: lse only (mean is empty (0,)).

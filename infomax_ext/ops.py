@@ -181,57 +181,6 @@ def _needs_grad(a, b, scale):
     return int(bool(a)) | 2 * int(bool(b)) | 4 * int(bool(scale))
 
 
-class _ReduceWithGrad(torch.autograd.Function):
-    """``sum_i w . stats_i`` of score_reduce's row statistics (and of the positives), its
-    gradient made in the forward walk (``_score_reduce_with_grad``): the weights are known
-    up front. ``spec``: ``(pos_offset, reductions, clamp_tau, offset, shared)``."""
-
-    @staticmethod
-    def forward(ctx, a, b, scale, row_bias, col_bias, weights, spec):
-        # NB: reached only with the fused path on (score_reduce_weighted decided). Grad
-        # mode is off here, so the op records nothing: its inputs need no detach.
-        pos_offset, reductions, clamp_tau, offset, shared = spec
-        ctx.weights, ctx.spec = weights, spec
-        # NB: shared = (b is a, col_bias is row_bias): such an input is passed once (b or
-        # col_bias None), since torch.compile cannot trace a Function given one tensor twice.
-        empty = a.new_empty((0,), dtype=acc_dtype(a.dtype))
-        need = ctx.needs_input_grad
-        # NB: the op adds the positive term (value and gradients) itself.
-        value, *out = _ops()._score_reduce_with_grad(
-            *[empty if x is None else x for x in weights], a, a if shared[0] else b, scale, row_bias,
-            row_bias if shared[1] else col_bias, pos_offset, reductions, clamp_tau,
-            _needs_grad(need[0], need[0] if shared[0] else need[1], need[2]))
-        if offset:
-            value.add_(offset)  # NB: a constant: no autograd node of its own
-        # NB: the inputs are saved too (no copy): torch's version counter then catches an
-        # in-place change before the backward, and a create_graph backward needs them.
-        ctx.save_for_backward(a, b, scale, row_bias, col_bias, *out[6:])
-        # NB: the statistics and positives carry no gradient: no zero tensors for them.
-        ctx.mark_non_differentiable(*out[:6])
-        ctx.set_materialize_grads(False)
-        return (value, *out[:6])
-
-    @staticmethod
-    def backward(ctx, g, *_):
-        if g is None:
-            return (None,) * 7
-        a, b, scale, row_bias, col_bias, da, db, dscale, drow, dcol = ctx.saved_tensors
-        pos_offset, reductions, clamp_tau, offset, (same_ab, same_bias) = ctx.spec
-        if torch.is_grad_enabled():  # create_graph=True
-            grads = _grads_by_reference(
-                lambda *x: _weighted_value_reference(*x, pos_offset, reductions, clamp_tau, offset, ctx.weights)[:1],
-                (a, a if same_ab else b, scale, row_bias, row_bias if same_bias else col_bias), (g,))
-            return (*grads, None, None)
-        need_a, need_b, need_scale, need_rb, need_cb = ctx.needs_input_grad[:5]
-        # NB: da and db are kept in the accumulation dtype until here: one rounding to
-        # the inputs' dtype, after the op added the positive term.
-        da = (g * (da + db if same_ab else da)).to(a.dtype) if need_a else None
-        db = (g * db).to(b.dtype) if need_b and not same_ab else None
-        drow = g * (drow + dcol if same_bias else drow) if need_rb else None
-        dcol = g * dcol if need_cb and not same_bias else None
-        return da, db, g * dscale if need_scale else None, drow, dcol, None, None
-
-
 def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, offset, weights):
     """:func:`score_reduce_weighted` from the materialising reference: the value is
     differentiable (twice and more), the statistics and positives are returned without
@@ -291,10 +240,21 @@ def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
     if _lib() is None:
         return _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
                                          offset, weights)
-    shared = (b is a, col_bias is not None and col_bias is row_bias)
-    return WeightedStats(*_ReduceWithGrad.apply(a, None if shared[0] else b, scale, row_bias,
-                                                None if shared[1] else col_bias, weights,
-                                                (pos_offset, reductions, clamp_tau, offset, shared)))
+    # NB: the op's autograd is a C++ node (csrc/score_reduce_weighted.cpp): no Python
+    # call on either pass of a training step.
+    return WeightedStats(*_ops().score_reduce_weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions,
+                                                       clamp_tau, *weights, offset))
+
+
+def _weighted_grads_reference(grad, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, *weights):
+    """The kernel of ``_score_reduce_weighted_grads``: score_reduce_weighted's backward
+    under ``create_graph=True``, as differentiable ops of the reference (the C++ node
+    calls it). A gradient nobody gets is zeros, an absent input's is empty."""
+    inputs = (a, b, scale, row_bias, col_bias)
+    grads = _grads_by_reference(
+        lambda *x: _weighted_value_reference(*x, pos_offset, reductions, clamp_tau, 0.0, weights)[:1], inputs, (grad,))
+    return [a.new_empty((0,)) if t is None else torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, inputs)]
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):
@@ -317,6 +277,13 @@ def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale,
     )
 
 
+def _score_reduce_weighted_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, w_row, w_neg,
+                                w_clamp, w_sp, w_pos, offset):
+    acc = acc_dtype(a.dtype)
+    pos = a.new_empty((a.shape[0] if w_pos is not None and w_pos.numel() else 0,), dtype=acc)
+    return (a.new_empty((), dtype=acc), *_fake_outputs(a, b, reductions), pos)
+
+
 def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias,
                                  pos_offset, reductions, clamp_tau, needs_grad=7):
     acc = acc_dtype(a.dtype)
@@ -324,10 +291,10 @@ def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale
     grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                         col_bias, empty, empty, empty, empty, pos_offset, reductions,
                                         clamp_tau)
-    pos = a.new_empty((a.shape[0] if g_pos.numel() else 0,), dtype=acc)
-    # NB: da and db in the accumulation dtype: _ReduceWithGrad casts them once.
-    return (a.new_empty((), dtype=acc), *_fake_outputs(a, b, reductions), pos, empty.new_empty(a.shape),
-            empty.new_empty(b.shape), *grads[2:])
+    # NB: da and db in the accumulation dtype: score_reduce_weighted's node casts them once.
+    return (*_score_reduce_weighted_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
+                                         None, None, None, None, g_pos, 0.0),
+            empty.new_empty(a.shape), empty.new_empty(b.shape), *grads[2:])
 
 
 # ---------------------------------------------------------------------------
@@ -604,6 +571,7 @@ def _register(ns):
     lib = getattr(torch.ops, ns)
     fakes = {"score_reduce": _score_reduce_fake, "_score_reduce_backward": _score_reduce_backward_fake,
              "_score_reduce_with_grad": _score_reduce_with_grad_fake,
+             "score_reduce_weighted": _score_reduce_weighted_fake,
              "symmetric_softmax_mean": _symmetric_softmax_mean_fake,
              "concat_score_reduce": _concat_score_reduce_fake,
              "_concat_score_reduce_backward": _concat_score_reduce_backward_fake}
@@ -614,6 +582,7 @@ def _register(ns):
                 "concat_score_reduce": (_concat_backward, _concat_setup_context)}
     for name, (backward, setup) in autograd.items():
         torch.library.register_autograd(f"{ns}::{name}", functools.partial(backward, lib), setup_context=setup)
+    torch.library.impl(f"{ns}::_score_reduce_weighted_grads", "CompositeImplicitAutograd", _weighted_grads_reference)
 
 
 # NB: only with _C loaded do the op names exist; registering against a missing library

@@ -132,8 +132,8 @@ def test_raw_ops_gradgradcheck(device):
     w = ops.score_reduce_weighted
     wts = (torch.full((3,), 0.3, dtype=F64, device=device), None, None, torch.full((3,), -0.2, dtype=F64, device=device))
     torch.autograd.gradgradcheck(
-        lambda a, b, s, rb: w(a, b, s, rb, None, 2, ops.ROW_LSE | ops.NEG_SOFTPLUS, weights=wts,
-                              w_pos=-wts[0])[0], (a, b, scale, rb))
+        lambda a, b, s, rb, cb: w(a, b, s, rb, cb, 2, ops.ROW_LSE | ops.NEG_SOFTPLUS, weights=wts,
+                                  w_pos=-wts[0])[0], (a, b, scale, rb, cb))
     # one tensor in two roles (b is a, col_bias is row_bias) gets its gradient once
     x5 = leaf(5, 2, seed=12, device=device)
     torch.autograd.gradgradcheck(

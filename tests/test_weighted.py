@@ -120,10 +120,39 @@ def test_opcheck():
     a, b = make_pair(9, 70, 4)
     w = torch.full((9,), 1 / 9, dtype=torch.float64)
     empty = torch.empty(0, dtype=torch.float64)
+    scale = torch.tensor(1.1, dtype=torch.float64)
     for rb in (None, make_bias(9)):
         torch.library.opcheck(torch.ops.infomax_ext._score_reduce_with_grad.default,
-                              (w, empty, empty, w, -w, a, b, torch.tensor(1.1, dtype=torch.float64), rb, None, 3,
-                               ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0))
+                              (w, empty, empty, w, -w, a, b, scale, rb, None, 3, ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0))
+    # the differentiable op (its autograd a C++ node), with inputs that want gradients
+    a, b = make_pair(9, 70, 4, requires_grad=True)
+    rb, cb = make_bias(9, requires_grad=True), make_bias(70, seed=1, requires_grad=True)
+    s = scale.clone().requires_grad_()
+    for args in ((a, b, s, None, None, 3), (a, b, s, rb, cb, 3), (a, a[:9], s, rb, rb, 0)):
+        torch.library.opcheck(torch.ops.infomax_ext.score_reduce_weighted.default,
+                              (*args, ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0, w, None, None, w, -w, 0.5))
+
+
+def test_no_node_without_a_gradient_to_make():
+    """Under no_grad and inference_mode the op is the walk alone: the same value and
+    statistics, no autograd node. With one, the node is the C++ one (no Python
+    autograd.Function on a training step)."""
+    a, b = make_pair(9, 30, 4, requires_grad=True)
+    w = torch.full((9,), 1 / 9, dtype=torch.float64)
+    args = (a, b, torch.tensor(1.3, dtype=torch.float64), None, None, 2, ops.ROW_LSE | ops.NEG_LSE, 5.0,
+            w, -w, None, None, -w, 0.25)
+    op = torch.ops.infomax_ext.score_reduce_weighted
+    out = op(*args)
+    assert out[0].grad_fn.name().endswith("ScoreReduceWeightedBackward>")
+    assert all(t.grad_fn is None and not t.requires_grad for t in out[1:])
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            plain = op(*args)
+        assert all(t.grad_fn is None for t in plain)
+        for x, y in zip(out, plain):
+            torch.testing.assert_close(x.detach(), y)
+    with pytest.raises(RuntimeError, match="w_neg must not require grad"):
+        op(*args[:9], w.clone().requires_grad_(), *args[10:])
 
 
 def test_bad_arguments():
@@ -180,9 +209,8 @@ def test_infonce_takes_the_one_walk_path_only_when_a_backward_follows(monkeypatc
 
 
 def test_one_tensor_in_both_roles():
-    """b is a (NT-Xent's z against itself) and col_bias is row_bias: each passed once
-    (torch.compile cannot trace a Function given one tensor twice); the gradients of
-    both roles add up."""
+    """b is a (NT-Xent's z against itself) and col_bias is row_bias: the gradients of
+    both roles add up, eager and under torch.compile."""
     a, _ = make_pair(30, 30, 4, requires_grad=True)
     bias = make_bias(30, requires_grad=True)
     scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
