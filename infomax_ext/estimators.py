@@ -30,19 +30,22 @@ from .ops import CLAMP_TAU, COL_LSE, NEG_CLAMP_LSE, NEG_LSE, NEG_SOFTPLUS, ROW_L
 
 def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_dim=True):
     """Validates a (K, d) / (M, d) pair with messages that name the argument."""
+    # NB: each attribute is read once: this runs on every loss call, where a few dozen
+    # Python steps are a visible share of a small batch's time.
     na, nb = names
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         raise TypeError(f"{na} and {nb} must be tensors")
-    if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"{na} and {nb} must be 2-D (K, d) and (M, d), got {tuple(a.shape)} and {tuple(b.shape)}")
-    K, M = a.shape[0], b.shape[0]
-    if K == 0 or M == 0 or a.shape[1] == 0 or b.shape[1] == 0:
-        raise ValueError(f"{na} and {nb} must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if same_dim and a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: {na} has d={a.shape[1]}, {nb} has d={b.shape[1]}")
+    sa, sb = a.shape, b.shape
+    if len(sa) != 2 or len(sb) != 2:
+        raise ValueError(f"{na} and {nb} must be 2-D (K, d) and (M, d), got {tuple(sa)} and {tuple(sb)}")
+    (K, da), (M, db) = sa, sb
+    if not (K and M and da and db):
+        raise ValueError(f"{na} and {nb} must be non-empty, got {tuple(sa)} and {tuple(sb)}")
+    if same_dim and da != db:
+        raise ValueError(f"feature sizes differ: {na} has d={da}, {nb} has d={db}")
     if M < K:
         raise ValueError(f"need M >= K so every row has a positive, got K={K} ({na}), M={M} ({nb})")
-    if isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral):
+    if pos_offset.__class__ is not int and (isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral)):
         raise ValueError(f"pos_offset must be an int, got {pos_offset!r}")
     if not 0 <= pos_offset <= M - K:
         raise ValueError(f"pos_offset must be in [0, M-K] = [0, {M - K}], got {pos_offset}")
@@ -50,8 +53,9 @@ def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_
         raise ValueError("this estimator needs at least one negative per row (M >= 2)")
     if a.device != b.device:
         raise ValueError(f"{na} and {nb} are on different devices: {a.device} and {b.device}")
-    if not (a.is_floating_point() and b.is_floating_point()) or a.dtype != b.dtype:
-        raise ValueError(f"{na} and {nb} must share one floating dtype, got {a.dtype} and {b.dtype}")
+    dtype = a.dtype
+    if dtype != b.dtype or not dtype.is_floating_point:
+        raise ValueError(f"{na} and {nb} must share one floating dtype, got {dtype} and {b.dtype}")
 
 
 def check_like(t, like, name):
@@ -116,10 +120,11 @@ class DotScores(ScoreSource):
 
     def __init__(self, a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
         check_pair(a, b, pos_offset)
-        for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
-            if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
-                raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
-            check_like(bias, a, name)
+        if row_bias is not None or col_bias is not None:
+            for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
+                if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+                    raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
+                check_like(bias, a, name)
         check_like(scale, a, "scale")
         self.a, self.b, self.row_bias, self.col_bias = a, b, row_bias, col_bias
         self.scale = ops.as_scale(scale, a)
@@ -157,8 +162,9 @@ class DotScores(ScoreSource):
         statistics come back without gradient. Otherwise the plain reductions."""
         if walk is None or not self.wants_grad():
             return super().terms(reductions, clamp_tau)
-        acc = ops.acc_dtype(self.a.dtype)
-        w = tuple(None if x is None else torch.full((self.K,), x, dtype=acc, device=self.a.device) for x in walk[:5])
+        a = self.a
+        acc, K, device = ops.acc_dtype(a.dtype), self.K, a.device
+        w = [None if x is None else torch.full((K,), x, dtype=acc, device=device) for x in walk[:5]]
         out = ops.weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
                            float(clamp_tau), w, float(walk.offset))
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)

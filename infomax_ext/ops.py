@@ -237,12 +237,13 @@ def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
     sources' walks): scale a 0-dim tensor, ``weights`` the five of them (w_pos last), the
     numbers Python ints and floats. Nothing is checked twice; the op still checks what it
     reads."""
-    if _lib() is None:
+    lib = _lib()
+    if lib is None:
         return _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
                                          offset, weights)
     # NB: the op's autograd is a C++ node (csrc/score_reduce_weighted.cpp): no Python
     # call on either pass of a training step.
-    return WeightedStats(*_ops().score_reduce_weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions,
+    return WeightedStats(*lib.score_reduce_weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions,
                                                        clamp_tau, *weights, offset))
 
 

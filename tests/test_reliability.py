@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import infomax_ext as ie
 from infomax_ext import ops, reference as ref
+from helpers import ARGS, sample_inputs
 
 pytestmark = pytest.mark.skipif(not ie._backend.HAS_C, reason="compiled module not built")
 
@@ -305,3 +306,53 @@ def test_nan_among_masked_entries_is_nan_not_empty(dtype, sign):
     assert torch.isnan(want[0]).all() and torch.isnan(want[2]).all() and torch.isnan(want[1][21])
     assert torch.isnan(row).all() and torch.isnan(neg).all() and torch.isnan(col[21])
     assert torch.equal(col[:21], want[1][:21]) and torch.equal(col[22:], want[1][22:])  # -inf
+
+
+@pytest.fixture
+def nan_for_uninitialised():
+    """torch.empty (C++ at::empty too) fills NaN, as deterministic mode does: memory an op
+    leaves unwritten shows up in its results."""
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradient_accumulators_write_all_their_memory(nan_for_uninitialised, dtype, threads):
+    """dA, dB and the threads' dB partials start uninitialised (the first GEMM into a range
+    overwrites it). On one and two threads, over shapes with a single row block (a thread
+    with no work), several row blocks and several column tiles: score_reduce's backward
+    and score_reduce_weighted match the reference with every input or one of a, b frozen,
+    and a gradient the raw op was not asked for is zeros."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, kw in enumerate(sample_inputs(dtype=dtype, requires_grad=True, seed=11)):
+            frozen = ("a", "b", None)[k % 3]
+            if frozen:
+                kw[frozen] = kw[frozen].detach()
+            red = ops.ROW_LSE | (ops.NEG_LSE if kw["b"].shape[0] > 1 else 0)
+            w = torch.linspace(-1.0, 1.0, kw["a"].shape[0], dtype=ops.acc_dtype(dtype))
+            inputs = [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+            fused = (ops.score_reduce(**kw, reductions=red)[0] * w).sum()
+            walked = ops.score_reduce_weighted(**kw, reductions=red, weights=(w, None, None, None), w_pos=w)[0]
+            up = {name: t.double() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+            S = ref.scores_dot(*[up[x] for x in ARGS])
+            oracle = (torch.logsumexp(S, 1) * w.double()).sum()
+            oracle_w = ((torch.logsumexp(S, 1) + ref.positive_scores(S, kw["pos_offset"])) * w.double()).sum()
+            tol = dict(rtol=1e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+            for value, want in ((fused, oracle), (walked, oracle_w)):
+                for x, y in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(want, inputs, retain_graph=True)):
+                    torch.testing.assert_close(x.double(), y.double(), **tol)
+        a, b = [kw[x].detach() for x in ("a", "b")]
+        empty = a.new_empty((0,), dtype=ops.acc_dtype(dtype))
+        g = torch.ones(a.shape[0], dtype=empty.dtype)
+        da = torch.ops.infomax_ext._score_reduce_with_grad(g, empty, empty, empty, empty, a, b, kw["scale"].detach(),
+                                                           None, None, kw["pos_offset"], ops.ROW_LSE, 1.0, 2)[7]
+        assert torch.equal(da, torch.zeros_like(da))
+    finally:
+        torch.set_num_threads(n)
