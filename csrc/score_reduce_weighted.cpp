@@ -82,8 +82,8 @@ Tensor12 walk(bool emulated, const Tensor& a, const Tensor& b, const Tensor& sca
   check_weights(weights);
   const Tensor none = at::empty({0}, a.options().dtype(acc_dtype(a.scalar_type())));
   auto w = [&](int i) -> const Tensor& { return has(*weights[i]) ? **weights[i] : none; };
-  Tensor12 r = with_grad_op(emulated).call(w(0), w(1), w(2), w(3), w(4), a, b, scale, row_bias, col_bias, pos_offset,
-                                       reductions, clamp_tau, needs_grad);
+  Tensor12 r = with_grad_op(emulated).call(w(0), w(1), w(2), w(3), w(4), a, b, scale, row_bias, col_bias,
+                                           pos_offset, reductions, clamp_tau, needs_grad);
   if (offset != 0.0) std::get<0>(r).add_(offset);  // NB: a constant: no gradient of its own
   return r;
 }
@@ -93,8 +93,9 @@ Tensor12 walk(bool emulated, const Tensor& a, const Tensor& b, const Tensor& sca
 // Outside the anonymous namespace: its name is the grad_fn users see.
 struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduceWeightedBackward> {
   // needs: the mask of inputs that want a gradient (grad mode is off in here, so the
-  // caller reads it); emulated: which backend's walk. NB: b may be a and col_bias may be row_bias (uniformity): such a
-  // pair gets its whole gradient in its first slot, rounded once.
+  // caller reads it); emulated: which backend's walk. NB: b may be a and col_bias may be
+  // row_bias (NT-Xent, uniformity): such a pair gets its whole gradient in its first
+  // slot, rounded once.
   static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& scale,
                                const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
                                int64_t reductions, double clamp_tau, const OptTensor& w_row, const OptTensor& w_neg,
@@ -103,7 +104,7 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto [value, row, col, neg, clamp, sp, pos, da, db, dscale, drow, dcol] =
         walk(emulated, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
-                 {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, needs & kNeedAll);
+             {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, needs & kNeedAll);
     // NB: the inputs are saved too (no copy): the version counter then catches an
     // in-place change before the backward, and a create_graph backward needs them.
     ctx->save_for_backward({a, b, scale, row_bias.value_or(Tensor()), col_bias.value_or(Tensor()), da, db, dscale,
@@ -172,14 +173,14 @@ Tensor7 weighted_autograd(const Tensor& a, const Tensor& b, const Tensor& scale,
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
-// Below autograd (inference mode, a traced graph): the walk without gradients.
+// Below autograd (inference mode, a graph traced below it): the walk without gradients.
 template <bool emulated>
 Tensor7 weighted_plain(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                        const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
                        const OptTensor& w_row, const OptTensor& w_neg, const OptTensor& w_clamp,
                        const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
   const auto r = walk(emulated, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
-                          {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, 0);
+                      {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, 0);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
           std::get<6>(r)};
 }

@@ -244,7 +244,7 @@ def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
     # NB: the op's autograd is a C++ node (csrc/score_reduce_weighted.cpp): no Python
     # call on either pass of a training step.
     return WeightedStats(*lib.score_reduce_weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions,
-                                                       clamp_tau, *weights, offset))
+                                                    clamp_tau, *weights, offset))
 
 
 def _weighted_grads_reference(grad, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, *weights):
