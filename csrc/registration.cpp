@@ -49,24 +49,26 @@ void define_ops(torch::Library& m) {
       "Tensor clamp_lse, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // value = sum_i g_i . stats_i (+ grad_pos_i S[i, i + pos_offset]) for upstream
-  // gradients given up front (a mean's 1/K), score_reduce's row statistics, the
-  // positives (empty without grad_pos) and, from the same walk, the gradients (a, b,
-  // scale, row_bias, col_bias) of value: three GEMMs instead of four. Row reductions
-  // only. a and b's gradients come in the accumulation dtype; a bias's is zeros when
-  // that bias is None.
+  // gradients given up front (a mean's 1/K), score_reduce's statistics, the positives
+  // (empty without grad_pos) and, from the same walk, the gradients (a, b, scale,
+  // row_bias, col_bias) of value: three GEMMs instead of four. With COL_LSE (a column's
+  // statistic is final only after every row) it is score_reduce then its recomputing
+  // backward, four GEMMs, still one call. a and b's gradients come in the accumulation
+  // dtype; a bias's is zeros when that bias is None.
   m.def(
-      "_score_reduce_with_grad(Tensor grad_row_lse, Tensor grad_neg_lse, Tensor grad_clamp_lse, "
-      "Tensor grad_softplus, Tensor grad_pos, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, "
-      "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
+      "_score_reduce_with_grad(Tensor grad_row_lse, Tensor grad_col_lse, Tensor grad_neg_lse, "
+      "Tensor grad_clamp_lse, Tensor grad_softplus, Tensor grad_pos, Tensor a, Tensor b, Tensor scale, "
+      "Tensor? row_bias, Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same walk as a differentiable op (autograd in score_reduce_weighted.cpp):
   // (value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus, pos) with value =
-  // offset + sum_i (w_row_i row_lse_i + ... + w_pos_i S[i, i + pos_offset]); a weight is
-  // (K,) or None (its term left out); only value carries a gradient.
+  // offset + sum_i (w_row_i row_lse_i + ... + w_pos_i S[i, i + pos_offset]) + sum_j
+  // w_col_j col_lse_j; a weight is (K,) ((M,) for w_col) or None (its term left out);
+  // only value carries a gradient.
   m.def(
       "score_reduce_weighted(Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
-      "int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_neg, Tensor? w_clamp, "
-      "Tensor? w_softplus, Tensor? w_pos, float offset) "
+      "int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_col, Tensor? w_neg, "
+      "Tensor? w_clamp, Tensor? w_softplus, Tensor? w_pos, float offset) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad times the gradients (a, b, scale, row_bias, col_bias) of score_reduce_weighted's
   // value, as differentiable torch ops from the materialising reference (its kernel is
@@ -74,8 +76,8 @@ void define_ops(torch::Library& m) {
   // input that is None comes back empty (0,).
   m.def(
       "_score_reduce_weighted_grads(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, "
-      "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_neg, "
-      "Tensor? w_clamp, Tensor? w_softplus, Tensor? w_pos) -> Tensor[]");
+      "Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, Tensor? w_row, Tensor? w_col, "
+      "Tensor? w_neg, Tensor? w_clamp, Tensor? w_softplus, Tensor? w_pos) -> Tensor[]");
   // For the symmetric S = scale * x x^T + bias_i + bias_j with the diagonal excluded:
   // (lse (K,) = logsumexp_{j != i} S_ij, mean (K, d) = sum_{j != i} softmax_i(S)_j x_j),
   // from the upper half of S; with_mean=false: lse only (mean is empty (0,)).

@@ -145,18 +145,12 @@ inline void check_score_reduce_backward_args(const Tensor& g_row, const Tensor& 
 }
 
 // _score_reduce_with_grad's upstream gradients and positive weights (after
-// check_score_reduce_args): (K,) or empty.
-inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor& g_neg, const Tensor& g_clamp,
-                                              const Tensor& g_sp, const Tensor& g_pos, const Tensor& a,
-                                              int64_t reductions) {
-  TORCH_CHECK(!(reductions & kColLse), "_score_reduce_with_grad: row reductions only (no col_lse), got ",
-              reductions);
-  const int64_t K = a.size(0);
-  check_vector_arg(g_row, "_score_reduce_with_grad", "grad_row_lse", K, "K", a);
-  check_vector_arg(g_neg, "_score_reduce_with_grad", "grad_neg_lse", K, "K", a);
-  check_vector_arg(g_clamp, "_score_reduce_with_grad", "grad_clamp_lse", K, "K", a);
-  check_vector_arg(g_sp, "_score_reduce_with_grad", "grad_softplus", K, "K", a);
-  check_vector_arg(g_pos, "_score_reduce_with_grad", "grad_pos", K, "K", a);
+// check_score_reduce_args): (K,) ((M,) for the column statistic) or empty.
+inline void check_score_reduce_with_grad_args(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
+                                              const Tensor& g_clamp, const Tensor& g_sp, const Tensor& g_pos,
+                                              const Tensor& a, const Tensor& b) {
+  check_reduction_grads("_score_reduce_with_grad", a, a.size(0), b.size(0), g_row, g_col, g_neg, g_clamp, g_sp);
+  check_vector_arg(g_pos, "_score_reduce_with_grad", "grad_pos", a.size(0), "K", a);
 }
 
 // Bits of the backward ops' needs_grad argument: which of the inputs' gradients to make.
@@ -210,19 +204,20 @@ inline void add_positive_term(WithGrad& r, const Tensor& g_pos, const Tensor& a,
 }
 
 // _score_reduce_with_grad as a backend's forward op followed by its recomputing
-// backward op: the same results as the one-walk version, with four GEMMs. NB: da and db
+// backward op: the same results as the one-walk version, with four GEMMs; the path of a
+// column statistic, which is final only after every row, and of huge M. NB: da and db
 // come back in the accumulation dtype, as from the one walk (the backward op has rounded
-// them to the input dtype once already: this path is for huge M only).
+// them to the input dtype once already; bf16 and fp16 values are exact in float32).
 inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
-                                      const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
-                                      const Tensor& g_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
-                                      const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                                      int64_t reductions, double clamp_tau, int64_t needs_grad) {
+                                      const Tensor& g_col, const Tensor& g_neg, const Tensor& g_clamp,
+                                      const Tensor& g_sp, const Tensor& g_pos, const Tensor& a, const Tensor& b,
+                                      const Tensor& scale, const OptTensor& row_bias, const OptTensor& col_bias,
+                                      int64_t pos_offset, int64_t reductions, double clamp_tau,
+                                      int64_t needs_grad) {
   const Tensor5 out = forward(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
-  const Tensor none = std::get<1>(out);  // (0,): no column statistic, no gradient for it
-  const Tensor5 grads = backward(g_row, none, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, std::get<0>(out),
-                                 none, std::get<2>(out), std::get<3>(out), pos_offset, reductions, clamp_tau,
-                                 needs_grad);
+  const Tensor5 grads = backward(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
+                                 std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), pos_offset,
+                                 reductions, clamp_tau, needs_grad);
   const auto acc = acc_dtype(a.scalar_type());
   WithGrad r{out, Tensor(),
              Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads), std::get<3>(grads),
@@ -233,8 +228,8 @@ inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, co
 
 // A backend's _score_reduce_with_grad walk (the op's arguments).
 using WithGradFn = WithGrad (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                int64_t, int64_t, double, int64_t);
+                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                const OptTensor&, int64_t, int64_t, double, int64_t);
 // _score_reduce_with_grad's outputs: value, the five statistics, the positives, the
 // five gradients.
 using Tensor12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -242,23 +237,25 @@ using Tensor12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 
 // _score_reduce_with_grad on every backend: the arguments checked, the backend's walk,
 // then value = sum_i (g_row_i row_lse_i + g_neg_i neg_lse_i + g_clamp_i neg_clamp_lse_i
-// + g_sp_i neg_softplus_i + g_pos_i pos_i), in the accumulation dtype.
+// + g_sp_i neg_softplus_i + g_pos_i pos_i) + sum_j g_col_j col_lse_j, in the
+// accumulation dtype.
 template <WithGradFn walk>
-Tensor12 score_reduce_with_grad(const Tensor& g_row, const Tensor& g_neg, const Tensor& g_clamp, const Tensor& g_sp,
-                                const Tensor& g_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
-                                const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                                int64_t reductions, double clamp_tau, int64_t needs_grad) {
+Tensor12 score_reduce_with_grad(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg,
+                                const Tensor& g_clamp, const Tensor& g_sp, const Tensor& g_pos, const Tensor& a,
+                                const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                                const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
+                                int64_t needs_grad) {
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   check_needs_grad(needs_grad, "_score_reduce_with_grad");
-  check_score_reduce_with_grad_args(g_row, g_neg, g_clamp, g_sp, g_pos, a, reductions);
-  const WithGrad r = walk(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias, pos_offset,
+  check_score_reduce_with_grad_args(g_row, g_col, g_neg, g_clamp, g_sp, g_pos, a, b);
+  const WithGrad r = walk(g_row, g_col, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias, pos_offset,
                           reductions, clamp_tau, needs_grad);
   const auto& [row, col, neg, clamp, sp] = r.stats;
   // NB: one dot per weighted term (InfoNCE: two), not a product, a sum and an add each:
   // at K = M = 256 the op's small tensor calls are a visible share of its time.
   Tensor value;
-  for (const auto& [w, st] : {std::pair<const Tensor&, const Tensor&>{g_row, row}, {g_neg, neg}, {g_clamp, clamp},
-                              {g_sp, sp}, {g_pos, r.pos}}) {
+  for (const auto& [w, st] : {std::pair<const Tensor&, const Tensor&>{g_row, row}, {g_col, col}, {g_neg, neg},
+                              {g_clamp, clamp}, {g_sp, sp}, {g_pos, r.pos}}) {
     if (!w.numel()) continue;
     const Tensor term = at::dot(as_acc(w, st.scalar_type()), st);
     value = value.defined() ? value.add_(term) : term;

@@ -44,12 +44,13 @@ c10::TypedOperatorHandle<Sig> find_op(bool emulated, const char* name) {
 }
 
 using WithGradSig = Tensor12(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t, double,
-                             int64_t);
+                             const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                             int64_t, double, int64_t);
+using Weights = std::array<const OptTensor*, 6>;  // w_row, w_col, w_neg, w_clamp, w_softplus, w_pos
 using ReferenceGradsSig = std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                               const OptTensor&, const OptTensor&, int64_t, int64_t, double,
                                               const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                              const OptTensor&);
+                                              const OptTensor&, const OptTensor&);
 
 const c10::TypedOperatorHandle<WithGradSig>& with_grad_op(bool emulated) {
   static const auto op = find_op<WithGradSig>(false, "_score_reduce_with_grad");
@@ -67,8 +68,8 @@ const c10::TypedOperatorHandle<ReferenceGradsSig>& reference_grads_op(bool emula
 
 // The weights are read-only constants of the sum: one with a gradient would be silently
 // treated as one without.
-void check_weights(const std::array<const OptTensor*, 5>& weights) {
-  static const char* names[] = {"w_row", "w_neg", "w_clamp", "w_softplus", "w_pos"};
+void check_weights(const Weights& weights) {
+  static const char* names[] = {"w_row", "w_col", "w_neg", "w_clamp", "w_softplus", "w_pos"};
   for (size_t i = 0; i < weights.size(); ++i)
     TORCH_CHECK(!has(*weights[i]) || !(*weights[i])->requires_grad(), "score_reduce_weighted: ", names[i],
                 " must not require grad (the weights are constants of the sum)");
@@ -78,11 +79,11 @@ void check_weights(const std::array<const OptTensor*, 5>& weights) {
 // autograd node).
 Tensor12 walk(bool emulated, const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
               const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
-              const std::array<const OptTensor*, 5>& weights, double offset, int64_t needs_grad) {
+              const Weights& weights, double offset, int64_t needs_grad) {
   check_weights(weights);
   const Tensor none = at::empty({0}, a.options().dtype(acc_dtype(a.scalar_type())));
   auto w = [&](int i) -> const Tensor& { return has(*weights[i]) ? **weights[i] : none; };
-  Tensor12 r = with_grad_op(emulated).call(w(0), w(1), w(2), w(3), w(4), a, b, scale, row_bias, col_bias,
+  Tensor12 r = with_grad_op(emulated).call(w(0), w(1), w(2), w(3), w(4), w(5), a, b, scale, row_bias, col_bias,
                                            pos_offset, reductions, clamp_tau, needs_grad);
   if (offset != 0.0) std::get<0>(r).add_(offset);  // NB: a constant: no gradient of its own
   return r;
@@ -98,18 +99,19 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
   // slot, rounded once.
   static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& scale,
                                const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                               int64_t reductions, double clamp_tau, const OptTensor& w_row, const OptTensor& w_neg,
-                               const OptTensor& w_clamp, const OptTensor& w_sp, const OptTensor& w_pos,
-                               double offset, int64_t needs, bool emulated) {
+                               int64_t reductions, double clamp_tau, const OptTensor& w_row, const OptTensor& w_col,
+                               const OptTensor& w_neg, const OptTensor& w_clamp, const OptTensor& w_sp,
+                               const OptTensor& w_pos, double offset, int64_t needs, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto [value, row, col, neg, clamp, sp, pos, da, db, dscale, drow, dcol] =
         walk(emulated, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
-             {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, needs & kNeedAll);
+             {&w_row, &w_col, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, needs & kNeedAll);
     // NB: the inputs are saved too (no copy): the version counter then catches an
     // in-place change before the backward, and a create_graph backward needs them.
     ctx->save_for_backward({a, b, scale, row_bias.value_or(Tensor()), col_bias.value_or(Tensor()), da, db, dscale,
-                            drow, dcol, w_row.value_or(Tensor()), w_neg.value_or(Tensor()),
-                            w_clamp.value_or(Tensor()), w_sp.value_or(Tensor()), w_pos.value_or(Tensor())});
+                            drow, dcol, w_row.value_or(Tensor()), w_col.value_or(Tensor()),
+                            w_neg.value_or(Tensor()), w_clamp.value_or(Tensor()), w_sp.value_or(Tensor()),
+                            w_pos.value_or(Tensor())});
     ctx->saved_data["needs"] = needs;
     ctx->saved_data["emulated"] = emulated;
     ctx->saved_data["args"] = std::vector<int64_t>{pos_offset, reductions};
@@ -123,7 +125,7 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(16);  // one per forward argument; only the first five are tensors with gradients
+    variable_list out(17);  // one per forward argument; only the first five are tensors with gradients
     const Tensor& g = grads[0];
     if (!g.defined()) return out;
     const variable_list s = ctx->get_saved_variables();
@@ -137,7 +139,7 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
       auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
       const std::vector<Tensor> r = reference_grads_op(ctx->saved_data["emulated"].toBool()).call(
           g, a, b, s[2], opt(s[3]), opt(s[4]), args[0], args[1], ctx->saved_data["clamp_tau"].toDouble(), opt(s[10]),
-          opt(s[11]), opt(s[12]), opt(s[13]), opt(s[14]));
+          opt(s[11]), opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]));
       for (int i = 0; i < 5; ++i)
         if (want[i]) out[i] = r[i];
       return out;
@@ -160,16 +162,16 @@ namespace {
 template <bool emulated>
 Tensor7 weighted_autograd(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                           const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
-                          const OptTensor& w_row, const OptTensor& w_neg, const OptTensor& w_clamp,
-                          const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
+                          const OptTensor& w_row, const OptTensor& w_col, const OptTensor& w_neg,
+                          const OptTensor& w_clamp, const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
   const bool on = at::GradMode::is_enabled();
   auto wants = [&](const Tensor& t, int64_t bit) { return on && t.defined() && t.requires_grad() ? bit : 0; };
   const int64_t needs = wants(a, kNeedA) | wants(b, kNeedB) | wants(scale, kNeedScale) |
                         wants(row_bias.value_or(Tensor()), kNeedRowBias) |
                         wants(col_bias.value_or(Tensor()), kNeedColBias);
   const variable_list o = ScoreReduceWeightedBackward::apply(a, b, scale, row_bias, col_bias, pos_offset, reductions,
-                                                             clamp_tau, w_row, w_neg, w_clamp, w_sp, w_pos, offset,
-                                                             needs, emulated);
+                                                             clamp_tau, w_row, w_col, w_neg, w_clamp, w_sp, w_pos,
+                                                             offset, needs, emulated);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
@@ -177,10 +179,10 @@ Tensor7 weighted_autograd(const Tensor& a, const Tensor& b, const Tensor& scale,
 template <bool emulated>
 Tensor7 weighted_plain(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
                        const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
-                       const OptTensor& w_row, const OptTensor& w_neg, const OptTensor& w_clamp,
-                       const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
+                       const OptTensor& w_row, const OptTensor& w_col, const OptTensor& w_neg,
+                       const OptTensor& w_clamp, const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
   const auto r = walk(emulated, a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
-                      {&w_row, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, 0);
+                      {&w_row, &w_col, &w_neg, &w_clamp, &w_sp, &w_pos}, offset, 0);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r),
           std::get<6>(r)};
 }

@@ -80,10 +80,11 @@ class Terms(NamedTuple):
 
 
 class Walk(NamedTuple):
-    """Per-row constant weights of ``offset + sum_i (row * row_lse_i + neg * neg_lse_i +
-    clamp * neg_clamp_lse_i + softplus * neg_softplus_i + pos * S[i, i + pos_offset])``;
-    None leaves a term out."""
+    """Constant weights of ``offset + sum_i (row * row_lse_i + neg * neg_lse_i + clamp *
+    neg_clamp_lse_i + softplus * neg_softplus_i + pos * S[i, i + pos_offset]) + sum_j col *
+    col_lse_j``; None leaves a term out."""
     row: Optional[float] = None
+    col: Optional[float] = None
     neg: Optional[float] = None
     clamp: Optional[float] = None
     softplus: Optional[float] = None
@@ -164,7 +165,8 @@ class DotScores(ScoreSource):
             return super().terms(reductions, clamp_tau)
         a = self.a
         acc, K, device = ops.acc_dtype(a.dtype), self.K, a.device
-        w = [None if x is None else torch.full((K,), x, dtype=acc, device=device) for x in walk[:5]]
+        w = [None if x is None else torch.full((self.M if n == 1 else K,), x, dtype=acc, device=device)
+             for n, x in enumerate(walk[:6])]
         out = ops.weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
                            float(clamp_tau), w, float(walk.offset))
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
@@ -214,16 +216,21 @@ def infonce_from(src, as_loss=False, rows=True):
     return Estimate(log_m - per_row.mean() if as_loss else per_row.mean(), per_row)
 
 
-def infonce_symmetric_from(src):
+def infonce_symmetric_from(src, as_loss=False, rows=True):
     """CLIP's symmetric InfoNCE: the mean of the row-wise and column-wise bounds (K == M);
-    per row: the K row anchors' terms, then the K column anchors'."""
+    per row: the K row anchors' terms, then the K column anchors'. as_loss and rows as
+    for :func:`infonce_from` (the value is the two cross entropies' mean)."""
     if src.K != src.M or src.pos_offset != 0:
         raise ValueError(f"infonce_symmetric needs K == M and pos_offset 0, got K={src.K}, M={src.M}, "
                          f"pos_offset={src.pos_offset}")
-    t = src.terms(ROW_LSE | COL_LSE)
+    log_m, s, K = math.log(src.M), (1.0 if as_loss else -1.0), src.K
+    t = src.terms(ROW_LSE | COL_LSE, walk=Walk(row=s / (2 * K), col=s / (2 * K), pos=-s / K,
+                                               offset=0.0 if as_loss else log_m))
     row, col = t.stats.row_lse, t.stats.col_lse
-    log_m = math.log(src.M)
-    return Estimate((2 * t.pos - row - col).mean() / 2 + log_m, torch.cat([t.pos - row, t.pos - col]) + log_m)
+    per_row = torch.cat([t.pos - row, t.pos - col]) + log_m if rows or t.walked is None else None
+    if t.walked is not None:
+        return Estimate(t.walked, per_row)
+    return Estimate(log_m - per_row.mean() if as_loss else per_row.mean(), per_row)
 
 
 def nwj_from(src):

@@ -164,10 +164,12 @@ class InfoNCELoss(nn.Module):
             z2_all, rank, world = gather_with_grad(z2, name="z2")
             if world > 1:
                 cand, off = z2_all, rank * M + pos_offset
-        if not (self.symmetric or self.bank_only or negatives is not None):
-            # The InfoNCE estimator itself (its gradient made in the forward walk).
+        if negatives is None and not self.bank_only and not (self.symmetric and cand is not z2):
+            # The InfoNCE estimator itself, one direction or both (its gradient made with
+            # the forward walk).
             log_m = math.log(cand.shape[0])
-            e = est.infonce_from(est.DotScores(z1, cand, scale, pos_offset=off), as_loss=True, rows=return_diagnostics)
+            from_ = est.infonce_symmetric_from if self.symmetric else est.infonce_from
+            e = from_(est.DotScores(z1, cand, scale, pos_offset=off), as_loss=True, rows=return_diagnostics)
             return _contrastive_result(log_m - e.per_row if return_diagnostics else None, log_m, return_diagnostics,
                                        loss=e.value)
 
@@ -342,23 +344,25 @@ class ClipLoss(nn.Module):
         scale = scale.to(device=img.device, dtype=acc).reshape(())
         K = img.shape[0]
         row_bias = None if bias is None else bias.to(device=img.device, dtype=acc).reshape(()).expand(K)
-        pos = est.DotScores(img, txt, scale, row_bias).positive()
+        src = est.DotScores(img, txt, scale, row_bias)
 
         gathered = False
         if self.gather_distributed:
             txt_all, rank, world = gather_with_grad(txt, name="text_features")
             gathered = world > 1
-        if gathered:
-            img_all = gather_with_grad(img, name="image_features")[0]
-            off = rank * K
-            lse_i = ops.score_reduce(img, txt_all, scale, row_bias, None, off, ROW_LSE).row_lse
-            lse_t = ops.score_reduce(txt, img_all, scale, row_bias, None, off, ROW_LSE).row_lse
-            n_cand = txt_all.shape[0]
-        else:
-            lse_i, lse_t = ops.score_reduce(img, txt, scale, row_bias, None, 0, ROW_LSE | COL_LSE)[:2]
-            n_cand = K
+        if not gathered:
+            # The symmetric InfoNCE estimator itself (its gradient made with the forward walk).
+            log_m = math.log(K)
+            e = est.infonce_symmetric_from(src, as_loss=True, rows=return_diagnostics)
+            return _contrastive_result(log_m - e.per_row if return_diagnostics else None, log_m, return_diagnostics,
+                                       loss=e.value, logit_scale=scale.detach())
+        img_all = gather_with_grad(img, name="image_features")[0]
+        off = rank * K
+        lse_i = ops.score_reduce(img, txt_all, scale, row_bias, None, off, ROW_LSE).row_lse
+        lse_t = ops.score_reduce(txt, img_all, scale, row_bias, None, off, ROW_LSE).row_lse
+        pos = src.positive()
         per_row = torch.cat([lse_i - pos, lse_t - pos])
-        return _contrastive_result(per_row, math.log(n_cand), return_diagnostics,
+        return _contrastive_result(per_row, math.log(txt_all.shape[0]), return_diagnostics,
                                    logit_scale=scale.detach())
 
 

@@ -189,25 +189,25 @@ def _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reduc
     up = [None if t is None else t.to(acc) for t in (a, b, scale, row_bias, col_bias)]
     S = ref.scores_dot(*up)
     stats = ScoreStats(*ref.reduce_scores(S, pos_offset, reductions, clamp_tau))
-    pos = ref.positive_scores(S, pos_offset) if weights[4] is not None else S.new_empty((0,))
-    used = zip(weights, (stats.row_lse, stats.neg_lse, stats.neg_clamp_lse, stats.neg_softplus, pos))
+    pos = ref.positive_scores(S, pos_offset) if weights[5] is not None else S.new_empty((0,))
+    used = zip(weights, (*stats, pos))
     value = sum(((w * st).sum() for w, st in used if w is not None), S.new_tensor(float(offset)))
     return WeightedStats(value, *(t.detach() for t in (*stats, pos)))
 
 
 def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0,
                           reductions=ROW_LSE, clamp_tau=5.0, weights=(None, None, None, None), w_pos=None,
-                          offset=0.0):
+                          offset=0.0, w_col=None):
     """``value = offset + sum_i (w_row_i row_lse_i + w_neg_i neg_lse_i + w_clamp_i neg_clamp_lse_i +
-    w_sp_i neg_softplus_i + w_pos_i S[i, i + pos_offset])`` and score_reduce's outputs, for
-    weights known before the call (e.g. InfoNCE's cross entropy: ``w_row = 1/K``,
-    ``w_pos = -1/K``).
+    w_sp_i neg_softplus_i + w_pos_i S[i, i + pos_offset]) + sum_j w_col_j col_lse_j`` and
+    score_reduce's outputs, for weights known before the call (e.g. InfoNCE's cross
+    entropy: ``w_row = 1/K``, ``w_pos = -1/K``; CLIP's adds ``w_col``).
 
-    Same arguments as :func:`score_reduce` (row reductions only: no COL_LSE), plus
-    ``weights``: ``(w_row, w_neg, w_clamp, w_sp)`` and ``w_pos``, each a (K,) tensor
-    without gradient or None for a term outside the sum (requested statistics may stay
-    outside), and ``offset``, a constant added to value (InfoNCE's ``log M``) without an
-    autograd node of its own.
+    Same arguments as :func:`score_reduce`, plus ``weights``: ``(w_row, w_neg, w_clamp,
+    w_sp)``, ``w_pos`` and ``w_col``, each a (K,) tensor ((M,) for ``w_col``) without
+    gradient or None for a term outside the sum (requested statistics may stay outside),
+    and ``offset``, a constant added to value (InfoNCE's ``log M``) without an autograd
+    node of its own.
 
     Returns:
         :class:`WeightedStats` ``(value, row_lse, col_lse, neg_lse, neg_clamp_lse,
@@ -217,24 +217,28 @@ def score_reduce_weighted(a, b, scale=1.0, row_bias=None, col_bias=None, pos_off
     NB: the gradient of value is linear in one upstream scalar, so the op makes it during
     the forward walk, from each row block's scores kept in cache: three K x M x d GEMMs
     instead of the four of score_reduce plus its recomputing backward, O((K + M) d) saved.
-    Use it when a backward follows; for a forward alone, score_reduce is cheaper. The
-    backward may run more than once (retain_graph); with ``create_graph=True`` it is
+    With COL_LSE (a column's statistic is final only after every row) the op runs
+    score_reduce and its recomputing backward itself: four GEMMs, still one call and one
+    autograd node. Use it when a backward follows; for a forward alone, score_reduce is
+    cheaper. The backward may run more than once (retain_graph); with ``create_graph=True`` it is
     recomputed from ``reference.py`` (materialises S) so that it is differentiable.
     """
-    if reductions & COL_LSE:
-        raise ValueError("score_reduce_weighted takes row reductions only (no COL_LSE)")
-    K = a.shape[0]
-    weights = (*weights, w_pos)
-    for name, w in zip(("w_row", "w_neg", "w_clamp", "w_sp", "w_pos"), weights):
-        if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (K,) or w.requires_grad):
-            raise ValueError(f"{name} must be a (K,) = ({K},) tensor without gradient or None")
+    K, M = a.shape[0], b.shape[0]
+    w_row, w_neg, w_clamp, w_sp = weights
+    weights = (w_row, w_col, w_neg, w_clamp, w_sp, w_pos)
+    names = ("w_row", "w_col", "w_neg", "w_clamp", "w_sp", "w_pos")
+    for name, w in zip(names, weights):
+        n, size = ("M", M) if name == "w_col" else ("K", K)
+        if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != (size,) or w.requires_grad):
+            raise ValueError(f"{name} must be a ({n},) = ({size},) tensor without gradient or None")
     return weighted(a, b, as_scale(scale, a), row_bias, col_bias, int(pos_offset), int(reductions),
                     float(clamp_tau), weights, float(offset))
 
 
 def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, weights, offset):
     """:func:`score_reduce_weighted` on arguments its callers built themselves (the score
-    sources' walks): scale a 0-dim tensor, ``weights`` the five of them (w_pos last), the
+    sources' walks): scale a 0-dim tensor, ``weights`` the six of them in the order of
+    the statistics, then w_pos (``w_row, w_col, w_neg, w_clamp, w_sp, w_pos``), the
     numbers Python ints and floats. Nothing is checked twice; the op still checks what it
     reads."""
     lib = _lib()
@@ -278,23 +282,23 @@ def _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale,
     )
 
 
-def _score_reduce_weighted_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, w_row, w_neg,
-                                w_clamp, w_sp, w_pos, offset):
+def _score_reduce_weighted_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau, w_row, w_col,
+                                w_neg, w_clamp, w_sp, w_pos, offset):
     acc = acc_dtype(a.dtype)
     pos = a.new_empty((a.shape[0] if w_pos is not None and w_pos.numel() else 0,), dtype=acc)
     return (a.new_empty((), dtype=acc), *_fake_outputs(a, b, reductions), pos)
 
 
-def _score_reduce_with_grad_fake(g_row, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias,
+def _score_reduce_with_grad_fake(g_row, g_col, g_neg, g_clamp, g_sp, g_pos, a, b, scale, row_bias, col_bias,
                                  pos_offset, reductions, clamp_tau, needs_grad=7):
     acc = acc_dtype(a.dtype)
     empty = a.new_empty((0,), dtype=acc)
-    grads = _score_reduce_backward_fake(g_row, empty, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
+    grads = _score_reduce_backward_fake(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias,
                                         col_bias, empty, empty, empty, empty, pos_offset, reductions,
                                         clamp_tau)
     # NB: da and db in the accumulation dtype: score_reduce_weighted's node casts them once.
     return (*_score_reduce_weighted_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
-                                         None, None, None, None, g_pos, 0.0),
+                                         None, None, None, None, None, g_pos, 0.0),
             empty.new_empty(a.shape), empty.new_empty(b.shape), *grads[2:])
 
 

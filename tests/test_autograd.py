@@ -134,6 +134,10 @@ def test_raw_ops_gradgradcheck(device):
     torch.autograd.gradgradcheck(
         lambda a, b, s, rb, cb: w(a, b, s, rb, cb, 2, ops.ROW_LSE | ops.NEG_SOFTPLUS, weights=wts,
                                   w_pos=-wts[0])[0], (a, b, scale, rb, cb))
+    w_col = torch.linspace(-0.5, 0.7, 5, dtype=F64, device=device)  # a column term (CLIP's)
+    torch.autograd.gradgradcheck(
+        lambda a, b, s, rb, cb: w(a, b, s, rb, cb, 2, ops.ROW_LSE | ops.COL_LSE, weights=(wts[0], None, None, None),
+                                  w_pos=-wts[0], w_col=w_col)[0], (a, b, scale, rb, cb))
     # one tensor in two roles (b is a, col_bias is row_bias) gets its gradient once
     x5 = leaf(5, 2, seed=12, device=device)
     torch.autograd.gradgradcheck(

@@ -281,6 +281,36 @@ def test_diagnostics_need_no_second_pass(monkeypatch):
             assert len(calls) == n, (loss_fn, diagnostics)
 
 
+def test_clip_losses_walk_their_gradient_in_one_op_call(monkeypatch):
+    """With a backward to follow, the symmetric InfoNCE loss and ClipLoss (learnable scale
+    and bias) are one ops.weighted call (its autograd node C++, no Python step around the
+    op); without one, one score_reduce. Loss and gradients as the formula's."""
+    calls = []
+    real_w, real = ops.weighted, ops.score_reduce
+    monkeypatch.setattr(ops, "weighted", lambda *x, **k: calls.append("weighted") or real_w(*x, **k))
+    monkeypatch.setattr(ops, "score_reduce", lambda *x, **k: calls.append("plain") or real(*x, **k))
+    z1, z2 = rand(9, 4, seed=46), rand(9, 4, seed=47)
+    clip = L.ClipLoss(init_logit_scale=1.1, bias=0.3).double()
+    for loss_fn, formula, params in (
+        (L.InfoNCELoss(0.3, symmetric=True), lambda: ce_formula(z1, z2, 0.3, symmetric=True), []),
+        (clip, lambda: (lambda S: (F.cross_entropy(S, torch.arange(9)) + F.cross_entropy(S.T, torch.arange(9))) / 2)(
+            clip.logit_scale.exp() * z1 @ z2.T + clip.logit_bias), [clip.logit_scale, clip.logit_bias]),
+    ):
+        calls.clear()
+        loss, diag = loss_fn(z1, z2, return_diagnostics=True)
+        assert calls == ["weighted"]
+        with torch.no_grad():
+            loss_ng = loss_fn(z1, z2)
+        assert calls == ["weighted", "plain"]
+        want = formula()
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(loss_ng, want.detach())
+        torch.testing.assert_close(diag["per_row"].mean(), want.detach())
+        inputs = [z1, z2, *params]
+        for g, h in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want, inputs, allow_unused=True)):
+            torch.testing.assert_close(g, torch.zeros_like(g) if h is None else h)
+
+
 def test_reference_fallback_gives_the_same_losses():
     z1, z2, neg = rand(7, 4, seed=43), rand(9, 4, seed=44), rand(5, 4, seed=45)
     cases = [(L.InfoNCELoss(0.5), (z1, z2, neg), {"pos_offset": 2}),

@@ -27,7 +27,7 @@ def _calls():
     stats = {"row_lse": _vec(K), "col_lse": _vec(M), "neg_lse": _vec(K), "clamp_lse": _vec(K)}
     grads = {"grad_row_lse": _vec(K), "grad_col_lse": _vec(M), "grad_neg_lse": _vec(K),
              "grad_clamp_lse": _vec(K), "grad_softplus": _vec(K)}
-    row_grads = {**{k: v for k, v in grads.items() if k != "grad_col_lse"}, "grad_pos": _vec(K)}
+    with_grads = {**grads, "grad_pos": _vec(K)}
     return {
         "score_reduce": (dict(a=a, b=b, scale=s, row_bias=_vec(K), col_bias=_vec(M)),
                          lambda ns, t: ns.score_reduce(t["a"], t["b"], t["scale"], t["row_bias"], t["col_bias"],
@@ -38,9 +38,9 @@ def _calls():
                 *(t[k] for k in grads), t["a"], t["b"], t["scale"], t["row_bias"], t["col_bias"],
                 *(t[k] for k in stats), 1, 31, 5.0)),
         "_score_reduce_with_grad": (
-            dict(**row_grads, a=a, b=b, scale=s, row_bias=_vec(K), col_bias=_vec(M)),
+            dict(**with_grads, a=a, b=b, scale=s, row_bias=_vec(K), col_bias=_vec(M)),
             lambda ns, t: ns._score_reduce_with_grad(
-                *(t[k] for k in row_grads), t["a"], t["b"], t["scale"], t["row_bias"], t["col_bias"], 1, 29, 5.0)),
+                *(t[k] for k in with_grads), t["a"], t["b"], t["scale"], t["row_bias"], t["col_bias"], 1, 31, 5.0)),
         "symmetric_softmax_mean": (dict(x=b, scale=s, bias=_vec(M)),
                                    lambda ns, t: ns.symmetric_softmax_mean(t["x"], t["scale"], t["bias"], True)),
         "concat_score_reduce": (dict(P=P, Q=Q, w2=_vec(H), b2=s),

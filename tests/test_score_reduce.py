@@ -213,9 +213,9 @@ def test_opcheck(device):
     outs = ops.score_reduce(*det, 2, ALL, 2.0)
     grads = [torch.randn_like(o) for o in outs]
     torch.library.opcheck(lib._score_reduce_backward, (*grads, *det, *outs[:4], 2, ALL, 2.0))
-    g = [torch.randn_like(outs[0]) for _ in range(5)]
-    red = ALL & ~ops.COL_LSE
-    torch.library.opcheck(lib._score_reduce_with_grad, (*g, *det, 2, red, 2.0))
+    g = [torch.randn_like(outs[k]) for k in (0, 1, 2, 3, 4, 0)]  # the five statistics' weights, the positives'
+    torch.library.opcheck(lib._score_reduce_with_grad, (*g, *det, 2, ALL, 2.0))
+    torch.library.opcheck(lib._score_reduce_with_grad, (*g[:1], g[1][:0], *g[2:], *det, 2, ALL & ~ops.COL_LSE, 2.0))
     torch.library.opcheck(lib.symmetric_softmax_mean, (a, scale, rb, True))
 
 

@@ -123,14 +123,19 @@ def test_opcheck():
     scale = torch.tensor(1.1, dtype=torch.float64)
     for rb in (None, make_bias(9)):
         torch.library.opcheck(torch.ops.infomax_ext._score_reduce_with_grad.default,
-                              (w, empty, empty, w, -w, a, b, scale, rb, None, 3, ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0))
+                              (w, empty, empty, empty, w, -w, a, b, scale, rb, None, 3, ops.ROW_LSE | ops.NEG_SOFTPLUS,
+                               5.0))
     # the differentiable op (its autograd a C++ node), with inputs that want gradients
     a, b = make_pair(9, 70, 4, requires_grad=True)
     rb, cb = make_bias(9, requires_grad=True), make_bias(70, seed=1, requires_grad=True)
     s = scale.clone().requires_grad_()
     for args in ((a, b, s, None, None, 3), (a, b, s, rb, cb, 3), (a, a[:9], s, rb, rb, 0)):
         torch.library.opcheck(torch.ops.infomax_ext.score_reduce_weighted.default,
-                              (*args, ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0, w, None, None, w, -w, 0.5))
+                              (*args, ops.ROW_LSE | ops.NEG_SOFTPLUS, 5.0, w, None, None, None, w, -w, 0.5))
+    # with the column statistic (CLIP's sum): the forward walk and its recomputing backward, in one call
+    wc = torch.linspace(-1, 1, 70, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.infomax_ext.score_reduce_weighted.default,
+                          (a, b, s, rb, cb, 3, ops.ROW_LSE | ops.COL_LSE, 5.0, w, wc, None, None, None, -w, 0.5))
 
 
 def test_no_node_without_a_gradient_to_make():
@@ -140,7 +145,7 @@ def test_no_node_without_a_gradient_to_make():
     a, b = make_pair(9, 30, 4, requires_grad=True)
     w = torch.full((9,), 1 / 9, dtype=torch.float64)
     args = (a, b, torch.tensor(1.3, dtype=torch.float64), None, None, 2, ops.ROW_LSE | ops.NEG_LSE, 5.0,
-            w, -w, None, None, -w, 0.25)
+            w, None, -w, None, None, -w, 0.25)
     op = torch.ops.infomax_ext.score_reduce_weighted
     out = op(*args)
     assert out[0].grad_fn.name().endswith("ScoreReduceWeightedBackward>")
@@ -152,20 +157,20 @@ def test_no_node_without_a_gradient_to_make():
         for x, y in zip(out, plain):
             torch.testing.assert_close(x.detach(), y)
     with pytest.raises(RuntimeError, match="w_neg must not require grad"):
-        op(*args[:9], w.clone().requires_grad_(), *args[10:])
+        op(*args[:10], w.clone().requires_grad_(), *args[11:])
 
 
 def test_bad_arguments():
     a, b = make_pair(5, 8, 3, requires_grad=True)
     w = torch.ones(5, dtype=torch.float64)
-    with pytest.raises(ValueError, match="row reductions only"):
-        ops.score_reduce_weighted(a, b, reductions=ops.ROW_LSE | ops.COL_LSE, weights=(w, None, None, None))
+    with pytest.raises(ValueError, match=r"w_col must be a \(M,\) = \(8,\) tensor"):
+        ops.score_reduce_weighted(a, b, reductions=ops.ROW_LSE | ops.COL_LSE, weights=(w, None, None, None), w_col=w)
     with pytest.raises(ValueError, match=r"w_neg must be a \(K,\) = \(5,\) tensor"):
         ops.score_reduce_weighted(a, b, reductions=ops.NEG_LSE, weights=(None, torch.ones(6), None, None))
     with pytest.raises(ValueError, match="without gradient"):
         ops.score_reduce_weighted(a, b, weights=(w.clone().requires_grad_(), None, None, None))
-    with pytest.raises(RuntimeError, match="row reductions only"):
-        torch.ops.infomax_ext._score_reduce_with_grad(w, w[:0], w[:0], w[:0], w[:0], a.detach(), b.detach(),
+    with pytest.raises(RuntimeError, match=r"grad_col_lse must have shape \(M,\) = \(8,\)"):
+        torch.ops.infomax_ext._score_reduce_with_grad(w, w, w[:0], w[:0], w[:0], w[:0], a.detach(), b.detach(),
                                                       torch.tensor(1.0, dtype=torch.float64), None, None, 0,
                                                       ops.ROW_LSE | ops.COL_LSE, 5.0)
 
@@ -414,8 +419,37 @@ def test_needs_grad_out_of_range_is_refused(bad, device):
     empty = g.new_empty(0)
     lib = ops._ops()
     with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
-        lib._score_reduce_with_grad(g, empty, empty, empty, empty, a, b, scale, None, None, 0, ops.ROW_LSE, 1.0, bad)
+        lib._score_reduce_with_grad(g, empty, empty, empty, empty, empty, a, b, scale, None, None, 0, ops.ROW_LSE,
+                                    1.0, bad)
     row = ops.score_reduce(a, b, scale, reductions=ops.ROW_LSE)[0]
     with pytest.raises(RuntimeError, match="needs_grad must be a bit mask"):
         lib._score_reduce_backward(g, empty, empty, empty, empty, a, b, scale, None, None, row, empty, empty, empty,
                                    0, ops.ROW_LSE, 1.0, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_column_weights_match_reference(device, dtype):
+    """w_col: column log-sum-exps join the sum (CLIP's loss). The op runs the forward walk
+    and its recomputing backward in one call: value, statistics and every input's
+    gradient against the reference, with the row terms, the positives and an offset."""
+    tol = {} if dtype == torch.float64 else dict(rtol=5e-5, atol=5e-5)
+    acc = ops.acc_dtype(dtype)
+    for n, kw in enumerate(sample_inputs(device, dtype, requires_grad=True, seed=9)):
+        K, M = kw["a"].shape[0], kw["b"].shape[0]
+        g = torch.Generator().manual_seed(n)
+        red = ops.ROW_LSE | ops.COL_LSE | (ops.NEG_LSE if M > 1 else 0)
+        w_row, w_neg, w_pos = (torch.randn(K, generator=g, dtype=torch.float64).to(device, acc) for _ in range(3))
+        w_neg = w_neg if M > 1 else None
+        w_col = torch.randn(M, generator=g, dtype=torch.float64).to(device, acc)
+        value, *stats, pos = ops.score_reduce_weighted(**kw, reductions=red, weights=(w_row, w_neg, None, None),
+                                                       w_pos=w_pos, w_col=w_col, offset=0.5)
+        oracle = ref.score_reduce(**kw, reductions=red)
+        pos_o = ref.positive_scores(ref.scores_dot(*[kw[x] for x in ARGS]), kw["pos_offset"]).to(acc)
+        value_o = 0.5 + sum((w * o).sum() for w, o in zip((w_row, w_col, w_neg, w_pos), (*oracle[:3], pos_o))
+                            if w is not None)
+        torch.testing.assert_close(value, value_o, **tol)
+        for s, o in zip((*stats, pos), (*oracle, pos_o)):
+            torch.testing.assert_close(s, o.detach(), **tol)
+        inputs = [kw[k] for k in ARGS if kw[k] is not None]
+        for x, y in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(value_o, inputs)):
+            torch.testing.assert_close(x, y, **tol)

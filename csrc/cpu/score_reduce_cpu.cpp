@@ -201,19 +201,21 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
 // loss sum_i (g_row_i row_lse_i + g_neg_i neg_lse_i + g_clamp_i neg_clamp_lse_i +
 // g_sp_i neg_softplus_i + g_pos_i S[i, i + pos_offset]) for upstream gradients known in
 // advance (e.g. 1/K for a mean): three GEMMs instead of the four of score_reduce plus its
-// backward; the positives' weights join G. NB: when the kept rows (cpu::fwd_bwd_fits)
-// would pass kKeptRowsBudget, it is score_reduce followed by its backward (same results).
+// backward; the positives' weights join G. NB: with a column statistic (final only
+// after every row) or when the kept rows (cpu::fwd_bwd_fits) would pass
+// kKeptRowsBudget, it is score_reduce followed by its backward (same results).
 // Arguments checked by score_reduce_with_grad (score_reduce_common.h).
-WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
-                                    const Tensor& grad_clamp_lse, const Tensor& grad_softplus, const Tensor& grad_pos,
-                                    const Tensor& a, const Tensor& b, const Tensor& scale,
-                                    const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                                    int64_t reductions, double clamp_tau, int64_t needs_grad) {
+WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& grad_col_lse,
+                                    const Tensor& grad_neg_lse, const Tensor& grad_clamp_lse,
+                                    const Tensor& grad_softplus, const Tensor& grad_pos, const Tensor& a,
+                                    const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                                    const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
+                                    double clamp_tau, int64_t needs_grad) {
   const DotInputs in = dot_inputs(a, b, row_bias, col_bias);
-  if (!cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
-    return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_neg_lse,
-                                 grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias, col_bias,
-                                 pos_offset, reductions, clamp_tau, needs_grad);
+  if ((reductions & kColLse) || !cpu::fwd_bwd_fits(in.B.size(0), in.A.element_size()))
+    return forward_then_backward(&score_reduce_forward_cpu, &score_reduce_backward_cpu, grad_row_lse, grad_col_lse,
+                                 grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias,
+                                 col_bias, pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor none = at::empty({0}, in.A.options());
   cpu::GradInputs g = cpu::grad_inputs(grad_row_lse, none, grad_neg_lse, grad_clamp_lse, grad_softplus, none, none,
                                        none, none, in.acc);

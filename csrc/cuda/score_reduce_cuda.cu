@@ -883,13 +883,15 @@ std::tuple<Tensor, Tensor> symmetric_softmax_mean_cuda(const Tensor& x,         
 // NB: one walk when a chunk spans whole rows (the usual case: M * 1024 scores fit the
 // workspace): per chunk, cuBLAS writes the dots once, the fold kernel finalises the
 // rows' statistics, and the gradient kernel turns the same chunk into G -- three GEMMs
-// (S, G B, G^T A). Otherwise (huge M, column chunks) the forward walk then the
-// recomputing backward: the same results with four.
-WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_neg_lse,
-                                     const Tensor& grad_clamp_lse, const Tensor& grad_softplus,
-                                     const Tensor& grad_pos, const Tensor& a, const Tensor& b, const Tensor& scale,
-                                     const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
-                                     int64_t reductions, double clamp_tau, int64_t needs_grad) {
+// (S, G B, G^T A). Otherwise (a column statistic, final only after every row; huge M,
+// column chunks) the forward walk then the recomputing backward: the same results with
+// four.
+WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& grad_col_lse,
+                                     const Tensor& grad_neg_lse, const Tensor& grad_clamp_lse,
+                                     const Tensor& grad_softplus, const Tensor& grad_pos, const Tensor& a,
+                                     const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                                     const OptTensor& col_bias, int64_t pos_offset, int64_t reductions,
+                                     double clamp_tau, int64_t needs_grad) {
   // NB: arguments checked by score_reduce_with_grad (score_reduce_common.h).
   const cuda::DeviceGuard guard(a.device());
   const auto acc = acc_dtype(a.scalar_type());
@@ -899,10 +901,10 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
   const int64_t active = active_grads(reductions, std::get<0>(grads), none, std::get<2>(grads),
                                       std::get<3>(grads), std::get<4>(grads));
   const int64_t K = a.size(0), M = b.size(0), d = a.size(1);
-  if (!active || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
+  if (!active || (reductions & kColLse) || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
     return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
-                                 grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale, row_bias,
-                                 col_bias, pos_offset, reductions, clamp_tau, needs_grad);
+                                 grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale,
+                                 row_bias, col_bias, pos_offset, reductions, clamp_tau, needs_grad);
   const Tensor A = gemm_operand(a, acc), B = gemm_operand(b, acc);
   const Tensor rb = bias_acc(row_bias, acc), cb = bias_acc(col_bias, acc);
   const Tensor sc = scalar_acc(scale, acc);
