@@ -163,10 +163,10 @@ class DotScores(ScoreSource):
         statistics come back without gradient. Otherwise the plain reductions."""
         if walk is None or not self.wants_grad():
             return super().terms(reductions, clamp_tau)
-        a = self.a
-        acc, K, device = ops.acc_dtype(a.dtype), self.K, a.device
-        w = [None if x is None else torch.full((self.M if n == 1 else K,), x, dtype=acc, device=device)
-             for n, x in enumerate(walk[:6])]
+        a, K = self.a, self.K
+        acc, device = ops.acc_dtype(a.dtype), a.device
+        sizes = (K, self.M, K, K, K, K)  # Walk's order: row, col, neg, clamp, softplus, pos
+        w = [None if x is None else torch.full((n,), x, dtype=acc, device=device) for n, x in zip(sizes, walk)]
         out = ops.weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
                            float(clamp_tau), w, float(walk.offset))
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
