@@ -39,6 +39,15 @@ void define_ops(torch::Library& m) {
   m.def(
       "score_reduce(Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
       "int pos_offset, int reductions, float clamp_tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients (a, b, scale, row_bias, col_bias) of score_reduce for the five outputs'
+  // upstream gradients (empty (0,) for none), as differentiable torch ops from the
+  // materialising reference (its kernel is registered from Python): score_reduce's
+  // backward under create_graph=True. A gradient of an input that is None comes back
+  // empty (0,).
+  m.def(
+      "_score_reduce_grads(Tensor grad_row_lse, Tensor grad_col_lse, Tensor grad_neg_lse, Tensor grad_clamp_lse, "
+      "Tensor grad_softplus, Tensor a, Tensor b, Tensor scale, Tensor? row_bias, Tensor? col_bias, "
+      "int pos_offset, int reductions, float clamp_tau) -> Tensor[]");
   // Gradients (a, b, scale, row_bias, col_bias) of score_reduce by tile recomputation.
   // needs_grad: bit mask of kNeedA | kNeedB | kNeedScale (score_reduce_common.h); a
   // gradient outside it comes back as zeros and its GEMM is skipped.
@@ -60,7 +69,7 @@ void define_ops(torch::Library& m) {
       "Tensor grad_clamp_lse, Tensor grad_softplus, Tensor grad_pos, Tensor a, Tensor b, Tensor scale, "
       "Tensor? row_bias, Tensor? col_bias, int pos_offset, int reductions, float clamp_tau, int needs_grad=7) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same walk as a differentiable op (autograd in score_reduce_weighted.cpp):
+  // The same walk as a differentiable op (autograd in score_reduce_autograd.cpp):
   // (value, row_lse, col_lse, neg_lse, neg_clamp_lse, neg_softplus, pos) with value =
   // offset + sum_i (w_row_i row_lse_i + ... + w_pos_i S[i, i + pos_offset]) + sum_j
   // w_col_j col_lse_j; a weight is (K,) ((M,) for w_col) or None (its term left out);

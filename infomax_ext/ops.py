@@ -118,13 +118,6 @@ def _fake_outputs(a, b, reductions):
     return tuple(a.new_empty((n if reductions & bit else 0,), dtype=acc) for bit, n in sizes)
 
 
-def _setup_context(ctx, inputs, output):
-    a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau = inputs
-    row_lse, col_lse, neg_lse, clamp_lse, _ = output
-    ctx.save_for_backward(a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse, clamp_lse)
-    ctx.args = (pos_offset, reductions, clamp_tau)
-
-
 def _grads_by_reference(fn, inputs, grad_outputs):
     """The input gradients of ``fn(*inputs)`` (a tuple of outputs) for ``grad_outputs``,
     as differentiable torch ops: the backward of every op here when it runs with
@@ -163,16 +156,22 @@ def _score_reduce_backward(lib, grads, a, b, scale, row_bias, col_bias, stats, a
                                                   _needs_grad(*needs)))
 
 
-def _backward(lib, ctx, *grads):
-    a, b, scale, row_bias, col_bias, *stats = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        pos_offset, reductions, clamp_tau = ctx.args
-        grads = _grads_by_reference(
-            lambda *x: ref.score_reduce(*x, pos_offset, reductions, clamp_tau), (a, b, scale, row_bias, col_bias), grads)
-        return (*grads, None, None, None)
-    d = _score_reduce_backward(lib, grads, a, b, scale, row_bias, col_bias, stats, ctx.args, ctx.needs_input_grad[:3])
-    return (d.a, d.b, d.scale, d.row_bias if row_bias is not None else None,
-            d.col_bias if col_bias is not None else None, None, None, None)
+def _node_grads(fn, inputs, grad_outputs):
+    """:func:`_grads_by_reference` for a C++ node (``score_reduce_autograd.cpp``) under
+    ``create_graph=True``: a list of five tensors, zeros for a gradient nobody gets and
+    empty for an absent input (the dispatcher's ``Tensor[]`` has no None)."""
+    grads = _grads_by_reference(fn, inputs, grad_outputs)
+    return [inputs[0].new_empty((0,)) if t is None else torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, inputs)]
+
+
+def _score_reduce_grads_reference(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, pos_offset,
+                                  reductions, clamp_tau):
+    """The kernel of ``_score_reduce_grads``: score_reduce's backward under
+    ``create_graph=True``. An empty upstream gradient is none."""
+    grads = [None if g.numel() == 0 else g for g in (g_row, g_col, g_neg, g_clamp, g_sp)]
+    return _node_grads(lambda *x: ref.score_reduce(*x, pos_offset, reductions, clamp_tau),
+                       (a, b, scale, row_bias, col_bias), grads)
 
 
 def _needs_grad(a, b, scale):
@@ -245,7 +244,7 @@ def weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
     if lib is None:
         return _weighted_value_reference(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau,
                                          offset, weights)
-    # NB: the op's autograd is a C++ node (csrc/score_reduce_weighted.cpp): no Python
+    # NB: the op's autograd is a C++ node (csrc/score_reduce_autograd.cpp): no Python
     # call on either pass of a training step.
     return WeightedStats(*lib.score_reduce_weighted(a, b, scale, row_bias, col_bias, pos_offset, reductions,
                                                     clamp_tau, *weights, offset))
@@ -255,11 +254,8 @@ def _weighted_grads_reference(grad, a, b, scale, row_bias, col_bias, pos_offset,
     """The kernel of ``_score_reduce_weighted_grads``: score_reduce_weighted's backward
     under ``create_graph=True``, as differentiable ops of the reference (the C++ node
     calls it). A gradient nobody gets is zeros, an absent input's is empty."""
-    inputs = (a, b, scale, row_bias, col_bias)
-    grads = _grads_by_reference(
-        lambda *x: _weighted_value_reference(*x, pos_offset, reductions, clamp_tau, 0.0, weights)[:1], inputs, (grad,))
-    return [a.new_empty((0,)) if t is None else torch.zeros_like(t) if g is None else g
-            for g, t in zip(grads, inputs)]
+    return _node_grads(lambda *x: _weighted_value_reference(*x, pos_offset, reductions, clamp_tau, 0.0, weights)[:1],
+                       (a, b, scale, row_bias, col_bias), (grad,))
 
 
 def _score_reduce_fake(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau):
@@ -582,11 +578,13 @@ def _register(ns):
              "_concat_score_reduce_backward": _concat_score_reduce_backward_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"{ns}::{name}", fake)
-    autograd = {"score_reduce": (_backward, _setup_context),
-                "symmetric_softmax_mean": (_symmetric_backward, _symmetric_setup_context),
+    autograd = {"symmetric_softmax_mean": (_symmetric_backward, _symmetric_setup_context),
                 "concat_score_reduce": (_concat_backward, _concat_setup_context)}
     for name, (backward, setup) in autograd.items():
         torch.library.register_autograd(f"{ns}::{name}", functools.partial(backward, lib), setup_context=setup)
+    # NB: score_reduce and score_reduce_weighted have C++ nodes; under create_graph they
+    # call these.
+    torch.library.impl(f"{ns}::_score_reduce_grads", "CompositeImplicitAutograd", _score_reduce_grads_reference)
     torch.library.impl(f"{ns}::_score_reduce_weighted_grads", "CompositeImplicitAutograd", _weighted_grads_reference)
 
 

@@ -1,21 +1,24 @@
-// score_reduce_weighted: the autograd of the weighted walk, in C++. The value
-// sum_i w . stats_i has its gradient made by _score_reduce_with_grad during the
-// forward walk (the weights are known up front), so the backward is a product by one
-// upstream scalar. A C++ node makes that product and keeps the walk's outputs without
-// a Python call on either pass: at K = M = 256 a Python autograd.Function around the
-// op cost about an eighth of the whole training step.
+// The autograd of score_reduce and score_reduce_weighted, in C++: a node per call, with
+// no Python call on either pass of a training step (at K = M = 256 a Python
+// autograd.Function around the op cost about a tenth of the whole step).
 //
-// With create_graph=True the backward is recomputed as differentiable torch ops by
-// _score_reduce_weighted_grads, whose kernel is the materialising reference
-// registered from Python (infomax_ext/ops.py), so second derivatives are exact.
+// score_reduce: the backward is the recomputing _score_reduce_backward op.
+// score_reduce_weighted: the value sum_i w . stats_i has its gradient made by
+// _score_reduce_with_grad during the forward walk (the weights are known up front), so
+// the backward is a product by one upstream scalar.
+//
+// With create_graph=True each backward is recomputed as differentiable torch ops by
+// _score_reduce_grads / _score_reduce_weighted_grads, whose kernels are the materialising
+// reference registered from Python (infomax_ext/ops.py), so second derivatives are exact.
 //
 // Registered for both namespaces: infomax_ext (CPU and CUDA kernels) and, in builds
-// with the emulated backend, infomax_ext_emulated; each calls the walk of its own.
+// with the emulated backend, infomax_ext_emulated; each calls the kernels of its own.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 
@@ -51,6 +54,36 @@ using ReferenceGradsSig = std::vector<Tensor>(const Tensor&, const Tensor&, cons
                                               const OptTensor&, const OptTensor&, int64_t, int64_t, double,
                                               const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, const OptTensor&);
+
+using ReduceSig = Tensor5(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                          int64_t, double);
+using BackwardSig = Tensor5(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                            const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t);
+using ReduceGradsSig = std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           const OptTensor&, int64_t, int64_t, double);
+
+const c10::TypedOperatorHandle<ReduceSig>& reduce_op(bool emulated) {
+  static const auto op = find_op<ReduceSig>(false, "score_reduce");
+  if (!emulated) return op;
+  static const auto emu = find_op<ReduceSig>(true, "score_reduce");
+  return emu;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op(bool emulated) {
+  static const auto op = find_op<BackwardSig>(false, "_score_reduce_backward");
+  if (!emulated) return op;
+  static const auto emu = find_op<BackwardSig>(true, "_score_reduce_backward");
+  return emu;
+}
+
+const c10::TypedOperatorHandle<ReduceGradsSig>& reduce_grads_op(bool emulated) {
+  static const auto op = find_op<ReduceGradsSig>(false, "_score_reduce_grads");
+  if (!emulated) return op;
+  static const auto emu = find_op<ReduceGradsSig>(true, "_score_reduce_grads");
+  return emu;
+}
 
 const c10::TypedOperatorHandle<WithGradSig>& with_grad_op(bool emulated) {
   static const auto op = find_op<WithGradSig>(false, "_score_reduce_with_grad");
@@ -91,7 +124,7 @@ Tensor12 walk(bool emulated, const Tensor& a, const Tensor& b, const Tensor& sca
 
 }  // namespace
 
-// Outside the anonymous namespace: its name is the grad_fn users see.
+// The nodes are outside the anonymous namespace: their names are the grad_fn users see.
 struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduceWeightedBackward> {
   // needs: the mask of inputs that want a gradient (grad mode is off in here, so the
   // caller reads it); emulated: which backend's walk. NB: b may be a and col_bias may be
@@ -156,7 +189,77 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
   }
 };
 
+// score_reduce's node: the five statistics, each with a gradient, by the recomputing
+// backward op.
+struct ScoreReduceBackward : public torch::autograd::Function<ScoreReduceBackward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& scale,
+                               const OptTensor& row_bias, const OptTensor& col_bias, int64_t pos_offset,
+                               int64_t reductions, double clamp_tau, int64_t needs, bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [row, col, neg, clamp, sp] =
+        reduce_op(emulated).call(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+    ctx->save_for_backward({a, b, scale, row_bias.value_or(Tensor()), col_bias.value_or(Tensor()), row, col, neg,
+                            clamp});
+    ctx->saved_data["needs"] = needs;
+    ctx->saved_data["emulated"] = emulated;
+    ctx->saved_data["args"] = std::vector<int64_t>{pos_offset, reductions};
+    ctx->saved_data["clamp_tau"] = clamp_tau;
+    ctx->set_materialize_grads(false);
+    return {row, col, neg, clamp, sp};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(10);  // one per forward argument; only the first five are tensors with gradients
+    if (std::none_of(grads.begin(), grads.end(), [](const Tensor& g) { return g.defined(); })) return out;
+    const variable_list s = ctx->get_saved_variables();
+    const Tensor &a = s[0], &b = s[1], &scale = s[2];
+    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const int64_t needs = ctx->saved_data["needs"].toInt();
+    const bool emulated = ctx->saved_data["emulated"].toBool();
+    const auto args = ctx->saved_data["args"].toIntVector();
+    const double tau = ctx->saved_data["clamp_tau"].toDouble();
+    // NB: an output without a gradient (or not requested) passes an empty one.
+    const Tensor none = at::empty({0}, a.options().dtype(acc_dtype(a.scalar_type())));
+    std::array<Tensor, 5> g;
+    for (int i = 0; i < 5; ++i) g[i] = grads[i].defined() ? grads[i] : none;
+    const bool want[5] = {bool(needs & kNeedA), bool(needs & kNeedB), bool(needs & kNeedScale),
+                          bool(needs & kNeedRowBias), bool(needs & kNeedColBias)};
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      const std::vector<Tensor> r = reduce_grads_op(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale,
+                                                                   opt(s[3]), opt(s[4]), args[0], args[1], tau);
+      for (int i = 0; i < 5; ++i)
+        if (want[i]) out[i] = r[i];
+      return out;
+    }
+    const auto r = backward_op(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]), opt(s[4]), s[5],
+                                              s[6], s[7], s[8], args[0], args[1], tau, needs & kNeedAll);
+    const Tensor* d[5] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r), &std::get<3>(r), &std::get<4>(r)};
+    for (int i = 0; i < 5; ++i)
+      if (want[i]) out[i] = *d[i];
+    return out;
+  }
+};
+
 namespace {
+
+// The mask of inputs (a, b, scale, row_bias, col_bias) that want a gradient, read
+// before a node's forward (where grad mode is off).
+int64_t wanted(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+               const OptTensor& col_bias) {
+  const bool on = at::GradMode::is_enabled();
+  auto wants = [&](const Tensor& t, int64_t bit) { return on && t.defined() && t.requires_grad() ? bit : 0; };
+  return wants(a, kNeedA) | wants(b, kNeedB) | wants(scale, kNeedScale) |
+         wants(row_bias.value_or(Tensor()), kNeedRowBias) | wants(col_bias.value_or(Tensor()), kNeedColBias);
+}
+
+// score_reduce's Autograd kernel.
+template <bool emulated>
+Tensor5 reduce_autograd(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_bias,
+                        const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau) {
+  const variable_list o = ScoreReduceBackward::apply(a, b, scale, row_bias, col_bias, pos_offset, reductions,
+                                                     clamp_tau, wanted(a, b, scale, row_bias, col_bias), emulated);
+  return {o[0], o[1], o[2], o[3], o[4]};
+}
 
 // The Autograd kernel: the node when a gradient is wanted, the walk alone otherwise.
 template <bool emulated>
@@ -164,11 +267,7 @@ Tensor7 weighted_autograd(const Tensor& a, const Tensor& b, const Tensor& scale,
                           const OptTensor& col_bias, int64_t pos_offset, int64_t reductions, double clamp_tau,
                           const OptTensor& w_row, const OptTensor& w_col, const OptTensor& w_neg,
                           const OptTensor& w_clamp, const OptTensor& w_sp, const OptTensor& w_pos, double offset) {
-  const bool on = at::GradMode::is_enabled();
-  auto wants = [&](const Tensor& t, int64_t bit) { return on && t.defined() && t.requires_grad() ? bit : 0; };
-  const int64_t needs = wants(a, kNeedA) | wants(b, kNeedB) | wants(scale, kNeedScale) |
-                        wants(row_bias.value_or(Tensor()), kNeedRowBias) |
-                        wants(col_bias.value_or(Tensor()), kNeedColBias);
+  const int64_t needs = wanted(a, b, scale, row_bias, col_bias);
   const variable_list o = ScoreReduceWeightedBackward::apply(a, b, scale, row_bias, col_bias, pos_offset, reductions,
                                                              clamp_tau, w_row, w_col, w_neg, w_clamp, w_sp, w_pos,
                                                              offset, needs, emulated);
@@ -190,12 +289,14 @@ Tensor7 weighted_plain(const Tensor& a, const Tensor& b, const Tensor& scale, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infomax_ext, Autograd, m) {
+  m.impl("score_reduce", &reduce_autograd<false>);
   m.impl("score_reduce_weighted", &weighted_autograd<false>);
 }
 TORCH_LIBRARY_IMPL(infomax_ext, CPU, m) { m.impl("score_reduce_weighted", &weighted_plain<false>); }
 TORCH_LIBRARY_IMPL(infomax_ext, CUDA, m) { m.impl("score_reduce_weighted", &weighted_plain<false>); }
 #ifdef INFOMAX_WITH_EMULATED_CUDA
 TORCH_LIBRARY_IMPL(infomax_ext_emulated, Autograd, m) {
+  m.impl("score_reduce", &reduce_autograd<true>);
   m.impl("score_reduce_weighted", &weighted_autograd<true>);
 }
 TORCH_LIBRARY_IMPL(infomax_ext_emulated, CPU, m) { m.impl("score_reduce_weighted", &weighted_plain<true>); }
