@@ -64,40 +64,20 @@ using ReduceGradsSig = std::vector<Tensor>(const Tensor&, const Tensor&, const T
                                            const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                            const OptTensor&, int64_t, int64_t, double);
 
-const c10::TypedOperatorHandle<ReduceSig>& reduce_op(bool emulated) {
-  static const auto op = find_op<ReduceSig>(false, "score_reduce");
-  if (!emulated) return op;
-  static const auto emu = find_op<ReduceSig>(true, "score_reduce");
+// The op kName of namespace infomax_ext or infomax_ext_emulated, found once each.
+template <typename Sig, const char* kName>
+const c10::TypedOperatorHandle<Sig>& op(bool emulated) {
+  static const auto fused = find_op<Sig>(false, kName);
+  if (!emulated) return fused;
+  static const auto emu = find_op<Sig>(true, kName);
   return emu;
 }
 
-const c10::TypedOperatorHandle<BackwardSig>& backward_op(bool emulated) {
-  static const auto op = find_op<BackwardSig>(false, "_score_reduce_backward");
-  if (!emulated) return op;
-  static const auto emu = find_op<BackwardSig>(true, "_score_reduce_backward");
-  return emu;
-}
-
-const c10::TypedOperatorHandle<ReduceGradsSig>& reduce_grads_op(bool emulated) {
-  static const auto op = find_op<ReduceGradsSig>(false, "_score_reduce_grads");
-  if (!emulated) return op;
-  static const auto emu = find_op<ReduceGradsSig>(true, "_score_reduce_grads");
-  return emu;
-}
-
-const c10::TypedOperatorHandle<WithGradSig>& with_grad_op(bool emulated) {
-  static const auto op = find_op<WithGradSig>(false, "_score_reduce_with_grad");
-  if (!emulated) return op;
-  static const auto emu = find_op<WithGradSig>(true, "_score_reduce_with_grad");
-  return emu;
-}
-
-const c10::TypedOperatorHandle<ReferenceGradsSig>& reference_grads_op(bool emulated) {
-  static const auto op = find_op<ReferenceGradsSig>(false, "_score_reduce_weighted_grads");
-  if (!emulated) return op;
-  static const auto emu = find_op<ReferenceGradsSig>(true, "_score_reduce_weighted_grads");
-  return emu;
-}
+constexpr char kScoreReduce[] = "score_reduce";
+constexpr char kBackward[] = "_score_reduce_backward";
+constexpr char kReduceGrads[] = "_score_reduce_grads";
+constexpr char kWithGrad[] = "_score_reduce_with_grad";
+constexpr char kWeightedGrads[] = "_score_reduce_weighted_grads";
 
 // The weights are read-only constants of the sum: one with a gradient would be silently
 // treated as one without.
@@ -116,8 +96,8 @@ Tensor12 walk(bool emulated, const Tensor& a, const Tensor& b, const Tensor& sca
   check_weights(weights);
   const Tensor none = at::empty({0}, a.options().dtype(acc_dtype(a.scalar_type())));
   auto w = [&](int i) -> const Tensor& { return has(*weights[i]) ? **weights[i] : none; };
-  Tensor12 r = with_grad_op(emulated).call(w(0), w(1), w(2), w(3), w(4), w(5), a, b, scale, row_bias, col_bias,
-                                           pos_offset, reductions, clamp_tau, needs_grad);
+  Tensor12 r = op<WithGradSig, kWithGrad>(emulated).call(w(0), w(1), w(2), w(3), w(4), w(5), a, b, scale, row_bias,
+                                                         col_bias, pos_offset, reductions, clamp_tau, needs_grad);
   if (offset != 0.0) std::get<0>(r).add_(offset);  // NB: a constant: no gradient of its own
   return r;
 }
@@ -170,7 +150,8 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
     if (at::GradMode::is_enabled()) {  // create_graph=True
       const auto args = ctx->saved_data["args"].toIntVector();
       auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-      const std::vector<Tensor> r = reference_grads_op(ctx->saved_data["emulated"].toBool()).call(
+      const bool emulated = ctx->saved_data["emulated"].toBool();
+      const std::vector<Tensor> r = op<ReferenceGradsSig, kWeightedGrads>(emulated).call(
           g, a, b, s[2], opt(s[3]), opt(s[4]), args[0], args[1], ctx->saved_data["clamp_tau"].toDouble(), opt(s[10]),
           opt(s[11]), opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]));
       for (int i = 0; i < 5; ++i)
@@ -197,7 +178,8 @@ struct ScoreReduceBackward : public torch::autograd::Function<ScoreReduceBackwar
                                int64_t reductions, double clamp_tau, int64_t needs, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto [row, col, neg, clamp, sp] =
-        reduce_op(emulated).call(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
+        op<ReduceSig, kScoreReduce>(emulated).call(a, b, scale, row_bias, col_bias, pos_offset, reductions,
+                                                   clamp_tau);
     ctx->save_for_backward({a, b, scale, row_bias.value_or(Tensor()), col_bias.value_or(Tensor()), row, col, neg,
                             clamp});
     ctx->saved_data["needs"] = needs;
@@ -225,14 +207,15 @@ struct ScoreReduceBackward : public torch::autograd::Function<ScoreReduceBackwar
     const bool want[5] = {bool(needs & kNeedA), bool(needs & kNeedB), bool(needs & kNeedScale),
                           bool(needs & kNeedRowBias), bool(needs & kNeedColBias)};
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      const std::vector<Tensor> r = reduce_grads_op(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale,
-                                                                   opt(s[3]), opt(s[4]), args[0], args[1], tau);
+      const std::vector<Tensor> r = op<ReduceGradsSig, kReduceGrads>(emulated).call(
+          g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]), opt(s[4]), args[0], args[1], tau);
       for (int i = 0; i < 5; ++i)
         if (want[i]) out[i] = r[i];
       return out;
     }
-    const auto r = backward_op(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]), opt(s[4]), s[5],
-                                              s[6], s[7], s[8], args[0], args[1], tau, needs & kNeedAll);
+    const auto r = op<BackwardSig, kBackward>(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]),
+                                                             opt(s[4]), s[5], s[6], s[7], s[8], args[0], args[1], tau,
+                                                             needs & kNeedAll);
     const Tensor* d[5] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r), &std::get<3>(r), &std::get<4>(r)};
     for (int i = 0; i < 5; ++i)
       if (want[i]) out[i] = *d[i];
