@@ -35,7 +35,7 @@ constexpr char kNamespace[] = "infomax_ext";
 constexpr char kEmulatedNamespace[] = "infomax_ext_emulated";
 
 // Bits of the mask of inputs that want a gradient: kNeedA | kNeedB | kNeedScale (the
-// walk's needs_grad) and the two biases.
+// walk's needs_grad) and the two biases (bit i: the node's input i).
 constexpr int64_t kNeedRowBias = 8, kNeedColBias = 16;
 
 // The op `name` of namespace infomax_ext, or infomax_ext_emulated, with signature Sig.
@@ -78,6 +78,31 @@ constexpr char kBackward[] = "_score_reduce_backward";
 constexpr char kReduceGrads[] = "_score_reduce_grads";
 constexpr char kWithGrad[] = "_score_reduce_with_grad";
 constexpr char kWeightedGrads[] = "_score_reduce_weighted_grads";
+
+// An optional tensor from a saved one (undefined when the input was None).
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+// What both nodes keep for their backward besides tensors: the mask of inputs (a, b,
+// scale, row_bias, col_bias: bits 0 to 4) that want a gradient, the backend and the
+// op's number arguments.
+struct NodeArgs {
+  int64_t needs, pos_offset, reductions;
+  double clamp_tau;
+  bool emulated;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["needs"] = needs;
+    ctx->saved_data["args"] = std::vector<int64_t>{pos_offset, reductions};
+    ctx->saved_data["clamp_tau"] = clamp_tau;
+    ctx->saved_data["emulated"] = emulated;
+  }
+  static NodeArgs load(AutogradContext* ctx) {
+    const auto args = ctx->saved_data["args"].toIntVector();
+    return {ctx->saved_data["needs"].toInt(), args[0], args[1], ctx->saved_data["clamp_tau"].toDouble(),
+            ctx->saved_data["emulated"].toBool()};
+  }
+  bool wants(int input) const { return needs & (int64_t(1) << input); }
+};
 
 // The weights are read-only constants of the sum: one with a gradient would be silently
 // treated as one without.
@@ -125,10 +150,7 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
                             drow, dcol, w_row.value_or(Tensor()), w_col.value_or(Tensor()),
                             w_neg.value_or(Tensor()), w_clamp.value_or(Tensor()), w_sp.value_or(Tensor()),
                             w_pos.value_or(Tensor())});
-    ctx->saved_data["needs"] = needs;
-    ctx->saved_data["emulated"] = emulated;
-    ctx->saved_data["args"] = std::vector<int64_t>{pos_offset, reductions};
-    ctx->saved_data["clamp_tau"] = clamp_tau;
+    NodeArgs{needs, pos_offset, reductions, clamp_tau, emulated}.save(ctx);
     ctx->saved_data["same_ab"] = b.is_same(a);
     ctx->saved_data["same_bias"] = has(row_bias) && has(col_bias) && col_bias->is_same(*row_bias);
     // NB: the statistics and positives carry no gradient: no zero tensors for them.
@@ -143,17 +165,13 @@ struct ScoreReduceWeightedBackward : public torch::autograd::Function<ScoreReduc
     if (!g.defined()) return out;
     const variable_list s = ctx->get_saved_variables();
     const Tensor &a = s[0], &b = s[1];
-    const int64_t needs = ctx->saved_data["needs"].toInt();
+    const NodeArgs n = NodeArgs::load(ctx);
     const bool same_ab = ctx->saved_data["same_ab"].toBool(), same_bias = ctx->saved_data["same_bias"].toBool();
-    const bool want[5] = {bool(needs & kNeedA), (needs & kNeedB) && !same_ab, bool(needs & kNeedScale),
-                          bool(needs & kNeedRowBias), (needs & kNeedColBias) && !same_bias};
+    const bool want[5] = {n.wants(0), n.wants(1) && !same_ab, n.wants(2), n.wants(3), n.wants(4) && !same_bias};
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      const auto args = ctx->saved_data["args"].toIntVector();
-      auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-      const bool emulated = ctx->saved_data["emulated"].toBool();
-      const std::vector<Tensor> r = op<ReferenceGradsSig, kWeightedGrads>(emulated).call(
-          g, a, b, s[2], opt(s[3]), opt(s[4]), args[0], args[1], ctx->saved_data["clamp_tau"].toDouble(), opt(s[10]),
-          opt(s[11]), opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]));
+      const std::vector<Tensor> r = op<ReferenceGradsSig, kWeightedGrads>(n.emulated).call(
+          g, a, b, s[2], opt(s[3]), opt(s[4]), n.pos_offset, n.reductions, n.clamp_tau, opt(s[10]), opt(s[11]),
+          opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]));
       for (int i = 0; i < 5; ++i)
         if (want[i]) out[i] = r[i];
       return out;
@@ -182,10 +200,7 @@ struct ScoreReduceBackward : public torch::autograd::Function<ScoreReduceBackwar
                                                    clamp_tau);
     ctx->save_for_backward({a, b, scale, row_bias.value_or(Tensor()), col_bias.value_or(Tensor()), row, col, neg,
                             clamp});
-    ctx->saved_data["needs"] = needs;
-    ctx->saved_data["emulated"] = emulated;
-    ctx->saved_data["args"] = std::vector<int64_t>{pos_offset, reductions};
-    ctx->saved_data["clamp_tau"] = clamp_tau;
+    NodeArgs{needs, pos_offset, reductions, clamp_tau, emulated}.save(ctx);
     ctx->set_materialize_grads(false);
     return {row, col, neg, clamp, sp};
   }
@@ -195,30 +210,24 @@ struct ScoreReduceBackward : public torch::autograd::Function<ScoreReduceBackwar
     if (std::none_of(grads.begin(), grads.end(), [](const Tensor& g) { return g.defined(); })) return out;
     const variable_list s = ctx->get_saved_variables();
     const Tensor &a = s[0], &b = s[1], &scale = s[2];
-    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-    const int64_t needs = ctx->saved_data["needs"].toInt();
-    const bool emulated = ctx->saved_data["emulated"].toBool();
-    const auto args = ctx->saved_data["args"].toIntVector();
-    const double tau = ctx->saved_data["clamp_tau"].toDouble();
+    const NodeArgs n = NodeArgs::load(ctx);
     // NB: an output without a gradient (or not requested) passes an empty one.
     const Tensor none = at::empty({0}, a.options().dtype(acc_dtype(a.scalar_type())));
     std::array<Tensor, 5> g;
     for (int i = 0; i < 5; ++i) g[i] = grads[i].defined() ? grads[i] : none;
-    const bool want[5] = {bool(needs & kNeedA), bool(needs & kNeedB), bool(needs & kNeedScale),
-                          bool(needs & kNeedRowBias), bool(needs & kNeedColBias)};
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      const std::vector<Tensor> r = op<ReduceGradsSig, kReduceGrads>(emulated).call(
-          g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]), opt(s[4]), args[0], args[1], tau);
+      const std::vector<Tensor> r = op<ReduceGradsSig, kReduceGrads>(n.emulated).call(
+          g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]), opt(s[4]), n.pos_offset, n.reductions, n.clamp_tau);
       for (int i = 0; i < 5; ++i)
-        if (want[i]) out[i] = r[i];
+        if (n.wants(i)) out[i] = r[i];
       return out;
     }
-    const auto r = op<BackwardSig, kBackward>(emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]),
-                                                             opt(s[4]), s[5], s[6], s[7], s[8], args[0], args[1], tau,
-                                                             needs & kNeedAll);
+    const auto r = op<BackwardSig, kBackward>(n.emulated).call(g[0], g[1], g[2], g[3], g[4], a, b, scale, opt(s[3]),
+                                                               opt(s[4]), s[5], s[6], s[7], s[8], n.pos_offset,
+                                                               n.reductions, n.clamp_tau, n.needs & kNeedAll);
     const Tensor* d[5] = {&std::get<0>(r), &std::get<1>(r), &std::get<2>(r), &std::get<3>(r), &std::get<4>(r)};
     for (int i = 0; i < 5; ++i)
-      if (want[i]) out[i] = *d[i];
+      if (n.wants(i)) out[i] = *d[i];
     return out;
   }
 };

@@ -45,7 +45,7 @@ def check_pair(a, b, pos_offset=0, need_negatives=False, names=("a", "b"), same_
         raise ValueError(f"feature sizes differ: {na} has d={da}, {nb} has d={db}")
     if M < K:
         raise ValueError(f"need M >= K so every row has a positive, got K={K} ({na}), M={M} ({nb})")
-    if pos_offset.__class__ is not int and (isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral)):
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral):
         raise ValueError(f"pos_offset must be an int, got {pos_offset!r}")
     if not 0 <= pos_offset <= M - K:
         raise ValueError(f"pos_offset must be in [0, M-K] = [0, {M - K}], got {pos_offset}")
@@ -121,11 +121,10 @@ class DotScores(ScoreSource):
 
     def __init__(self, a, b, scale=1.0, row_bias=None, col_bias=None, pos_offset=0):
         check_pair(a, b, pos_offset)
-        if row_bias is not None or col_bias is not None:
-            for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
-                if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
-                    raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
-                check_like(bias, a, name)
+        for name, bias, n in (("row_bias", row_bias, a.shape[0]), ("col_bias", col_bias, b.shape[0])):
+            if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+                raise ValueError(f"{name} must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
+            check_like(bias, a, name)
         check_like(scale, a, "scale")
         self.a, self.b, self.row_bias, self.col_bias = a, b, row_bias, col_bias
         self.scale = ops.as_scale(scale, a)
@@ -167,7 +166,7 @@ class DotScores(ScoreSource):
         acc, device = ops.acc_dtype(a.dtype), a.device
         sizes = (K, self.M, K, K, K, K)  # Walk's order: row, col, neg, clamp, softplus, pos
         w = [None if x is None else torch.full((n,), x, dtype=acc, device=device) for n, x in zip(sizes, walk)]
-        out = ops.weighted(self.a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
+        out = ops.weighted(a, self.b, self.scale, self.row_bias, self.col_bias, self.pos_offset, int(reductions),
                            float(clamp_tau), w, float(walk.offset))
         return Terms(self.positive() if walk.pos is None else out.pos, out.stats, out.value)
 
