@@ -169,7 +169,18 @@ using ForwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const
 using BackwardFn = Tensor5 (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                               double, int64_t);
+                               double, int64_t, bool);
+
+// The _score_reduce_backward op of a backend's backward body (gradients in the inputs' dtypes).
+template <BackwardFn backward>
+Tensor5 backward_op(const Tensor& g_row, const Tensor& g_col, const Tensor& g_neg, const Tensor& g_clamp,
+                    const Tensor& g_sp, const Tensor& a, const Tensor& b, const Tensor& scale,
+                    const OptTensor& row_bias, const OptTensor& col_bias, const Tensor& row_lse,
+                    const Tensor& col_lse, const Tensor& neg_lse, const Tensor& clamp_lse, int64_t pos_offset,
+                    int64_t reductions, double clamp_tau, int64_t needs_grad) {
+  return backward(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias, row_lse, col_lse, neg_lse,
+                  clamp_lse, pos_offset, reductions, clamp_tau, needs_grad, /*keep_acc=*/false);
+}
 
 // What a backend's _score_reduce_with_grad walk returns.
 struct WithGrad {
@@ -205,9 +216,10 @@ inline void add_positive_term(WithGrad& r, const Tensor& g_pos, const Tensor& a,
 
 // _score_reduce_with_grad as a backend's forward op followed by its recomputing
 // backward op: the same results as the one-walk version, with four GEMMs; the path of a
-// column statistic, which is final only after every row, and of huge M. NB: da and db
-// come back in the accumulation dtype, as from the one walk (the backward op has rounded
-// them to the input dtype once already; bf16 and fp16 values are exact in float32).
+// column statistic, which is final only after every row, and of huge M. `backward` is the
+// backward op's body with a last argument keep_acc: da and db stay in the accumulation
+// dtype, as from the one walk, so fp16 / bf16 gradients are rounded once, after the
+// positive term is added.
 inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, const Tensor& g_row,
                                       const Tensor& g_col, const Tensor& g_neg, const Tensor& g_clamp,
                                       const Tensor& g_sp, const Tensor& g_pos, const Tensor& a, const Tensor& b,
@@ -217,11 +229,8 @@ inline WithGrad forward_then_backward(ForwardFn forward, BackwardFn backward, co
   const Tensor5 out = forward(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   const Tensor5 grads = backward(g_row, g_col, g_neg, g_clamp, g_sp, a, b, scale, row_bias, col_bias,
                                  std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), pos_offset,
-                                 reductions, clamp_tau, needs_grad);
-  const auto acc = acc_dtype(a.scalar_type());
-  WithGrad r{out, Tensor(),
-             Tensor5{std::get<0>(grads).to(acc), std::get<1>(grads).to(acc), std::get<2>(grads), std::get<3>(grads),
-                     std::get<4>(grads)}};
+                                 reductions, clamp_tau, needs_grad, /*keep_acc=*/true);
+  WithGrad r{out, Tensor(), grads};
   add_positive_term(r, g_pos, a, b, scale, row_bias, col_bias, pos_offset, needs_grad);
   return r;
 }

@@ -64,6 +64,27 @@ def test_undefined_behaviour_fails_the_launch(name, match):
     assert selftest("warp_sum") == [496] * 64
 
 
+def test_wmma_multiplies_fp16_tiles():
+    """One warp's 16 x 16 x 16 product through the emulated nvcuda::wmma (A row-major, B
+    column-major, C row-major) against torch's, on small integers (exact)."""
+    i = torch.arange(16)
+    A = (i[:, None] + 2 * i[None, :]) % 7 - 3
+    B = (3 * i[:, None] + i[None, :]) % 5 - 2
+    assert selftest("wmma") == (A @ B).flatten().tolist()
+
+
+@pytest.mark.parametrize("name, match", [
+    ("wmma_misaligned", "256-bit aligned"),
+    ("wmma_ldm", "ldm must be a multiple of 16 bytes"),
+    ("wmma_diverged", "only 16 of 32 lanes reached it"),
+    ("wmma_lanes_disagree", "lanes of one warp disagree"),
+])
+def test_wmma_misuse_fails_the_launch(name, match):
+    with pytest.raises(RuntimeError, match=match):
+        selftest(name)
+    assert selftest("wmma")[:3] == selftest("wmma")[:3]
+
+
 # ---------------------------------------------------------------------------
 # Reaching the emulated ops
 # ---------------------------------------------------------------------------

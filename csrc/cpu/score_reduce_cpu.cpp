@@ -171,7 +171,8 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
                                   const Tensor& row_lse,  // saved forward outputs
                                   const Tensor& col_lse, const Tensor& neg_lse,
                                   const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
-                                  double clamp_tau, int64_t needs_grad) {
+                                  double clamp_tau, int64_t needs_grad,
+                                  bool keep_acc) {  // da, db in the accumulation dtype
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   check_needs_grad(needs_grad, "_score_reduce_backward");
   check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b,
@@ -192,7 +193,7 @@ Tensor5 score_reduce_backward_cpu(const Tensor& grad_row_lse,    // (K,) or (0,)
           },
           [](int, int64_t, int64_t) {});
     }
-    grads = acc.result(a, b, scale, row_bias, col_bias);
+    grads = acc.result(a, b, scale, row_bias, col_bias, keep_acc);
   });
   return grads;
 }
@@ -240,7 +241,7 @@ WithGrad score_reduce_with_grad_cpu(const Tensor& grad_row_lse, const Tensor& gr
 
 TORCH_LIBRARY_IMPL(infomax_ext, CPU, m) {
   m.impl("score_reduce", &score_reduce_forward_cpu);
-  m.impl("_score_reduce_backward", &score_reduce_backward_cpu);
+  m.impl("_score_reduce_backward", &backward_op<&score_reduce_backward_cpu>);
   m.impl("_score_reduce_with_grad", &score_reduce_with_grad<&score_reduce_with_grad_cpu>);
 }
 

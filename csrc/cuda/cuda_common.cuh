@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #ifdef INFOMAX_CUDA_EMULATED
@@ -32,7 +33,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <mma.h>
 #endif
 
 #include "infomax_ext/score_math.h"
@@ -147,6 +151,53 @@ inline int64_t workspace_bytes() {
     return int64_t(64) << 20;
   }
   return std::clamp<int64_t>(static_cast<int64_t>(free_bytes / 4), int64_t(64) << 20, int64_t(1) << 30);
+#endif
+}
+
+// The device's type for a c10 16-bit float (the element type of tensor-core fragments).
+template <typename T>
+struct DeviceHalf;
+#ifdef INFOMAX_CUDA_EMULATED
+template <>
+struct DeviceHalf<at::Half> { using type = c10::Half; };
+template <>
+struct DeviceHalf<at::BFloat16> { using type = c10::BFloat16; };
+#else
+template <>
+struct DeviceHalf<at::Half> { using type = __half; };
+template <>
+struct DeviceHalf<at::BFloat16> { using type = __nv_bfloat16; };
+#endif
+
+// Streaming multiprocessors of the current device (how many blocks fill it), and whether
+// it has bf16 tensor cores (sm_80 and later). Emulated: 4 "SMs" (so that small test
+// inputs already split their columns across blocks) and tensor cores.
+#ifdef INFOMAX_CUDA_EMULATED
+inline int sm_count() { return 4; }
+inline bool has_bf16_tensor_cores() { return true; }
+#else
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+inline bool has_bf16_tensor_cores() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8; }
+#endif
+
+// 16 bytes from src to dst (both 16-byte aligned), or zeros when src is nullptr: one
+// 128-bit load and store on the GPU. NB: memcpy when emulated (no type punning in C++).
+template <typename T>
+__device__ __forceinline__ void copy16(T* dst, const T* src) {
+#ifdef INFOMAX_CUDA_EMULATED
+  if (src) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+#else
+  *reinterpret_cast<uint4*>(dst) = src ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
 }
 

@@ -67,6 +67,7 @@
 
 #include "../score_reduce_common.h"
 #include "cuda_common.cuh"
+#include "score_tiles.cuh"
 
 namespace infomax_ext {
 namespace {
@@ -389,10 +390,158 @@ RowForwardArgs<T> row_forward_args(const ScoreArgs<T>& sc, T tau, int64_t pos_of
   return p;
 }
 
+// ---------------------------------------------------------------------------
+// The tile path (score_tiles.cuh): fp16/bf16 scores made and folded on chip
+// ---------------------------------------------------------------------------
+
+// Whether the tile kernels walk S: fp16/bf16 GEMM operands (the tensor-core path), chosen
+// with INFOMAX_EXT_CUDA_TILE_KERNELS=1 (read per call, like the workspace budget), on a
+// GPU with bf16 tensor cores. NB: off by default: the chunk path's cuBLAS GEMMs are the
+// measured baseline; the tile path moves a third of the bytes but makes S twice with a
+// hand-written GEMM (see score_tiles.cuh).
+bool use_tile_kernels(at::ScalarType t) {
+  if (!INFOMAX_MM_OUT_DTYPE || (t != at::kHalf && t != at::kBFloat16)) return false;
+  const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_KERNELS");
+  return env && env[0] == '1' && env[1] == '\0' && cuda::has_bf16_tensor_cores();
+}
+
+// The operands of a tile launch over rows [i0, i0 + rows); tiles_per_split spreads the
+// column tiles over enough blocks to fill the device (two per SM) when K is small.
+TileOperands tile_operands(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, int64_t i0,
+                           int64_t rows) {
+  const int64_t M = B.size(0), d = A.size(1);
+  const int64_t row_blocks = ceil_div(rows, kTileRows), col_tiles = ceil_div(M, kTileRows);
+  const int64_t want = std::clamp<int64_t>(ceil_div(2 * cuda::sm_count(), row_blocks), 1, std::min<int64_t>(col_tiles, 65535));
+  const auto aligned = [](const Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
+  return TileOperands{A.data_ptr(), B.data_ptr(),
+                      A.size(0), M, d, i0, rows, ceil_div(col_tiles, want),
+                      d % 8 == 0 && aligned(A) && aligned(B),
+                      sc.scale, sc.row_bias, sc.col_bias};
+}
+
+dim3 tile_grid(const TileOperands& op) {
+  return dim3(static_cast<unsigned>(ceil_div(op.rows, kTileRows)),
+              static_cast<unsigned>(ceil_div(ceil_div(op.M, kTileRows), op.tiles_per_split)));
+}
+
+// Rows per tile launch: all of them, unless per-block column partials (rows / 64 x M of
+// them, `bytes` each) would pass the workspace budget.
+int64_t tile_launch_rows(int64_t K, int64_t M, int64_t bytes) {
+  const int64_t blocks = std::max<int64_t>(1, cuda::workspace_bytes() / (M * bytes));
+  return std::min(K, blocks * kTileRows);
+}
+
+// score_reduce's forward on the tile path (H: at::Half or at::BFloat16, A's dtype).
+template <typename H>
+void tile_forward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, float tau, int64_t pos_offset,
+                  int64_t red, Tensor5& out) {
+  using TIn = typename cuda::DeviceHalf<H>::type;
+  const int64_t K = A.size(0), M = B.size(0);
+  const bool row_red = red & (kRowLse | kNegLse | kNegClampLse | kNegSoftplus);
+  const bool col_red = red & kColLse;
+  const int64_t launch_rows = col_red ? tile_launch_rows(K, M, sizeof(LseState<float>)) : K;
+  const auto opts = A.options().dtype(at::kFloat);
+  const TileOperands first = tile_operands(A, B, sc, 0, launch_rows);
+  const int64_t max_splits = tile_grid(first).y;
+  const auto states = [&](bool on) { return on ? at::empty({max_splits * launch_rows, 2}, opts) : Tensor(); };
+  const Tensor neg_part = states(red & (kRowLse | kNegLse)), clamp_part = states(red & kNegClampLse);
+  const Tensor sp_part = (red & kNegSoftplus) ? at::empty({max_splits * launch_rows}, opts) : Tensor();
+  const Tensor pos = (red & kRowLse) ? at::empty({launch_rows}, opts) : Tensor();
+  const Tensor col_part = col_red ? at::empty({ceil_div(launch_rows, kTileRows) * M, 2}, opts) : Tensor();
+  const Tensor col_state = (col_red && launch_rows < K) ? at::empty({M, 2}, opts) : Tensor();
+  const cudaStream_t stream = cuda::current_stream();
+  for (int64_t i0 = 0; i0 < K; i0 += launch_rows) {
+    const int64_t rows = std::min(launch_rows, K - i0);
+    TileForwardArgs p{};
+    p.op = tile_operands(A, B, sc, i0, rows);
+    p.tau = tau;
+    p.pos_offset = pos_offset;
+    p.reductions = red;
+    p.neg_part = as_states<float>(neg_part);
+    p.clamp_part = as_states<float>(clamp_part);
+    p.sp_part = ptr_or_null<float>(sp_part);
+    p.pos = ptr_or_null<float>(pos);
+    p.col_part = as_states<float>(col_part);
+    const dim3 grid = tile_grid(p.op);
+    cuda::launch(tile_forward_kernel<TIn>, grid, kTileThreads, stream, p);
+    if (row_red)
+      cuda::launch(tile_row_finish_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p,
+                   static_cast<int64_t>(grid.y), ptr_or_null<float>(std::get<0>(out)),
+                   ptr_or_null<float>(std::get<2>(out)), ptr_or_null<float>(std::get<3>(out)),
+                   ptr_or_null<float>(std::get<4>(out)));
+    if (col_red)
+      cuda::launch(col_finish_kernel<float, false>, static_cast<unsigned>(ceil_div(M, 256)), 256, stream,
+                   p.col_part, static_cast<int64_t>(grid.x), M, int64_t(0), i0 == 0, i0 + rows == K,
+                   as_states<float>(col_state), ptr_or_null<float>(std::get<1>(out)));
+  }
+}
+
+// The backward walk on the tile path: per chunk of rows (G in TG within the workspace
+// budget), G and its row (and column) sums from tile_grad_kernel, then the two G GEMMs.
+// Arguments as backward_impl's.
+template <typename TG>
+void tile_backward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, float tau, int64_t pos_offset,
+                   int64_t active, const Tensor5& grads, const Tensor& row_lse, const Tensor& col_lse,
+                   const Tensor& neg_lse, const Tensor& clamp_lse, Tensor& dA, Tensor& dB, Tensor& drow,
+                   Tensor& dcol, bool need_dcol, int64_t needs_grad, const float* g_scale) {
+  using TIn = typename cuda::DeviceHalf<TG>::type;
+  const int64_t K = A.size(0), M = B.size(0);
+  int64_t chunk = std::clamp<int64_t>(cuda::workspace_bytes() / (M * int64_t(sizeof(TG))), 1, K);
+  if (need_dcol) chunk = std::min(chunk, tile_launch_rows(K, M, sizeof(float)));
+  const auto opts = A.options().dtype(at::kFloat);
+  Tensor gws = at::empty({chunk * M}, A.options());
+  const int64_t max_splits = tile_grid(tile_operands(A, B, sc, 0, chunk)).y;
+  Tensor drow_part = at::empty({max_splits * chunk}, opts);
+  Tensor dcol_part = need_dcol ? at::empty({ceil_div(chunk, kTileRows) * M}, opts) : Tensor();
+  TileGradArgs p{};
+  p.tau = tau;
+  p.pos_offset = pos_offset;
+  p.reductions = active;
+  p.g_row = ptr_or_null<float>(std::get<0>(grads));
+  p.g_col = ptr_or_null<float>(std::get<1>(grads));
+  p.g_neg = ptr_or_null<float>(std::get<2>(grads));
+  p.g_clamp = ptr_or_null<float>(std::get<3>(grads));
+  p.g_sp = ptr_or_null<float>(std::get<4>(grads));
+  p.row_lse = ptr_or_null<float>(row_lse);
+  p.col_lse = ptr_or_null<float>(col_lse);
+  p.neg_lse = ptr_or_null<float>(neg_lse);
+  p.clamp_lse = ptr_or_null<float>(clamp_lse);
+  p.g = gws.data_ptr();
+  p.g_scale = g_scale;
+  p.drow_part = drow_part.data_ptr<float>();
+  p.dcol_part = ptr_or_null<float>(dcol_part);
+  const cudaStream_t stream = cuda::current_stream();
+  for (int64_t i0 = 0; i0 < K; i0 += chunk) {
+    const int64_t rows = std::min(chunk, K - i0);
+    p.op = tile_operands(A, B, sc, i0, rows);
+    const dim3 grid = tile_grid(p.op);
+    cuda::launch(tile_grad_kernel<TIn, TG>, grid, kTileThreads, stream, p);
+    cuda::launch(tile_row_sums_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p.drow_part,
+                 static_cast<int64_t>(grid.y), rows, i0, drow.data_ptr<float>());
+    if (need_dcol)
+      cuda::launch(tile_col_sums_kernel, static_cast<unsigned>(ceil_div(M, 256)), 256, stream, p.dcol_part,
+                   static_cast<int64_t>(grid.x), M, dcol.data_ptr<float>());
+    const Tensor G = gws.narrow(0, 0, rows * M).view({rows, M});
+    // NB: a GEMM whose gradient nobody needs (a frozen tower) is skipped.
+    if (need_dA(needs_grad)) addmm_acc(dA.narrow(0, i0, rows), G, B);
+    if (need_dB(needs_grad)) addmm_acc(dB, G.t(), A.narrow(0, i0, rows));
+  }
+}
+
 // A and B: the GEMM operands (accumulation dtype, or fp16/bf16 for the tensor-core path).
 template <typename T>
 void forward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T tau, int64_t pos_offset,
                   int64_t red, Tensor5& out) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (use_tile_kernels(A.scalar_type())) {
+      if (A.scalar_type() == at::kBFloat16) {
+        tile_forward<at::BFloat16>(A, B, sc, tau, pos_offset, red, out);
+      } else {
+        tile_forward<at::Half>(A, B, sc, tau, pos_offset, red, out);
+      }
+      return;
+    }
+  }
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
   const int64_t n_row_chunks = ceil_div(K, t.rows), n_col_chunks = ceil_div(M, t.cols);
@@ -511,6 +660,15 @@ void backward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T t
                    Tensor& dcol, bool need_dcol, int64_t needs_grad, const RowForwardArgs<T>* fold,
                    const T* g_scale) {
   constexpr bool kInPlace = std::is_same<T, TG>::value;
+  if constexpr (!kInPlace) {
+    // NB: one walk (fold) is the chunk path's alone: score_reduce_with_grad_cuda routes
+    // the tile path to the forward then this recomputing backward.
+    if (!fold && use_tile_kernels(A.scalar_type())) {
+      tile_backward<TG>(A, B, sc, tau, pos_offset, active, grads, row_lse, col_lse, neg_lse, clamp_lse, dA, dB,
+                        drow, dcol, need_dcol, needs_grad, g_scale);
+      return;
+    }
+  }
   const int64_t K = A.size(0), M = B.size(0);
   const Tiling t = choose_tiling(K, M, sizeof(T));
   const auto opts = A.options().dtype(c10::CppTypeToScalarType<T>::value);
@@ -748,7 +906,8 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                                    const Tensor& row_lse,  // saved forward outputs
                                    const Tensor& col_lse, const Tensor& neg_lse,
                                    const Tensor& clamp_lse, int64_t pos_offset, int64_t reductions,
-                                   double clamp_tau, int64_t needs_grad) {
+                                   double clamp_tau, int64_t needs_grad,
+                                   bool keep_acc) {  // da, db in the accumulation dtype
   check_score_reduce_args(a, b, scale, row_bias, col_bias, pos_offset, reductions, clamp_tau);
   check_needs_grad(needs_grad, "_score_reduce_backward");
   check_score_reduce_backward_args(grad_row_lse, grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, a, b, row_lse, col_lse, neg_lse, clamp_lse, reductions);
@@ -774,7 +933,7 @@ Tensor5 score_reduce_backward_cuda(const Tensor& grad_row_lse,    // (K,) or (0,
                                   c_lse, n_lse, cl_lse, dA, dB, drow, dcol, has(col_bias), needs_grad);
     });
   }
-  return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias, needs_grad);
+  return finish_grads(dA, dB, drow, dcol, A, sc, active, a, b, scale, row_bias, col_bias, needs_grad, keep_acc);
 }
 
 // ---------------------------------------------------------------------------
@@ -901,7 +1060,8 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
   const int64_t active = active_grads(reductions, std::get<0>(grads), none, std::get<2>(grads),
                                       std::get<3>(grads), std::get<4>(grads));
   const int64_t K = a.size(0), M = b.size(0), d = a.size(1);
-  if (!active || (reductions & kColLse) || choose_tiling(K, M, c10::elementSize(acc)).cols < M)
+  if (!active || (reductions & kColLse) || choose_tiling(K, M, c10::elementSize(acc)).cols < M ||
+      use_tile_kernels(a.scalar_type()))
     return forward_then_backward(&score_reduce_forward_cuda, &score_reduce_backward_cuda, grad_row_lse,
                                  grad_col_lse, grad_neg_lse, grad_clamp_lse, grad_softplus, grad_pos, a, b, scale,
                                  row_bias, col_bias, pos_offset, reductions, clamp_tau, needs_grad);
@@ -931,7 +1091,7 @@ WithGrad score_reduce_with_grad_cuda(const Tensor& grad_row_lse, const Tensor& g
 
 INFOMAX_CUDA_LIBRARY_IMPL(m) {
   m.impl("score_reduce", &score_reduce_forward_cuda);
-  m.impl("_score_reduce_backward", &score_reduce_backward_cuda);
+  m.impl("_score_reduce_backward", &backward_op<&score_reduce_backward_cuda>);
   m.impl("symmetric_softmax_mean", &symmetric_softmax_mean_cuda);
   m.impl("_score_reduce_with_grad", &score_reduce_with_grad<&score_reduce_with_grad_cuda>);
 }

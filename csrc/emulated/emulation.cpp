@@ -443,6 +443,19 @@ INFOMAX_EMU_RUNTIME uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lan
   return slot[lane ^ unsigned(lane_mask)];
 }
 
+INFOMAX_EMU_RUNTIME unsigned lane_id() {
+  Fiber* self = sched().running;
+  TORCH_INTERNAL_ASSERT(self, "a warp-level operation outside an emulated kernel");
+  return self->index % kWarpSize;
+}
+
+INFOMAX_EMU_RUNTIME void fail_launch(const char* message) {
+  Scheduler& s = sched();
+  TORCH_INTERNAL_ASSERT(s.running, "fail_launch outside an emulated kernel");
+  fail(s, s.running, message);
+  __builtin_unreachable();
+}
+
 int64_t launch_count() { return g_launches.load(); }
 
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {

@@ -70,6 +70,11 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask);
 // undefined behaviour in the kernel (see the top of this file).
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
 
+// Lane (0..31) of the running emulated thread in its warp.
+unsigned lane_id();
+// Fails the running launch with `message` (undefined behaviour on a GPU); never returns.
+[[noreturn]] void fail_launch(const char* message);
+
 // Kernel launches so far (all threads, all launches): tests check that a path ran.
 int64_t launch_count();
 
@@ -94,3 +99,99 @@ T shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 #define gridDim (::infomax_ext::emu::g_coords->grid_dim)
 #define __syncthreads() ::infomax_ext::emu::syncthreads()
 #define __shfl_xor_sync(mask, v, lane_mask) ::infomax_ext::emu::shfl_xor_sync(mask, v, lane_mask)
+
+// ---------------------------------------------------------------------------
+// nvcuda::wmma: the warp's matrix multiply-accumulate on tensor cores
+// ---------------------------------------------------------------------------
+//
+// The subset the kernels use, with CUDA's semantics: fragments of m x n x k tiles,
+// fill_fragment, load_matrix_sync, mma_sync (products of 16-bit values exact,
+// accumulated in float32) and store_matrix_sync. On a GPU a fragment spreads its tile
+// over the 32 lanes in a layout the API leaves unspecified; here every lane holds the
+// whole tile (as float32: fp16 and bf16 values convert exactly), so each lane computes
+// the same result. NB: the tile is named `tile`, not CUDA's `x`: code that reads or
+// writes a fragment's elements one by one depends on that unspecified layout, and does
+// not compile here.
+//
+// What a GPU leaves undefined fails the launch: a warp that is not whole or not
+// converged at a *_sync call (each call is a rendezvous of the 32 lanes), lanes of one
+// warp passing different pointers or strides (each lane compares with its neighbour's),
+// a pointer that is not 256-bit aligned, a stride (ldm) that is not a multiple of
+// 16 bytes. store_matrix_sync writes each element from one lane only (lane e % 32 writes
+// element e), so overlapping stores from two warps are races a sanitizer sees.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int m, int n, int k, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same<Use, matrix_b>::value ? k : m;
+  static constexpr int kCols = std::is_same<Use, matrix_a>::value ? k : n;
+  float tile[kRows * kCols];  // row-major
+};
+
+namespace detail {
+// The rendezvous of a *_sync call: all 32 lanes arrive, each checks that its neighbour
+// (lane ^ 1) passed the same pointer and stride, and the pointer's alignment.
+inline void converge(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+  const uint64_t mine = reinterpret_cast<uintptr_t>(p) ^ (uint64_t(ldm) << 48);
+  const uint64_t other = ::infomax_ext::emu::shfl_xor_sync(::infomax_ext::emu::kFullMask, mine, 1);
+  if (other != mine) ::infomax_ext::emu::fail_launch(what);
+  if (p && reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    ::infomax_ext::emu::fail_launch("wmma: the matrix pointer must be 256-bit aligned");
+  if (p && (ldm * elem_bytes) % 16 != 0)
+    ::infomax_ext::emu::fail_launch("wmma: ldm must be a multiple of 16 bytes");
+}
+}  // namespace detail
+
+template <typename Use, int m, int n, int k, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, m, n, k, T, L>& f, const V& v) {
+  for (float& x : f.tile) x = static_cast<float>(v);
+}
+
+// matrix_a / matrix_b: the layout is the fragment's.
+template <typename Use, int m, int n, int k, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, m, n, k, T, L>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value,
+                "load_matrix_sync without a layout argument is for matrix_a / matrix_b fragments");
+  detail::converge(p, ldm, sizeof(T), "wmma::load_matrix_sync: lanes of one warp disagree on the matrix");
+  using F = fragment<Use, m, n, k, T, L>;
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c)
+      f.tile[r * F::kCols + c] =
+          static_cast<float>(std::is_same<L, row_major>::value ? p[size_t(r) * ldm + c] : p[r + size_t(c) * ldm]);
+}
+
+template <int m, int n, int k>
+inline void store_matrix_sync(float* p, const fragment<accumulator, m, n, k, float>& f, unsigned ldm,
+                              layout_t layout) {
+  detail::converge(p, ldm, sizeof(float), "wmma::store_matrix_sync: lanes of one warp disagree on the matrix");
+  for (int e = static_cast<int>(::infomax_ext::emu::lane_id()); e < m * n; e += 32) {
+    const int r = e / n, c = e % n;
+    p[layout == mem_row_major ? size_t(r) * ldm + c : r + size_t(c) * ldm] = f.tile[e];
+  }
+}
+
+// d = a b + c (d may be c).
+template <int m, int n, int k, typename Ta, typename La, typename Tb, typename Lb>
+inline void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a, m, n, k, Ta, La>& a,
+                     const fragment<matrix_b, m, n, k, Tb, Lb>& b, const fragment<accumulator, m, n, k, float>& c) {
+  detail::converge(nullptr, 0, 1, "wmma::mma_sync: lanes of one warp diverged");
+  float out[m * n];
+  for (int r = 0; r < m; ++r)
+    for (int col = 0; col < n; ++col) {
+      float s = c.tile[r * n + col];
+      for (int x = 0; x < k; ++x) s += a.tile[r * k + x] * b.tile[x * n + col];
+      out[r * n + col] = s;
+    }
+  for (int e = 0; e < m * n; ++e) d.tile[e] = out[e];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -6,6 +6,7 @@
 #include "emulation.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <string>
 #include <vector>
@@ -54,6 +55,40 @@ __global__ void divergent_kernel(int64_t* out) {
   }
 }
 
+// One warp: out[16 i + j] = (A B)_ij for the 16 x 16 fp16 matrices A_ik = (i + 2k) % 7 - 3
+// and B_kj = (3k + j) % 5 - 2, through wmma (A row-major, B column-major in shared
+// memory, the product stored row-major). mode 1: a misaligned pointer; 2: a stride that
+// is not a multiple of 16 bytes; 3: lanes 16..31 return before the mma; 4: each lane
+// passes its own pointer.
+__global__ void wmma_kernel(int64_t* out, int mode) {
+  using namespace nvcuda;
+  struct alignas(32) Tiles {
+    c10::Half a[16 * 24], b[16 * 24];
+    float c[16 * 16];
+  };
+  __shared__ Tiles sm;
+  c10::Half *a = sm.a, *b = sm.b;
+  float* c = sm.c;
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) {
+    const int r = e / 16, k = e % 16;
+    a[r * 24 + k] = c10::Half(float((r + 2 * k) % 7 - 3));
+    b[r * 24 + k] = c10::Half(float((3 * k + r) % 5 - 2));  // row r of b: column r of B
+  }
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, c10::Half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, c10::Half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  const c10::Half* pa = mode == 1 ? a + 1 : mode == 4 ? a + 16 * (threadIdx.x & 1) * 24 : a;
+  wmma::load_matrix_sync(fa, pa, mode == 2 ? 12 : 24);
+  wmma::load_matrix_sync(fb, b, 24);
+  if (mode == 3 && threadIdx.x >= 16) return;
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) out[e] = static_cast<int64_t>(c[e]);
+}
+
 }  // namespace
 
 std::vector<int64_t> selftest(const std::string& name) {
@@ -78,6 +113,12 @@ std::vector<int64_t> selftest(const std::string& name) {
     launch(dim3(1), dim3(1025), [=] { warp_sum_kernel(p); });
   } else if (name == "grid_y") {
     launch(dim3(1, 65536), dim3(32), [=] { warp_sum_kernel(p); });
+  } else if (name.rfind("wmma", 0) == 0) {
+    const int mode = name == "wmma" ? 0 : name == "wmma_misaligned" ? 1 : name == "wmma_ldm" ? 2
+                   : name == "wmma_diverged" ? 3 : name == "wmma_lanes_disagree" ? 4 : -1;
+    TORCH_CHECK(mode >= 0, "unknown emulation self-test ", name);
+    launch(dim3(1), dim3(32), [=] { wmma_kernel(p, mode); });
+    out.resize(256);
   } else {
     TORCH_CHECK(false, "unknown emulation self-test ", name);
   }
