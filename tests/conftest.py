@@ -39,5 +39,7 @@ def one_thread():
 
 @pytest.fixture
 def default_cuda_tiles(monkeypatch):
-    """Clear any INFOMAX_EXT_CUDA_TILE_BYTES from the environment (tests set their own)."""
+    """Clear INFOMAX_EXT_CUDA_TILE_BYTES and INFOMAX_EXT_CUDA_TILE_KERNELS from the
+    environment (tests set their own)."""
     monkeypatch.delenv("INFOMAX_EXT_CUDA_TILE_BYTES", raising=False)
+    monkeypatch.delenv("INFOMAX_EXT_CUDA_TILE_KERNELS", raising=False)

@@ -94,6 +94,20 @@ def case_id(kw):
 TILE_ENV = "INFOMAX_EXT_CUDA_TILE_BYTES"
 
 
+# The CUDA walker's kernels for fp16/bf16 inputs: "chunks" (cuBLAS writes chunks of S,
+# the default) or "tiles" (the tensor-core tile kernels, S never stored).
+KERNELS_ENV = "INFOMAX_EXT_CUDA_TILE_KERNELS"
+on_both_kernels = pytest.mark.parametrize("kernels", ["chunks", "tiles"])
+
+
+def set_kernels(monkeypatch, kernels):
+    """Choose the CUDA walker's fp16/bf16 kernels for one test."""
+    if kernels == "tiles":
+        monkeypatch.setenv(KERNELS_ENV, "1")
+    else:
+        monkeypatch.delenv(KERNELS_ENV, raising=False)
+
+
 def set_tile(monkeypatch, tile):
     """Set (a string of bytes) or clear (None) the CUDA workspace budget for one test."""
     if tile is None:

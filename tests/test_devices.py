@@ -20,7 +20,7 @@ import torch
 import infomax_ext
 from infomax_ext import ops, reference as ref
 from helpers import (ARGS, SHAPES, _ids, cpu_kernels, grads_of, gtol, make_inputs, needs_c, needs_cuda,
-                     on_cuda_backends, set_tile, to_device, tol, weights_like)
+                     on_both_kernels, on_cuda_backends, set_kernels, set_tile, to_device, tol, weights_like)
 
 pytestmark = [pytest.mark.usefixtures("default_cuda_tiles")]
 
@@ -193,6 +193,31 @@ AWKWARD_TILES = [(s, None) for s in AWKWARD] + [(s, "2048") for s in AWKWARD if 
 def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, backend, device, monkeypatch):
     """Masked columns (a third of the negatives), pos_offset, biases."""
     set_tile(monkeypatch, tile)
+    _every_op_matches_cpu_kernels(shape, dtype, backend, device)
+
+
+# The tile kernels (fp16/bf16): one 64 x 64 tile or several, rows and columns past the
+# tiles' edges, d below, at and past the staged depth of 32, d % 8 == 0 (16-byte loads) or
+# not; with the default budget (one launch, several column splits) and small ones (several
+# row launches for the column statistics, backward chunks of a few rows).
+TILE_SHAPES = AWKWARD + [(64, 64, 16, 0), (70, 200, 64, 30), (130, 300, 40, 170)]
+TILE_CASES = [(s, None) for s in TILE_SHAPES] + [(s, "16384") for s in TILE_SHAPES if s[0] > 33]
+
+
+@needs_c
+@on_cuda_backends
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape, tile", TILE_CASES, ids=[f"{i}-{t}" for i, t in
+                                                         zip(_ids([s for s, _ in TILE_CASES]),
+                                                             [t for _, t in TILE_CASES])])
+def test_tile_kernels_every_op_matches_cpu_kernels(shape, tile, dtype, backend, device, monkeypatch):
+    """The tile kernels, masked columns, pos_offset, biases: every op against the CPU kernels."""
+    set_tile(monkeypatch, tile)
+    set_kernels(monkeypatch, "tiles")
+    _every_op_matches_cpu_kernels(shape, dtype, backend, device)
+
+
+def _every_op_matches_cpu_kernels(shape, dtype, backend, device):
     K, M, d, off = shape
     kw = make_inputs(K, M, d, off, dtype, device, seed=K + M, masked=True, scale=0.7)
     kw_cpu = to_device(kw, "cpu")
@@ -289,10 +314,12 @@ def test_symmetric_softmax_mean_several_chunks_match_reference(K, tile, device, 
 
 @needs_c
 @on_cuda_backends
-def test_bf16_bias_gradients_are_sums_of_float32_g(device, monkeypatch):
+@on_both_kernels
+def test_bf16_bias_gradients_are_sums_of_float32_g(kernels, device, monkeypatch):
     """bf16 inputs: G goes to the GEMMs in bf16, but the row and column bias gradients
     (float32 biases) are sums of the float32 G: as exact as the float32 reference on the
     same rounded inputs, not bf16-rounded. Two row chunks, one walk and two walks."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, str(40 * 300 * 4))
     K, M, off = 80, 300, 7
     kw = make_inputs(K, M, 16, off, torch.bfloat16, device, seed=5, scale=0.8)
@@ -388,9 +415,11 @@ def _close_at_scale(got, want, rel=FP16_REL):
 @on_cuda_backends
 @pytest.mark.parametrize("kind, tile", FP16_WALKS, ids=[f"{k}-{'one-walk' if t == ONE_WALK else 'column-chunks'}"
                                                          for k, t in FP16_WALKS])
-def test_fp16_tiny_g_gradients_match_float64_reference(kind, tile, device, monkeypatch):
+@on_both_kernels
+def test_fp16_tiny_g_gradients_match_float64_reference(kind, tile, kernels, device, monkeypatch):
     """fp16 inputs, |G| ~ 1e-7 or 1e-8, several chunks: value and gradients (a, b in fp16;
     biases and scale from float32 sums) against float64 on the same (rounded) inputs."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, tile)
     fused, exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=3)
     w = _small_weights(FP16_K, FP16_M, device, seed=4)
@@ -406,10 +435,12 @@ def test_fp16_tiny_g_gradients_match_float64_reference(kind, tile, device, monke
 
 @needs_c
 @on_cuda_backends
-def test_fp16_g_is_stored_in_fp16(device, monkeypatch):
+@on_both_kernels
+def test_fp16_g_is_stored_in_fp16(kernels, device, monkeypatch):
     """The G GEMMs take G rounded to fp16 (11 significant bits), not float32: d scale
     (float64, summed from the float32 G B before any cast) is far closer to
     sum_ij fp16(G_ij) <a_i, b_j> than to sum_ij G_ij <a_i, b_j>."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, str(64 * 517 * 4))
     (a, b, _, _, s), (a64, b64, _, _, s64) = _fp16_inputs(300, 517, 8, device, seed=6)
     w = torch.randn(300, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -426,10 +457,12 @@ def test_fp16_g_is_stored_in_fp16(device, monkeypatch):
 
 @needs_c
 @on_cuda_backends
-def test_fp16_zero_upstream_gradients_give_zero_gradients(device, monkeypatch):
+@on_both_kernels
+def test_fp16_zero_upstream_gradients_give_zero_gradients(kernels, device, monkeypatch):
     """A zero bound makes no inf or NaN scale: all weights zero give zero gradients; zero
     weights on the first row chunk's 1024 rows (G all zero there) give zero rows of dA
     and leave the rest as accurate as ever."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, ONE_WALK)
     (a, b, rb, cb, s), exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=8)
     out = ops.score_reduce(a, b, s, rb, cb, 0, ops.ROW_LSE | ops.NEG_LSE)
@@ -449,10 +482,12 @@ def test_fp16_zero_upstream_gradients_give_zero_gradients(device, monkeypatch):
 @needs_c
 @on_cuda_backends
 @pytest.mark.parametrize("where", ["input", "upstream"])
-def test_fp16_nan_propagates_to_the_gradients(where, device, monkeypatch):
+@on_both_kernels
+def test_fp16_nan_propagates_to_the_gradients(where, kernels, device, monkeypatch):
     """A NaN in a (its row of S) or in an upstream gradient (its row of G) gives NaN exactly
     where the float64 reference has them (that row of dA, all of dB); the other rows keep
     their tiny-G accuracy (a NaN upstream gradient does not spoil the scale)."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, COLUMN_CHUNKS)
     (a, b, rb, cb, s), exact = _fp16_inputs(FP16_K, FP16_M, FP16_D, device, seed=10)
     w = _small_weights(FP16_K, FP16_M, device, seed=11)[0]
@@ -473,10 +508,12 @@ def test_fp16_nan_propagates_to_the_gradients(where, device, monkeypatch):
 @needs_c
 @on_cuda_backends
 @pytest.mark.parametrize("tile", [None, "4096"])
-def test_fp16_symmetric_softmax_mean_matches_float64_with_fp16_weights(tile, device, monkeypatch):
+@on_both_kernels
+def test_fp16_symmetric_softmax_mean_matches_float64_with_fp16_weights(tile, kernels, device, monkeypatch):
     """fp16 x, K = 300 in one chunk or 1 x 100 (3 columns each): lse, mean and lse's
     gradient against float64; the mean's error is that of weights rounded to fp16 (11
     significant bits): far closer to sum_j fp16(W_ij) x_j than to sum_j W_ij x_j."""
+    set_kernels(monkeypatch, kernels)
     set_tile(monkeypatch, tile)
     g = torch.Generator().manual_seed(12)
     x = torch.randn(300, 8, generator=g, dtype=torch.float64).half().to(device).requires_grad_()

@@ -107,11 +107,13 @@ T shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 // The subset the kernels use, with CUDA's semantics: fragments of m x n x k tiles,
 // fill_fragment, load_matrix_sync, mma_sync (products of 16-bit values exact,
 // accumulated in float32) and store_matrix_sync. On a GPU a fragment spreads its tile
-// over the 32 lanes in a layout the API leaves unspecified; here every lane holds the
-// whole tile (as float32: fp16 and bf16 values convert exactly), so each lane computes
-// the same result. NB: the tile is named `tile`, not CUDA's `x`: code that reads or
-// writes a fragment's elements one by one depends on that unspecified layout, and does
-// not compile here.
+// over the 32 lanes in a layout the API leaves unspecified. Here a lane's matrix_a and
+// matrix_b fragments hold the whole tile (as float32: fp16 and bf16 values convert
+// exactly), and a lane owns the accumulator elements e with e % 32 == its lane: mma_sync
+// computes those and store_matrix_sync writes those (so a warp's mma costs one product,
+// not 32). NB: the tile is named `tile`, not CUDA's `x`: code that reads or writes a
+// fragment's elements one by one depends on that unspecified layout, and does not
+// compile here.
 //
 // What a GPU leaves undefined fails the launch: a warp that is not whole or not
 // converged at a *_sync call (each call is a rendezvous of the 32 lanes), lanes of one
@@ -178,19 +180,17 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, m, n, k, flo
   }
 }
 
-// d = a b + c (d may be c).
+// d = a b + c (d may be c), on the lane's own elements of the accumulator.
 template <int m, int n, int k, typename Ta, typename La, typename Tb, typename Lb>
 inline void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a, m, n, k, Ta, La>& a,
                      const fragment<matrix_b, m, n, k, Tb, Lb>& b, const fragment<accumulator, m, n, k, float>& c) {
   detail::converge(nullptr, 0, 1, "wmma::mma_sync: lanes of one warp diverged");
-  float out[m * n];
-  for (int r = 0; r < m; ++r)
-    for (int col = 0; col < n; ++col) {
-      float s = c.tile[r * n + col];
-      for (int x = 0; x < k; ++x) s += a.tile[r * k + x] * b.tile[x * n + col];
-      out[r * n + col] = s;
-    }
-  for (int e = 0; e < m * n; ++e) d.tile[e] = out[e];
+  for (int e = static_cast<int>(::infomax_ext::emu::lane_id()); e < m * n; e += 32) {
+    const int r = e / n, col = e % n;
+    float s = c.tile[e];
+    for (int x = 0; x < k; ++x) s += a.tile[r * k + x] * b.tile[x * n + col];
+    d.tile[e] = s;  // NB: element e of c is read before it is written: d may be c
+  }
 }
 
 }  // namespace wmma
