@@ -1,8 +1,9 @@
 """GPU benchmark: InfoNCE forward + backward, fused vs plain torch, with the GEMM floor.
 
-For K = M in --sizes, d = --dim and each dtype, times one forward + backward of
+For K = M in --sizes, d in --dims and each dtype, times one forward + backward of
 
   fused     infomax_ext.infonce(a, b, scale)                       (S never stored)
+  fused-tile  the same call on the tile kernels (fp16/bf16 only; INFOMAX_EXT_CUDA_TILE_KERNELS=1)
   eager     reference.infonce(reference.scores_dot(a, b, scale))   (S materialised)
   compile   torch.compile of the same reference function
   floor     the 4 plain GEMMs of K x M x d the op needs (S, S again in backward,
@@ -15,7 +16,7 @@ new cases once --time-budget seconds have passed.
 
 Run from the repository root on a GPU machine after building the extension:
 
-    python benchmarks/bench_gpu.py                 # K = M in 8192 32768 65536, d = 512
+    python benchmarks/bench_gpu.py                 # K = M in 8192 32768 65536, d in 512 128
     python benchmarks/bench_gpu.py --sizes 4096 --dtypes fp32 --no-compile
 
 Exit status: 0 after a run, 2 when there is no CUDA device or no CUDA build.
@@ -33,11 +34,31 @@ DEVICE_PEAKS = {"H200": ({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 4.8),
                 "H100": ({"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 3.35),
                 "A100": ({"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2.0)}
 CHUNK_BUDGET = 1 << 30  # cuda::workspace_bytes() on a large GPU: float32 scores per chunk
+KERNELS_ENV = "INFOMAX_EXT_CUDA_TILE_KERNELS"
+TILE_ROWS = 64  # rows (and columns) of one tile kernel block
+SM_COUNT = 132  # an H100's or H200's SMs: a wave of the tile kernels is 2 blocks per SM
 
 
-def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
-    """HBM bytes one fused InfoNCE forward + backward moves by design on the CUDA walker
-    (the one-walk path: S, G B, G^T A per chunk of whole rows), as {part: bytes}.
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def finish_bytes(K, M, d, dtype):
+    """After the walk, on either path: for fp16, dA and dB divided by G's scale; dscale,
+    the scaling and the casts of dA and dB."""
+    e = ELEM[dtype]
+    return {
+        "G scale undone on dA, dB (fp16)": (K + M) * d * (4 + 4) if dtype == "fp16" else 0,
+        "dscale, scale, cast": (K + M) * d * (4 + 4 + 4 + 4 + e) + K * d * e,
+    }
+
+
+def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, kernels="chunks"):
+    """HBM bytes one fused InfoNCE forward + backward moves by design on the CUDA walker,
+    as {part: bytes}: on the chunk path (kernels="chunks", the default) or on the tile
+    path (kernels="tiles", fp16/bf16 only: see tile_design_bytes).
+
+    The chunk path's one walk (S, G B, G^T A per chunk of whole rows):
 
     Per chunk of R rows (R x M float32 scores within the budget): the S GEMM writes the
     chunk and reads B; the fold kernel reads it; the gradient kernel reads it and writes G
@@ -45,9 +66,10 @@ def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
     otherwise); with a column bias the column-sum pass reads G in float32 (for fp16/bf16
     a float32 copy, which the gradient kernel writes too); the two G GEMMs read G and
     their operands (in the input dtype) and accumulate into float32 dA rows and all of
-    dB (read + write). After the walk: for fp16, dA and dB divided by G's scale; dscale,
-    the scaling and the casts of dA and dB. O(K + M) terms (G's scale among them) and
-    the positive term (O((K + M) d)) are left out."""
+    dB (read + write). Then finish_bytes. O(K + M) terms (G's scale among them) and the
+    positive term (O((K + M) d)) are left out."""
+    if kernels == "tiles":
+        return tile_design_bytes(K, M, d, dtype, col_bias, budget)
     e = ELEM[dtype]
     g = 4 if dtype == "fp32" else e  # bytes of a stored G
     R = max(1, min(K, budget // (4 * M)))
@@ -62,24 +84,63 @@ def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET):
         "G read (2 G GEMMs)": 2 * g * KM,
         "a, b reads (3 GEMMs, per chunk)": 2 * (n * M * d * e + K * d * e),
         "dA, dB accumulate (per chunk)": 2 * 4 * K * d + n * 2 * 4 * M * d,
-        "G scale undone on dA, dB (fp16)": (K + M) * d * (4 + 4) if dtype == "fp16" else 0,
-        "dscale, scale, cast": (K + M) * d * (4 + 4 + 4 + 4 + e) + K * d * e,
+        **finish_bytes(K, M, d, dtype),
     }
     return {k: v for k, v in parts.items() if v}
 
 
-def design_table(sizes, d, dtypes, peaks, bandwidth_tbs):
-    """Lines of the design table: bytes moved, the bandwidth-bound time and the GEMM floor."""
-    lines = [f"By design (one-walk InfoNCE fwd+bwd, d = {d}, chunks of {CHUNK_BUDGET >> 20} MiB of scores, "
-             f"no column bias; {bandwidth_tbs:g} TB/s, peak TFLOP/s {peaks}):",
-             f"{'dtype':<6} {'K=M':>6} {'GB moved':>9} {'bw-bound ms':>12} {'3-GEMM ms':>10} {'bound by':>9}"]
+def tile_design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, sms=SM_COUNT):
+    """The tile path's bytes (fp16/bf16), as design_bytes: S is never stored.
+
+    The forward tile kernel makes S 64 x 64 at a time on chip and keeps per-row states
+    (O(K)). The backward walks chunks of R rows (R x M of G in the input dtype within the
+    budget): the gradient tile kernel makes S again on chip and writes G once (with a
+    column bias also a float32 partial column sum per block of 64 rows, written and read
+    once); the two G GEMMs read G and their operands and accumulate as on the chunk path.
+    A tile kernel reads A once and B once per wave of 2 blocks per SM: the blocks of a
+    wave sweep the same tiles of B, which L2 serves to all of them. Then finish_bytes."""
+    if dtype not in ("bf16", "fp16"):
+        raise ValueError(f"the tile path takes fp16/bf16 inputs, not {dtype}")
+    e = ELEM[dtype]
+    KM = K * M
+    R = max(1, min(K, budget // (e * M)))
+    n = ceil_div(K, R)
+    wave_rows = 2 * sms * TILE_ROWS
+    parts = {
+        "a, b reads (forward tiles)": K * d * e + ceil_div(K, wave_rows) * M * d * e,
+        "a, b reads (gradient tiles, per chunk)": K * d * e + n * ceil_div(R, wave_rows) * M * d * e,
+        "G write (gradient tiles)": e * KM,
+        "column partials write + read (column bias)": 2 * 4 * ceil_div(K, TILE_ROWS) * M if col_bias else 0,
+        "G read (2 G GEMMs)": 2 * e * KM,
+        "a, b reads (2 G GEMMs, per chunk)": n * M * d * e + K * d * e,
+        "dA, dB accumulate (per chunk)": 2 * 4 * K * d + n * 2 * 4 * M * d,
+        **finish_bytes(K, M, d, dtype),
+    }
+    return {k: v for k, v in parts.items() if v}
+
+
+def paths(dtype):
+    """The CUDA walker's paths for a dtype: the tile path takes fp16/bf16 only."""
+    return ("chunks", "tiles") if dtype in ("bf16", "fp16") else ("chunks",)
+
+
+def design_table(sizes, dims, dtypes, peaks, bandwidth_tbs):
+    """Lines of the design table: bytes moved, the bandwidth-bound time and the GEMM floor
+    (3 GEMMs on the chunk path's one walk; 4 on the tile path, which makes S twice)."""
+    lines = [f"By design (InfoNCE fwd+bwd, workspace budget {CHUNK_BUDGET >> 20} MiB, no column bias; "
+             f"{bandwidth_tbs:g} TB/s, peak TFLOP/s {peaks}):",
+             f"{'dtype':<6} {'K=M':>6} {'d':>5} {'path':<7} {'GB moved':>9} {'bw-bound ms':>12} "
+             f"{'GEMMs':>6} {'GEMM ms':>8} {'bound by':>9}"]
     for name in dtypes:
-        for K in sizes:
-            total = sum(design_bytes(K, K, d, name).values())
-            bw_ms = total / (bandwidth_tbs * 1e12) * 1e3
-            gemm_ms = 3 * 2 * K * K * d / (peaks[name] * 1e12) * 1e3
-            lines.append(f"{name:<6} {K:>6} {total / 1e9:>9.1f} {bw_ms:>12.2f} {gemm_ms:>10.2f} "
-                         f"{'memory' if bw_ms > gemm_ms else 'GEMM':>9}")
+        for d in dims:
+            for K in sizes:
+                for path in paths(name):
+                    total = sum(design_bytes(K, K, d, name, kernels=path).values())
+                    bw_ms = total / (bandwidth_tbs * 1e12) * 1e3
+                    gemms = 4 if path == "tiles" else 3
+                    gemm_ms = gemms * 2 * K * K * d / (peaks[name] * 1e12) * 1e3
+                    lines.append(f"{name:<6} {K:>6} {d:>5} {path:<7} {total / 1e9:>9.1f} {bw_ms:>12.2f} "
+                                 f"{gemms:>6} {gemm_ms:>8.2f} {'memory' if bw_ms > gemm_ms else 'GEMM':>9}")
     return lines
 
 
@@ -87,7 +148,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 65536], help="K = M values")
-    p.add_argument("--dim", type=int, default=512, help="feature size d")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 128], help="feature sizes d")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--scale", type=float, default=1 / 0.07, help="logit scale (CLIP's 1 / 0.07)")
     p.add_argument("--min-reps", type=int, default=3)
@@ -149,9 +210,15 @@ def device_peaks(args, name=""):
 def main(argv=None):
     args = parse_args(argv)
     if args.design_only:
-        print("\n".join(design_table(args.sizes, args.dim, args.dtypes, *device_peaks(args))))
+        print("\n".join(design_table(args.sizes, args.dims, args.dtypes, *device_peaks(args))))
         return 0
+    import os
+
     import torch
+
+    # NB: "fused" is the default (chunk) path whatever the caller's environment says;
+    # "fused-tile" sets the switch around its own calls (the ops read it per call).
+    os.environ.pop(KERNELS_ENV, None)
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -179,7 +246,6 @@ def main(argv=None):
         f"fp32 matmul TF32: {torch.backends.cuda.matmul.allow_tf32}")
     peaks, bandwidth = device_peaks(args, where)
     scale = args.scale
-    d = args.dim
 
     def fused_loss(a, b):
         return -infomax_ext.infonce(a, b, scale=scale)
@@ -187,105 +253,121 @@ def main(argv=None):
     def ref_loss(a, b):
         return -ref.infonce(ref.scores_dot(a, b, scale))
 
-    def fwd_bwd(loss_fn, a, b):
+    def fwd_bwd(loss_fn, a, b, tiles=False):
         def run():
-            loss = loss_fn(a, b)
-            torch.autograd.grad(loss, (a, b))
+            if tiles:
+                os.environ[KERNELS_ENV] = "1"
+            try:
+                loss = loss_fn(a, b)
+                torch.autograd.grad(loss, (a, b))
+            finally:
+                os.environ.pop(KERNELS_ENV, None)
         return run
 
-    # Correctness once, before any timing, on a small case of each dtype.
+    # Correctness once, before any timing, on a small case of each dtype and path.
     for name in args.dtypes:
         dt = getattr(torch, DTYPES[name])
+        d = args.dims[0]
         g = torch.Generator(device=dev).manual_seed(0)
         a0 = torch.nn.functional.normalize(torch.randn(1024, d, device=dev, generator=g), dim=1)
         b0 = torch.nn.functional.normalize(a0 + 0.5 * torch.randn(1024, d, device=dev, generator=g), dim=1)
         al, bl = a0.to(dt).requires_grad_(True), b0.to(dt).requires_grad_(True)
-        lf = fused_loss(al, bl)
-        gf = torch.autograd.grad(lf, (al, bl))
         # The oracle: float32 reference on the same (rounded) inputs.
         a_r, b_r = al.detach().float().requires_grad_(True), bl.detach().float().requires_grad_(True)
         lr = ref_loss(a_r, b_r)
         gr = torch.autograd.grad(lr, (a_r, b_r))
-        err_v = abs(lf.item() - lr.item())
-        err_g = max((x.float() - y).abs().max().item() / y.abs().max().item() for x, y in zip(gf, gr))
-        log(f"check {name} K=M=1024: |loss - ref| = {err_v:.2e}, max relative grad error {err_g:.2e}")
-        tol = 1e-4 if name == "fp32" else 2e-2
-        if not (err_v <= tol * max(1.0, abs(lr.item())) and err_g <= tol):
-            log(f"FAILED correctness check for {name}: the timings below are of a wrong result")
+        for path in paths(name):
+            os.environ[KERNELS_ENV] = "1" if path == "tiles" else "0"
+            try:
+                lf = fused_loss(al, bl)
+                gf = torch.autograd.grad(lf, (al, bl))
+            finally:
+                os.environ.pop(KERNELS_ENV, None)
+            err_v = abs(lf.item() - lr.item())
+            err_g = max((x.float() - y).abs().max().item() / y.abs().max().item() for x, y in zip(gf, gr))
+            log(f"check {name} {path} K=M=1024 d={d}: |loss - ref| = {err_v:.2e}, "
+                f"max relative grad error {err_g:.2e}")
+            tol = 1e-4 if name == "fp32" else 2e-2
+            if not (err_v <= tol * max(1.0, abs(lr.item())) and err_g <= tol):
+                log(f"FAILED correctness check for {name} {path}: the timings below are of a wrong result")
 
     rows = []
-    for name in args.dtypes:
+    for name, d, K in ((n, d, K) for n in args.dtypes for d in args.dims for K in args.sizes):
         dt = getattr(torch, DTYPES[name])
-        for K in args.sizes:
-            M = K
-            if time.perf_counter() - t_start > args.time_budget:
-                log(f"time budget ({args.time_budget:.0f} s) spent: skipping {name} K=M={K}")
-                rows.append((name, K, "all", None, None, "skipped (time budget)"))
-                continue
-            free_memory(cuda)
-            g = torch.Generator(device=dev).manual_seed(K)
-            a = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
-            b = torch.nn.functional.normalize(torch.randn(M, d, device=dev, generator=g), dim=1).to(dt)
-            a.requires_grad_(True)
-            b.requires_grad_(True)
-            case = {}
+        M = K
+        tag = f"{name} K=M={K} d={d}"
+        if time.perf_counter() - t_start > args.time_budget:
+            log(f"time budget ({args.time_budget:.0f} s) spent: skipping {tag}")
+            rows.append((name, K, d, "all", None, None, "skipped (time budget)"))
+            continue
+        free_memory(cuda)
+        g = torch.Generator(device=dev).manual_seed(K)
+        a = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
+        b = torch.nn.functional.normalize(torch.randn(M, d, device=dev, generator=g), dim=1).to(dt)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        case = {}
 
-            def record(impl, fn):
-                if time.perf_counter() - t_start > args.time_budget and impl != "floor":
-                    log(f"{name} K=M={K} {impl}: skipped (time budget)")
-                    rows.append((name, K, impl, None, None, "skipped (time budget)"))
-                    return
-                log(f"{name} K=M={K} {impl} ...")
-                try:
-                    ms, peak, first = time_fn(fn, args, cuda)
-                except Exception as e:  # noqa: BLE001 - report and go on to the next case
-                    free_memory(cuda)
-                    note = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    log(f"{name} K=M={K} {impl}: {note}")
-                    rows.append((name, K, impl, None, None, note))
-                    return
-                case[impl] = ms
-                note = f"first call {first:.1f} s" if impl == "compile" else ""
-                peak_s = f"peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
-                log(f"{name} K=M={K} {impl}: {ms:.2f} ms {peak_s} {note}")
-                rows.append((name, K, impl, ms, peak, note))
+        def record(impl, fn):
+            if time.perf_counter() - t_start > args.time_budget and impl != "floor":
+                log(f"{tag} {impl}: skipped (time budget)")
+                rows.append((name, K, d, impl, None, None, "skipped (time budget)"))
+                return
+            log(f"{tag} {impl} ...")
+            try:
+                ms, peak, first = time_fn(fn, args, cuda)
+            except Exception as e:  # noqa: BLE001 - report and go on to the next case
                 free_memory(cuda)
+                note = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                log(f"{tag} {impl}: {note}")
+                rows.append((name, K, d, impl, None, None, note))
+                return
+            case[impl] = ms
+            note = f"first call {first:.1f} s" if impl == "compile" else ""
+            peak_s = f"peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
+            log(f"{tag} {impl}: {ms:.2f} ms {peak_s} {note}")
+            rows.append((name, K, d, impl, ms, peak, note))
+            free_memory(cuda)
 
-            record("floor", lambda: bench.matmul_floor(a, b))  # the four GEMMs the op needs
-            record("fused", fwd_bwd(fused_loss, a, b))
-            if not args.no_reference:
-                record("eager", fwd_bwd(ref_loss, a, b))
-                if not args.no_compile:
-                    compiled = torch.compile(ref_loss, dynamic=False)
-                    record("compile", fwd_bwd(compiled, a, b))
-                    del compiled
-                    torch._dynamo.reset()
-            if "floor" in case and "fused" in case:
-                log(f"{name} K=M={K}: fused / floor = {case['fused'] / case['floor']:.2f}")
-            del a, b
+        record("floor", lambda: bench.matmul_floor(a, b))  # the four GEMMs the op needs
+        record("fused", fwd_bwd(fused_loss, a, b))
+        if "tiles" in paths(name):
+            record("fused-tile", fwd_bwd(fused_loss, a, b, tiles=True))
+        if not args.no_reference:
+            record("eager", fwd_bwd(ref_loss, a, b))
+            if not args.no_compile:
+                compiled = torch.compile(ref_loss, dynamic=False)
+                record("compile", fwd_bwd(compiled, a, b))
+                del compiled
+                torch._dynamo.reset()
+        for impl in ("fused", "fused-tile"):
+            if "floor" in case and impl in case:
+                log(f"{tag}: {impl} / floor = {case[impl] / case['floor']:.2f}")
+        del a, b
 
     # The table.
-    floors = {(r[0], r[1]): r[3] for r in rows if r[2] == "floor" and r[3] is not None}
+    floors = {r[:3]: r[4] for r in rows if r[3] == "floor" and r[4] is not None}
     print()
-    print(f"InfoNCE forward + backward, K = M, d = {d}, scale = {scale:.3g}; {where}, torch {torch.__version__}")
-    header = (f"{'dtype':<6} {'K=M':>6} {'impl':<8} {'median ms':>10} {'peak+ MiB':>10} {'vs floor':>9} "
+    print(f"InfoNCE forward + backward, K = M, scale = {scale:.3g}; {where}, torch {torch.__version__}")
+    header = (f"{'dtype':<6} {'K=M':>6} {'d':>5} {'impl':<10} {'median ms':>10} {'peak+ MiB':>10} {'vs floor':>9} "
               f"{'bw-bound ms':>11}  note")
     print(header)
     print("-" * len(header))
-    for name, K, impl, ms, peak, note in rows:
-        fl = floors.get((name, K))
+    for name, K, d, impl, ms, peak, note in rows:
+        fl = floors.get((name, K, d))
         ratio = f"{ms / fl:.2f}x" if (ms is not None and fl) else ""
         ms_s = f"{ms:.2f}" if ms is not None else "-"
         peak_s = f"{peak / 2**20:.0f}" if peak is not None else "-"
-        bw = sum(design_bytes(K, K, d, name).values()) / (bandwidth * 1e12) * 1e3 if impl == "fused" else None
-        bw_s = f"{bw:.2f}" if bw is not None else ""
-        print(f"{name:<6} {K:>6} {impl:<8} {ms_s:>10} {peak_s:>10} {ratio:>9} {bw_s:>11}  {note}")
-    flops = {K: 4 * 2 * K * K * d for K in args.sizes}
-    print(f"floor = 4 GEMMs of K x M x d ({', '.join(f'K={K}: {flops[K] / 1e12:.3g} TFLOP' for K in args.sizes)}) "
-          "in the input dtype; peak+ = max_memory_allocated during the call minus what was allocated before.")
-    print("bw-bound = the bytes the fused call moves by design (below) at the device's bandwidth.")
+        path = {"fused": "chunks", "fused-tile": "tiles"}.get(impl)
+        bw_s = ""
+        if path:
+            bw_s = f"{sum(design_bytes(K, K, d, name, kernels=path).values()) / (bandwidth * 1e12) * 1e3:.2f}"
+        print(f"{name:<6} {K:>6} {d:>5} {impl:<10} {ms_s:>10} {peak_s:>10} {ratio:>9} {bw_s:>11}  {note}")
+    print("floor = 4 GEMMs of K x M x d (2 x 4 K M d FLOP) in the input dtype; peak+ = max_memory_allocated "
+          "during the call minus what was allocated before.")
+    print("bw-bound = the bytes the fused call moves by design on its path (below) at the device's bandwidth.")
     print()
-    print("\n".join(design_table(args.sizes, d, args.dtypes, peaks, bandwidth)))
+    print("\n".join(design_table(args.sizes, args.dims, args.dtypes, peaks, bandwidth)))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -6,9 +6,12 @@
 #
 # 1. builds the extension for the local GPU arch only (TORCH_CUDA_ARCH_LIST from
 #    torch.cuda.get_device_capability()) and checks that the CUDA kernels are in it;
-# 2. runs the device tests (every CUDA case, the multi-chunk ones included), then the rest;
-# 3. runs compute-sanitizer (memcheck, racecheck, synccheck) on a few small CUDA cases;
-# 4. runs benchmarks/bench_gpu.py (InfoNCE fused vs eager vs torch.compile vs the GEMM floor).
+# 2. runs the device tests (every CUDA case, the multi-chunk ones included; the fp16/bf16
+#    cases on both the chunk and the tile kernels), then the rest;
+# 3. runs compute-sanitizer (memcheck, racecheck, synccheck) on a few small CUDA cases,
+#    the tile kernels' among them;
+# 4. runs benchmarks/bench_gpu.py (InfoNCE fused on either path vs eager vs torch.compile
+#    vs the GEMM floor, at d = 512 and 128, with the bytes each path moves by design).
 # Every phase runs under a time limit taken from one deadline (GPU_CHECK_SECONDS, default
 # 470 s) so that the whole script ends within 8 minutes; the benchmark runs even if the
 # tests fail, and stops starting new cases shortly before the deadline. Exit status: 0
@@ -95,7 +98,7 @@ timeout "$(left 60)" "$PY" -m pytest tests -q -m "not slow" --deselect tests/tes
 # --- 3. compute-sanitizer -----------------------------------------------------------
 # NB: a few small cases of each CUDA walker (score_reduce and its one-walk gradient, the
 # symmetric op, the concat op; partial warps, several chunks), the emulated ones deselected.
-SAN="not slow and cuda and not emulated and (K7-M20 or K33-M33 or K7-M13 or tiny-chunks or 65-128)"
+SAN="not slow and cuda and not emulated and (K7-M20 or K33-M33 or K7-M13 or tiny-chunks or 65-128 or (tile_kernels and K70-M200))"
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 SANITIZERS=skipped
 if [ -n "$SANITIZER" ]; then

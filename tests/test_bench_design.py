@@ -61,3 +61,54 @@ def test_column_bias_reads_a_float32_copy_of_low_precision_g(dtype):
     without = sum(bench_gpu.design_bytes(2048, 2048, 32, dtype).values())
     with_cb = sum(bench_gpu.design_bytes(2048, 2048, 32, dtype, col_bias=True).values())
     assert with_cb - without == 8 * 2048 * 2048
+
+
+def test_tile_path_moves_g_alone_per_score():
+    """On the tile path S never leaves the chip: per score only G (bf16) is written once
+    and read by the two G GEMMs, 3 * 2 bytes."""
+    K = M = 4096
+    parts = bench_gpu.design_bytes(K, M, 64, "bf16", kernels="tiles")
+    assert parts["G write (gradient tiles)"] + parts["G read (2 G GEMMs)"] == 3 * 2 * K * M
+    assert not any(p.startswith("S ") for p in parts)
+
+
+def test_tile_path_meets_the_60_gb_goal_at_scale():
+    """InfoNCE training at K = M = 65536, d = 512, bf16: under 60 GB per call on the tile
+    path; the chunk path's three float32 passes over S alone move 3 * 4 * K * M > 51 GB."""
+    K = M = 65536
+    tiles = sum(bench_gpu.design_bytes(K, M, 512, "bf16", kernels="tiles").values())
+    chunks = sum(bench_gpu.design_bytes(K, M, 512, "bf16").values())
+    assert tiles < 60e9 < chunks
+
+
+def test_tile_operands_are_read_once_per_wave():
+    """B is read once per wave of 2 x 132 blocks of 64 rows (16896 rows): K = 16896 is one
+    wave in the forward, K = 16897 two."""
+    one = bench_gpu.design_bytes(16896, 1000, 8, "bf16", kernels="tiles")
+    two = bench_gpu.design_bytes(16897, 1000, 8, "bf16", kernels="tiles")
+    key = "a, b reads (forward tiles)"
+    assert two[key] - one[key] == 8 * 2 + 1000 * 8 * 2
+
+
+def test_tile_path_takes_fp16_and_bf16_only():
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        bench_gpu.design_bytes(64, 64, 8, "fp32", kernels="tiles")
+    assert bench_gpu.paths("fp32") == ("chunks",)
+
+
+def test_design_table_shows_both_paths_for_half_precision(capsys):
+    assert bench_gpu.main(["--design-only", "--sizes", "1024", "--dims", "64", "--dtypes", "bf16", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" tiles ") == 1 and out.count(" chunks ") == 2
+
+
+def test_cpu_smoke_run_times_both_paths(capsys):
+    """The script's own run on the CPU (its smoke mode): the correctness check passes on
+    either path and the table has a row for each."""
+    argv = ["--device", "cpu", "--sizes", "64", "--dims", "16", "--dtypes", "bf16", "--no-reference",
+            "--min-reps", "1", "--max-reps", "1", "--target-s", "0.01"]
+    assert bench_gpu.main(argv) == 0
+    out = capsys.readouterr()
+    assert "FAILED" not in out.out + out.err
+    rows = [line.split() for line in out.out.splitlines() if line.startswith("bf16 ")]
+    assert {r[3] for r in rows if len(r) > 4} >= {"floor", "fused", "fused-tile"}

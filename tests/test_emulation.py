@@ -10,7 +10,7 @@ import torch
 
 import infomax_ext
 from infomax_ext import _backend, ops, reference as ref
-from helpers import cpu_kernels, make_bias, make_pair, needs_emulated, set_tile
+from helpers import cpu_kernels, make_bias, make_pair, needs_emulated, set_kernels, set_tile
 
 pytestmark = [needs_emulated, pytest.mark.usefixtures("default_cuda_tiles")]
 
@@ -167,6 +167,43 @@ def test_with_grad_one_walk_and_fallback_paths_run(tile, K, chunks, forward, col
         torch.testing.assert_close(value, oracle, rtol=1e-5, atol=1e-5)
         for g, o in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(oracle, inputs)):
             torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("col_bias", [False, True])
+@pytest.mark.parametrize("kernels, forward, backward, col_sums", [
+    # the chunk path: one fused fold forward, one gradient kernel backward (and two
+    # column-sum kernels when the column bias needs a gradient)
+    ("chunks", 1, 1, 2),
+    # the tile path: the tile fold, then the row finish; backward the tile gradient,
+    # then the row sums (and one column-sum kernel over the tiles' partials)
+    ("tiles", 2, 2, 1),
+])
+def test_tile_kernels_are_the_path_taken(kernels, forward, backward, col_sums, col_bias, monkeypatch):
+    """bf16 ROW_LSE at K = 70, M = 200 (neither a multiple of the 64-row tile): the
+    launch counts show which kernels ran, and the value and gradients match the CPU
+    kernels on either path."""
+    set_kernels(monkeypatch, kernels)
+    backward += col_sums if col_bias else 0
+    a, b = make_pair(70, 200, 24, dtype=torch.bfloat16, seed=11)
+    cb = make_bias(200, dtype=torch.bfloat16, seed=11) if col_bias else None
+
+    def run():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        c = cb.clone().requires_grad_() if col_bias else None
+        n = launches()
+        value = ops.score_reduce(x, y, 0.7, None, c, 0, ops.ROW_LSE)[0].sum()
+        n_fwd = launches() - n
+        grads = torch.autograd.grad(value, [t for t in (x, y, c) if t is not None])
+        return value, grads, n_fwd, launches() - n - n_fwd
+
+    with _backend.emulated_cuda():
+        value, grads, n_fwd, n_bwd = run()
+    assert (n_fwd, n_bwd) == (forward, backward)
+    with cpu_kernels():
+        value_c, grads_c, _, _ = run()
+    torch.testing.assert_close(value.float(), value_c.float(), rtol=2e-3, atol=2e-3)
+    for g, o in zip(grads, grads_c):
+        torch.testing.assert_close(g.float(), o.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_symmetric_softmax_mean_walks_several_row_and_column_chunks(monkeypatch):

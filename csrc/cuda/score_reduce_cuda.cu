@@ -18,16 +18,16 @@
 // Extra memory: the chunk workspace, O(K + M) statistics and the O((K + M) d)
 // gradients -- never O(K * M) when K * M is large.
 //
-// NB: why a cuBLAS tile plus epilogue kernels, not one kernel holding tiles in
-// shared memory/registers (flash-attention style): the four GEMMs of K x M x d are
-// the floor of this op, and cuBLAS runs them near peak for every dtype, arch and
-// d, with tensor cores for fp16/bf16 (and TF32 when the user enables it); the
-// epilogues are memory-bound passes over a chunk streamed from HBM (a chunk is far
-// larger than L2). A single fused kernel would save those passes (roughly one read
-// of S per reduction group, and a write + read of G in backward) but needs a
-// hand-written tensor-core GEMM per arch, dtype and d -- much more code to get
-// right, verify and maintain. The math is the same either way (score_math.h), so
-// the kernel can be swapped later without touching semantics.
+// NB: why a cuBLAS tile plus epilogue kernels by default, not one kernel holding tiles
+// in shared memory/registers (flash-attention style): the GEMMs of K x M x d are the
+// floor of this op, and cuBLAS runs them near peak for every dtype, arch and d, with
+// tensor cores for fp16/bf16 (and TF32 when the user enables it); the epilogues are
+// memory-bound passes over a chunk streamed from HBM (a chunk is far larger than L2).
+// For fp16/bf16 the fused alternative exists: the tile path (score_tiles.cuh, chosen
+// with INFOMAX_EXT_CUDA_TILE_KERNELS=1) makes and folds S in shared memory with a
+// hand-written tensor-core GEMM, saving the float32 passes over S at the price of
+// making S twice. It stays opt-in until GPU timings say where it wins. The math is
+// the same either way (score_math.h).
 //
 // Precision (NB): every score and statistic is in float32 (float64 for float64
 // inputs). float32/float64 inputs are multiplied in their dtype. fp16/bf16 inputs

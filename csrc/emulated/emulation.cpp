@@ -148,6 +148,10 @@ struct Scheduler {
   std::vector<std::unique_ptr<Fiber>> pool;
   const std::function<void()>* body = nullptr;
   unsigned n = 0;  // threads of the current block
+  // NB: the scheduler tests `failed` between passes, never `error`: std::string's code is
+  // instrumented, and a fiber of a later pass may still write `error` (fail()). The host
+  // reads `error` only after restart_pool has ordered it after every fiber.
+  bool failed = false;
   std::string error;
   // Shuffle slots: [warp][shuffle parity][lane]. NB: two slots, so a lane may write
   // the next shuffle's value while slower lanes still read this one's.
@@ -254,7 +258,8 @@ INFOMAX_EMU_RUNTIME void switch_out(Scheduler& s, Fiber* self) {
 }
 
 INFOMAX_EMU_RUNTIME void fail(Scheduler& s, Fiber* self, std::string message) {
-  if (s.error.empty()) s.error = std::move(message);
+  s.error = std::move(message);  // the first failure: the launch stops at it
+  s.failed = true;
   self->state = State::kFailed;
   switch_context(s, self, nullptr);
   __builtin_unreachable();  // NB: never resumed: launch() restarts the pool
@@ -348,7 +353,7 @@ INFOMAX_EMU_RUNTIME void restart_pool(Scheduler& s) {
 }
 
 // Releases the barriers that every participant has reached; returns false and sets
-// s.error when the waiting fibers can never all be released.
+// s.failed and s.error when the waiting fibers can never all be released.
 INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
   bool released = false;
   const unsigned n_warps = (s.n + kWarpSize - 1) / kWarpSize;
@@ -359,6 +364,7 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
     if (at_shuffle == 0) continue;
     if (at_shuffle < kWarpSize) {
       const unsigned lanes = std::min(s.n - w * kWarpSize, kWarpSize);
+      s.failed = true;
       s.error = "__shfl_xor_sync with the full mask in warp " + std::to_string(w) + ": only " +
                 std::to_string(at_shuffle) + " of 32 lanes reached it (" +
                 (lanes < kWarpSize ? "a partial warp: the block has " + std::to_string(s.n) + " threads"
@@ -378,6 +384,7 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
   }
   if (at_sync == 0) return true;  // nothing waits (the block is done)
   if (done > 0) {
+    s.failed = true;
     s.error = "__syncthreads() reached by " + std::to_string(at_sync) + " threads after " + std::to_string(done) +
               " of the block's " + std::to_string(s.n) + " threads returned; undefined on a GPU";
     return false;
@@ -405,7 +412,7 @@ INFOMAX_EMU_RUNTIME void run_block(Scheduler& s) {
     for (unsigned i = 0; i < s.n && !first; ++i)
       if (s.pool[i]->state == State::kRunnable) first = s.pool[i].get();
     if (first) switch_context(s, nullptr, first);  // runs one pass; back here at its end
-    if (!s.error.empty()) return;
+    if (s.failed) return;
     bool all_done = true;
     for (unsigned i = 0; i < s.n; ++i) all_done &= s.pool[i]->state == State::kDone;
     if (all_done) return;
@@ -478,6 +485,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   while (s.pool.size() < n) s.pool.push_back(make_fiber(static_cast<unsigned>(s.pool.size())));
   s.body = &body;
   s.n = static_cast<unsigned>(n);
+  s.failed = false;
   s.error.clear();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -488,7 +496,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
         tsan_release(&s.sync_start);
         start_block(s, grid, block, dim3(bx, by, bz));
         run_block(s);
-        if (!s.error.empty()) {
+        if (s.failed) {
           restart_pool(s);
           TORCH_CHECK(false, "emulated CUDA kernel, block ", dims(dim3(bx, by, bz)), " of grid ", dims(grid),
                       ", block size ", dims(block), ": ", s.error);
