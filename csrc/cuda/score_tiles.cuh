@@ -167,6 +167,30 @@ __device__ __forceinline__ float sum_pair(float x) {
   return (threadIdx.x & 1) ? o + x : x + o;
 }
 
+// The block's walk over its split's column tiles: each tile made (tile_dots), then
+// row_score(j, c, s) for each of the thread's scores in it (row t / 2 of the block,
+// tile columns c in [32 (t % 2), 32 (t % 2) + 32) below M; none when the row is past
+// the launch's), then after_tile(j0) by every thread (the column epilogues).
+template <typename TIn, typename RowScore, typename AfterTile>
+__device__ __forceinline__ void walk_tiles(TileSmem<TIn>& sm, const TileOperands& op, int64_t blk0, bool row_ok,
+                                           float rb, RowScore row_score, AfterTile after_tile) {
+  const int r = static_cast<int>(threadIdx.x) >> 1, h = static_cast<int>(threadIdx.x) & 1;
+  const float scale = *op.scale;
+  const TileRange tiles = split_tiles(op);
+  for (int64_t jt = tiles.begin; jt < tiles.end; ++jt) {
+    const int64_t j0 = jt * kTileRows;
+    tile_dots<TIn>(sm, op, op.i0 + blk0, j0);
+    if (row_ok) {
+      for (int c = h * 32; c < h * 32 + 32; ++c) {
+        const int64_t j = j0 + c;
+        if (j >= op.M) break;
+        row_score(j, c, score_from_dot(sm.c[r][c], scale, rb, op.col_bias ? op.col_bias[j] : 0.0f));
+      }
+    }
+    after_tile(j0);
+  }
+}
+
 template <typename TIn>
 __global__ void __launch_bounds__(kTileThreads) tile_forward_kernel(const TileForwardArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -188,25 +212,17 @@ __global__ void __launch_bounds__(kTileThreads) tile_forward_kernel(const TileFo
   LseState<float> neg = lse_empty<float>(), clamp = lse_empty<float>();
   float sp = 0.0f, pos = 0.0f;
   bool has_pos = false;
-  const TileRange tiles = split_tiles(op);
-  for (int64_t jt = tiles.begin; jt < tiles.end; ++jt) {
-    const int64_t j0 = jt * kTileRows;
-    tile_dots<TIn>(sm, op, op.i0 + blk0, j0);
-    if (row_ok) {
-      for (int c = h * 32; c < h * 32 + 32; ++c) {
-        const int64_t j = j0 + c;
-        if (j >= op.M) break;
-        const float s = score_from_dot(sm.c[r][c], scale, rb, op.col_bias ? op.col_bias[j] : 0.0f);
-        if (j == pos_col) {
-          pos = s;  // NB: the positive is excluded from every neg_* reduction.
-          has_pos = true;
-          continue;
-        }
-        if (need_neg) neg = lse_push(neg, s);
-        if (need_clamp) clamp = lse_push(clamp, clamp_tau(s, p.tau));
-        if (need_sp) sp += softplus(s);
-      }
+  const auto row_score = [&](int64_t j, int, float s) {
+    if (j == pos_col) {
+      pos = s;  // NB: the positive is excluded from every neg_* reduction.
+      has_pos = true;
+      return;
     }
+    if (need_neg) neg = lse_push(neg, s);
+    if (need_clamp) clamp = lse_push(clamp, clamp_tau(s, p.tau));
+    if (need_sp) sp += softplus(s);
+  };
+  const auto col_states = [&](int64_t j0) {
     if (p.col_part) {
       // Column t / 2 of the tile over rows [32 h, 32 h + 32) of the block.
       const int64_t j = j0 + r;
@@ -221,7 +237,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_forward_kernel(const TileFo
       st = merge_pair(st);
       if (h == 0 && j < op.M) p.col_part[static_cast<int64_t>(blockIdx.x) * op.M + j] = st;
     }
-  }
+  };
+  walk_tiles<TIn>(sm, op, blk0, row_ok, rb, row_score, col_states);
   neg = merge_pair(neg);
   clamp = merge_pair(clamp);
   sp = sum_pair(sp);
@@ -267,29 +284,20 @@ __global__ void __launch_bounds__(kTileThreads) tile_grad_kernel(const TileGradA
   const int64_t lr = blk0 + r;
   const bool row_ok = lr < op.rows;
   const int64_t i = op.i0 + lr, pos_col = i + p.pos_offset;
-  const float scale = *op.scale;
   const float rb = (row_ok && op.row_bias) ? op.row_bias[i] : 0.0f;
   const RowGrad<float> rg = row_ok ? row_grad_at<float>(p, i) : RowGrad<float>{};
   const float gs = p.g_scale ? *p.g_scale : 1.0f;  // a power of two: the product is exact
   TG* g = static_cast<TG*>(p.g) + lr * op.M;
   float sum = 0.0f;
-  const TileRange tiles = split_tiles(op);
-  for (int64_t jt = tiles.begin; jt < tiles.end; ++jt) {
-    const int64_t j0 = jt * kTileRows;
-    tile_dots<TIn>(sm, op, op.i0 + blk0, j0);
-    if (row_ok) {
-      for (int c = h * 32; c < h * 32 + 32; ++c) {
-        const int64_t j = j0 + c;
-        if (j >= op.M) break;
-        const float s = score_from_dot(sm.c[r][c], scale, rb, op.col_bias ? op.col_bias[j] : 0.0f);
-        const float gv = score_grad(s, j == pos_col, rg, p.g_col ? p.g_col[j] : 0.0f,
-                                    p.col_lse ? p.col_lse[j] : 0.0f, p.tau, p.reductions);
-        g[j] = static_cast<TG>(gs * gv);
-        // NB: the row and column sums take the unscaled float32 G, not the stored one.
-        sum += gv;
-        if (p.dcol_part) sm.c[r][c] = gv;  // NB: only the thread that read this entry rewrites it
-      }
-    }
+  const auto row_score = [&](int64_t j, int c, float s) {
+    const float gv = score_grad(s, j == pos_col, rg, p.g_col ? p.g_col[j] : 0.0f, p.col_lse ? p.col_lse[j] : 0.0f,
+                                p.tau, p.reductions);
+    g[j] = static_cast<TG>(gs * gv);
+    // NB: the row and column sums take the unscaled float32 G, not the stored one.
+    sum += gv;
+    if (p.dcol_part) sm.c[r][c] = gv;  // NB: only the thread that read this entry rewrites it
+  };
+  const auto col_sums = [&](int64_t j0) {
     if (p.dcol_part) {
       __syncthreads();  // every row's G is in sm.c
       const int64_t j = j0 + r;
@@ -299,7 +307,8 @@ __global__ void __launch_bounds__(kTileThreads) tile_grad_kernel(const TileGradA
       cs = sum_pair(cs);
       if (h == 0 && j < op.M) p.dcol_part[static_cast<int64_t>(blockIdx.x) * op.M + j] = cs;
     }
-  }
+  };
+  walk_tiles<TIn>(sm, op, blk0, row_ok, rb, row_score, col_sums);
   sum = sum_pair(sum);
   if (row_ok && h == 0) p.drow_part[static_cast<int64_t>(blockIdx.y) * op.rows + lr] = sum;
 #endif
