@@ -390,15 +390,31 @@ RowForwardArgs<T> row_forward_args(const ScoreArgs<T>& sc, T tau, int64_t pos_of
   return p;
 }
 
+// The upstream gradients and the forward's statistics that both gradient walks read
+// (row_grad_at; nullptr where inactive), into GradArgs or TileGradArgs.
+template <typename T, typename Args>
+void set_grad_inputs(Args& p, const Tensor5& grads, const Tensor& row_lse, const Tensor& col_lse,
+                     const Tensor& neg_lse, const Tensor& clamp_lse) {
+  p.g_row = ptr_or_null<T>(std::get<0>(grads));
+  p.g_col = ptr_or_null<T>(std::get<1>(grads));
+  p.g_neg = ptr_or_null<T>(std::get<2>(grads));
+  p.g_clamp = ptr_or_null<T>(std::get<3>(grads));
+  p.g_sp = ptr_or_null<T>(std::get<4>(grads));
+  p.row_lse = ptr_or_null<T>(row_lse);
+  p.col_lse = ptr_or_null<T>(col_lse);
+  p.neg_lse = ptr_or_null<T>(neg_lse);
+  p.clamp_lse = ptr_or_null<T>(clamp_lse);
+}
+
 // ---------------------------------------------------------------------------
 // The tile path (score_tiles.cuh): fp16/bf16 scores made and folded on chip
 // ---------------------------------------------------------------------------
 
 // Whether the tile kernels walk S: fp16/bf16 GEMM operands (the tensor-core path), chosen
 // with INFOMAX_EXT_CUDA_TILE_KERNELS=1 (read per call, like the workspace budget), on a
-// GPU with bf16 tensor cores. NB: off by default: the chunk path's cuBLAS GEMMs are the
-// measured baseline; the tile path moves a third of the bytes but makes S twice with a
-// hand-written GEMM (see score_tiles.cuh).
+// GPU with bf16 tensor cores. NB: off by default until GPU timings show where it wins:
+// the chunk path's GEMMs are cuBLAS's; the tile path moves a third of the bytes but
+// makes S twice with a hand-written GEMM (see score_tiles.cuh).
 bool use_tile_kernels(at::ScalarType t) {
   if (!INFOMAX_MM_OUT_DTYPE || (t != at::kHalf && t != at::kBFloat16)) return false;
   const char* env = std::getenv("INFOMAX_EXT_CUDA_TILE_KERNELS");
@@ -497,15 +513,7 @@ void tile_backward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc,
   p.tau = tau;
   p.pos_offset = pos_offset;
   p.reductions = active;
-  p.g_row = ptr_or_null<float>(std::get<0>(grads));
-  p.g_col = ptr_or_null<float>(std::get<1>(grads));
-  p.g_neg = ptr_or_null<float>(std::get<2>(grads));
-  p.g_clamp = ptr_or_null<float>(std::get<3>(grads));
-  p.g_sp = ptr_or_null<float>(std::get<4>(grads));
-  p.row_lse = ptr_or_null<float>(row_lse);
-  p.col_lse = ptr_or_null<float>(col_lse);
-  p.neg_lse = ptr_or_null<float>(neg_lse);
-  p.clamp_lse = ptr_or_null<float>(clamp_lse);
+  set_grad_inputs<float>(p, grads, row_lse, col_lse, neg_lse, clamp_lse);
   p.g = gws.data_ptr();
   p.g_scale = g_scale;
   p.drow_part = drow_part.data_ptr<float>();
@@ -683,15 +691,7 @@ void backward_impl(const Tensor& A, const Tensor& B, const ScoreArgs<T>& sc, T t
   p.tau = tau;
   p.pos_offset = pos_offset;
   p.reductions = active;
-  p.g_row = ptr_or_null<T>(std::get<0>(grads));
-  p.g_col = ptr_or_null<T>(std::get<1>(grads));
-  p.g_neg = ptr_or_null<T>(std::get<2>(grads));
-  p.g_clamp = ptr_or_null<T>(std::get<3>(grads));
-  p.g_sp = ptr_or_null<T>(std::get<4>(grads));
-  p.row_lse = ptr_or_null<T>(row_lse);
-  p.col_lse = ptr_or_null<T>(col_lse);
-  p.neg_lse = ptr_or_null<T>(neg_lse);
-  p.clamp_lse = ptr_or_null<T>(clamp_lse);
+  set_grad_inputs<T>(p, grads, row_lse, col_lse, neg_lse, clamp_lse);
   p.drow = drow.data_ptr<T>();
   p.g_scale = g_scale;
   T* dcol_p = dcol.data_ptr<T>();
