@@ -3,7 +3,7 @@
 For K = M in --sizes, d in --dims and each dtype, times one forward + backward of
 
   fused     infomax_ext.infonce(a, b, scale)                       (S never stored)
-  fused-tile  the same call on the tile kernels (fp16/bf16 only; INFOMAX_EXT_CUDA_TILE_KERNELS=1)
+  fused-tile  the same call on the tile kernels (fp16/bf16; INFOMAX_EXT_CUDA_TILE_KERNELS=1)
   eager     reference.infonce(reference.scores_dot(a, b, scale))   (S materialised)
   compile   torch.compile of the same reference function
   floor     the 4 plain GEMMs of K x M x d the op needs (S, S again in backward,
@@ -11,8 +11,9 @@ For K = M in --sizes, d in --dims and each dtype, times one forward + backward o
 
 and prints the median time (synchronised, after a first call), the peak memory above
 what was allocated before the call (inputs and their gradients' owners excluded),
-and fused / floor. A case that does not fit prints OOM. The run stops starting
-new cases once --time-budget seconds have passed.
+and the ratio to the floor. A case that does not fit prints OOM. The floor and the fused
+paths of every case run first, the references after them; nothing new starts once
+--time-budget seconds have passed.
 
 Run from the repository root on a GPU machine after building the extension:
 
@@ -291,59 +292,56 @@ def main(argv=None):
             if not (err_v <= tol * max(1.0, abs(lr.item())) and err_g <= tol):
                 log(f"FAILED correctness check for {name} {path}: the timings below are of a wrong result")
 
-    rows = []
-    for name, d, K in ((n, d, K) for n in args.dtypes for d in args.dims for K in args.sizes):
+    def run_case(name, d, K, impls, rows):
+        """Times impls on one case (fresh inputs), appending (dtype, K, d, impl, ms, peak,
+        note) rows."""
         dt = getattr(torch, DTYPES[name])
-        M = K
         tag = f"{name} K=M={K} d={d}"
-        if time.perf_counter() - t_start > args.time_budget:
-            log(f"time budget ({args.time_budget:.0f} s) spent: skipping {tag}")
-            rows.append((name, K, d, "all", None, None, "skipped (time budget)"))
-            continue
         free_memory(cuda)
         g = torch.Generator(device=dev).manual_seed(K)
         a = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
-        b = torch.nn.functional.normalize(torch.randn(M, d, device=dev, generator=g), dim=1).to(dt)
+        b = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
         a.requires_grad_(True)
         b.requires_grad_(True)
-        case = {}
-
-        def record(impl, fn):
-            if time.perf_counter() - t_start > args.time_budget and impl != "floor":
+        fns = {"floor": lambda: bench.matmul_floor(a, b),  # the four GEMMs the op needs
+               "fused": fwd_bwd(fused_loss, a, b),
+               "fused-tile": fwd_bwd(fused_loss, a, b, tiles=True),
+               "eager": fwd_bwd(ref_loss, a, b)}
+        for impl in impls:
+            if time.perf_counter() - t_start > args.time_budget:
                 log(f"{tag} {impl}: skipped (time budget)")
                 rows.append((name, K, d, impl, None, None, "skipped (time budget)"))
-                return
+                continue
             log(f"{tag} {impl} ...")
+            fn = fns.get(impl) or fwd_bwd(torch.compile(ref_loss, dynamic=False), a, b)
             try:
                 ms, peak, first = time_fn(fn, args, cuda)
             except Exception as e:  # noqa: BLE001 - report and go on to the next case
-                free_memory(cuda)
+                ms = peak = None
                 note = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                log(f"{tag} {impl}: {note}")
-                rows.append((name, K, d, impl, None, None, note))
-                return
-            case[impl] = ms
-            note = f"first call {first:.1f} s" if impl == "compile" else ""
-            peak_s = f"peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
-            log(f"{tag} {impl}: {ms:.2f} ms {peak_s} {note}")
-            rows.append((name, K, d, impl, ms, peak, note))
-            free_memory(cuda)
-
-        record("floor", lambda: bench.matmul_floor(a, b))  # the four GEMMs the op needs
-        record("fused", fwd_bwd(fused_loss, a, b))
-        if "tiles" in paths(name):
-            record("fused-tile", fwd_bwd(fused_loss, a, b, tiles=True))
-        if not args.no_reference:
-            record("eager", fwd_bwd(ref_loss, a, b))
-            if not args.no_compile:
-                compiled = torch.compile(ref_loss, dynamic=False)
-                record("compile", fwd_bwd(compiled, a, b))
-                del compiled
+            else:
+                note = f"first call {first:.1f} s" if impl == "compile" else ""
+            if impl == "compile":
                 torch._dynamo.reset()
-        for impl in ("fused", "fused-tile"):
-            if "floor" in case and impl in case:
-                log(f"{tag}: {impl} / floor = {case[impl] / case['floor']:.2f}")
-        del a, b
+            del fn
+            free_memory(cuda)
+            log(f"{tag} {impl}: " + (f"{ms:.2f} ms peak +{peak / 2**20:.0f} MiB {note}" if ms is not None
+                                      else note))
+            rows.append((name, K, d, impl, ms, peak, note))
+
+    # NB: two passes over the cases: the floor and the fused paths of every case first,
+    # then the references (eager, and torch.compile with its slow first call) in the time
+    # left, so a short budget still compares the paths everywhere.
+    rows = []
+    cases = [(n, d, K) for n in args.dtypes for d in args.dims for K in args.sizes]
+    passes = [("floor", "fused", "fused-tile")]
+    if not args.no_reference:
+        passes.append(("eager",) if args.no_compile else ("eager", "compile"))
+    for impls in passes:
+        for name, d, K in cases:
+            if "floor" not in impls and not any(r[:3] == (name, K, d) and r[3] == "fused" and r[4] for r in rows):
+                continue  # no references where the fused call did not run
+            run_case(name, d, K, [i for i in impls if i != "fused-tile" or "tiles" in paths(name)], rows)
 
     # The table.
     floors = {r[:3]: r[4] for r in rows if r[3] == "floor" and r[4] is not None}
@@ -353,7 +351,9 @@ def main(argv=None):
               f"{'bw-bound ms':>11}  note")
     print(header)
     print("-" * len(header))
-    for name, K, d, impl, ms, peak, note in rows:
+    order = {impl: n for n, impl in enumerate(("floor", "fused", "fused-tile", "eager", "compile"))}
+    rank = {c: n for n, c in enumerate(cases)}
+    for name, K, d, impl, ms, peak, note in sorted(rows, key=lambda r: (rank[(r[0], r[2], r[1])], order[r[3]])):
         fl = floors.get((name, K, d))
         ratio = f"{ms / fl:.2f}x" if (ms is not None and fl) else ""
         ms_s = f"{ms:.2f}" if ms is not None else "-"
