@@ -6,10 +6,11 @@
 //             (negatives' log-sum-exp, clamped, softplus sum; the positive kept aside)
 //             and, for a column statistic, writes the tile's column states; small
 //             finish kernels merge the partial states in a fixed order.
-//   backward: tile_grad_kernel makes the tile again, turns it into G = dL/dS
-//             (score_grad, with the forward's statistics) and writes G in the input's
-//             dtype (fp16 scaled, as on the chunk path) for the two G GEMMs (cuBLAS),
-//             with G's row sums and, for a column bias, its column sums.
+//   backward: tile_grad_kernel makes the tile again, turns it into G = dL/dS in
+//             shared memory (score_grad, with the forward's statistics) and writes it
+//             out a row at a time in the input's dtype (fp16 scaled, as on the chunk
+//             path) for the two G GEMMs (cuBLAS), with G's row sums and, for a column
+//             bias, its column sums.
 //
 // NB: why: the chunk path (cuBLAS writes each chunk of S in float32, epilogue kernels
 // read it) moves about 18 bytes per score for a training call; here G's write and the
@@ -169,8 +170,8 @@ __device__ __forceinline__ float sum_pair(float x) {
 
 // The block's walk over its split's column tiles: each tile made (tile_dots), then
 // row_score(j, c, s) for each of the thread's scores in it (row t / 2 of the block,
-// tile columns c in [32 (t % 2), 32 (t % 2) + 32) below M; none when the row is past
-// the launch's), then after_tile(j0) by every thread (the column epilogues).
+// tile columns c in [32 (t % 2), 32 (t % 2) + 32) below M, in a fixed rotated order;
+// none when the row is past the launch's), then after_tile(j0) by every thread.
 template <typename TIn, typename RowScore, typename AfterTile>
 __device__ __forceinline__ void walk_tiles(TileSmem<TIn>& sm, const TileOperands& op, int64_t blk0, bool row_ok,
                                            float rb, RowScore row_score, AfterTile after_tile) {
@@ -181,9 +182,12 @@ __device__ __forceinline__ void walk_tiles(TileSmem<TIn>& sm, const TileOperands
     const int64_t j0 = jt * kTileRows;
     tile_dots<TIn>(sm, op, op.i0 + blk0, j0);
     if (row_ok) {
-      for (int c = h * 32; c < h * 32 + 32; ++c) {
+      // NB: each thread starts its 32 columns at its own offset (r + 16 h): the 32 lanes
+      // of a warp then read 32 different banks of sm.c (a row is 68 floats, 4 banks on).
+      for (int q = 0; q < 32; ++q) {
+        const int c = h * 32 + ((q + r + 16 * h) & 31);
         const int64_t j = j0 + c;
-        if (j >= op.M) break;
+        if (j >= op.M) continue;
         row_score(j, c, score_from_dot(sm.c[r][c], scale, rb, op.col_bias ? op.col_bias[j] : 0.0f));
       }
     }
@@ -287,19 +291,25 @@ __global__ void __launch_bounds__(kTileThreads) tile_grad_kernel(const TileGradA
   const float rb = (row_ok && op.row_bias) ? op.row_bias[i] : 0.0f;
   const RowGrad<float> rg = row_ok ? row_grad_at<float>(p, i) : RowGrad<float>{};
   const float gs = p.g_scale ? *p.g_scale : 1.0f;  // a power of two: the product is exact
-  TG* g = static_cast<TG*>(p.g) + lr * op.M;
+  TG* g = static_cast<TG*>(p.g) + blk0 * op.M;  // the block's first row of G
   float sum = 0.0f;
   const auto row_score = [&](int64_t j, int c, float s) {
     const float gv = score_grad(s, j == pos_col, rg, p.g_col ? p.g_col[j] : 0.0f, p.col_lse ? p.col_lse[j] : 0.0f,
                                 p.tau, p.reductions);
-    g[j] = static_cast<TG>(gs * gv);
     // NB: the row and column sums take the unscaled float32 G, not the stored one.
     sum += gv;
-    if (p.dcol_part) sm.c[r][c] = gv;  // NB: only the thread that read this entry rewrites it
+    sm.c[r][c] = gv;  // NB: only the thread that read this entry rewrites it
   };
-  const auto col_sums = [&](int64_t j0) {
+  const auto store_tile = [&](int64_t j0) {
+    __syncthreads();  // every row's G is in sm.c
+    // NB: G goes out a row at a time, consecutive threads on consecutive columns: a
+    // thread writing its own row's entries would put each store of a warp in 32
+    // different sectors of G.
+    for (int e = t; e < kTileRows * kTileRows; e += kTileThreads) {
+      const int rr = e / kTileRows, cc = e % kTileRows;
+      if (blk0 + rr < op.rows && j0 + cc < op.M) g[rr * op.M + j0 + cc] = static_cast<TG>(gs * sm.c[rr][cc]);
+    }
     if (p.dcol_part) {
-      __syncthreads();  // every row's G is in sm.c
       const int64_t j = j0 + r;
       float cs = 0.0f;
       if (j < op.M)
@@ -308,7 +318,7 @@ __global__ void __launch_bounds__(kTileThreads) tile_grad_kernel(const TileGradA
       if (h == 0 && j < op.M) p.dcol_part[static_cast<int64_t>(blockIdx.x) * op.M + j] = cs;
     }
   };
-  walk_tiles<TIn>(sm, op, blk0, row_ok, rb, row_score, col_sums);
+  walk_tiles<TIn>(sm, op, blk0, row_ok, rb, row_score, store_tile);
   sum = sum_pair(sum);
   if (row_ok && h == 0) p.drow_part[static_cast<int64_t>(blockIdx.y) * op.rows + lr] = sum;
 #endif
