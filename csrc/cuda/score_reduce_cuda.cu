@@ -226,6 +226,27 @@ struct RowForwardArgs {
   T *row_out, *neg_out, *clamp_out, *sp_out;  // (K,) or nullptr when not requested
 };
 
+// A row of a chunk, a block of threads on it: f(c, dot) for each column c of the thread
+// (c = threadIdx.x + k blockDim.x, in order), kUnroll loads in flight ahead of their use.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_dot(const T* row, int64_t cols, F f) {
+  const int64_t stride = blockDim.x;
+  for (int64_t c0 = threadIdx.x; c0 < cols; c0 += kUnroll * stride) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      v[u] = c < cols ? row[c] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + u * stride;
+      if (c >= cols) break;
+      f(c, v[u]);
+    }
+  }
+}
+
 // A block per row of the chunk: logsumexp over the negatives (and with the
 // positive, the row logsumexp), over the clamped negatives, and the sum of
 // softplus over the negatives, merged with the states of earlier column chunks.
@@ -244,28 +265,16 @@ __global__ void row_forward_kernel(const RowForwardArgs<T> p) {
 
   LseState<T> neg = lse_empty<T>(), clamp = lse_empty<T>();
   T sp = T(0);
-  const int64_t stride = blockDim.x;
-  for (int64_t c0 = threadIdx.x; c0 < p.cols; c0 += kUnroll * stride) {
-    T v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + u * stride;
-      v[u] = c < p.cols ? row[c] : T(0);
+  for_each_dot(row, p.cols, [&](int64_t c, T dot) {
+    const T s = score_from_dot(dot, scale, rb, p.sc.col_bias ? p.sc.col_bias[p.j0 + c] : T(0));
+    if (c == pc) {
+      s_pos = s;  // NB: the positive is excluded from every neg_* reduction.
+      return;
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + u * stride;
-      if (c >= p.cols) break;
-      const T s = score_from_dot(v[u], scale, rb, p.sc.col_bias ? p.sc.col_bias[p.j0 + c] : T(0));
-      if (c == pc) {
-        s_pos = s;  // NB: the positive is excluded from every neg_* reduction.
-        continue;
-      }
-      if (need_neg) neg = lse_push(neg, s);
-      if (need_clamp) clamp = lse_push(clamp, clamp_tau(s, p.tau));
-      if (need_sp) sp += softplus(s);
-    }
-  }
+    if (need_neg) neg = lse_push(neg, s);
+    if (need_clamp) clamp = lse_push(clamp, clamp_tau(s, p.tau));
+    if (need_sp) sp += softplus(s);
+  });
   block_reduce(neg, clamp, sp);  // contains the __syncthreads that publishes s_pos
   if (threadIdx.x != 0) return;
 
@@ -631,29 +640,17 @@ __global__ void grad_rows_kernel(const GradArgs<T, TG> p) {
   const RowGrad<T> rg = row_grad_at<T>(p, i);
   const int64_t pc = i + p.pos_offset - p.j0;
   T sum = T(0);
-  const int64_t stride = blockDim.x;
-  for (int64_t c0 = threadIdx.x; c0 < p.cols; c0 += kUnroll * stride) {
-    T v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + u * stride;
-      v[u] = c < p.cols ? row[c] : T(0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + u * stride;
-      if (c >= p.cols) break;
-      const int64_t j = p.j0 + c;
-      const T s = score_from_dot(v[u], scale, rb, p.sc.col_bias ? p.sc.col_bias[j] : T(0));
-      const T g = score_grad(s, c == pc, rg, p.g_col ? p.g_col[j] : T(0), p.col_lse ? p.col_lse[j] : T(0),
-                             p.tau, p.reductions);
-      grow[c] = static_cast<TG>(gs * g);  // NB: same thread read this element above: in-place is safe
-      // NB: drow and dcol from the unscaled float32 G even when G is stored in fp16/bf16
-      // for the GEMMs.
-      if (p.g_acc) p.g_acc[r * p.cols + c] = g;
-      sum += g;
-    }
-  }
+  for_each_dot(row, p.cols, [&](int64_t c, T dot) {
+    const int64_t j = p.j0 + c;
+    const T s = score_from_dot(dot, scale, rb, p.sc.col_bias ? p.sc.col_bias[j] : T(0));
+    const T g = score_grad(s, c == pc, rg, p.g_col ? p.g_col[j] : T(0), p.col_lse ? p.col_lse[j] : T(0), p.tau,
+                           p.reductions);
+    grow[c] = static_cast<TG>(gs * g);  // NB: this thread read this element already: in-place is safe
+    // NB: drow and dcol from the unscaled float32 G even when G is stored in fp16/bf16
+    // for the GEMMs.
+    if (p.g_acc) p.g_acc[r * p.cols + c] = g;
+    sum += g;
+  });
   sum = block_sum(sum);
   if (threadIdx.x == 0) p.drow[i] += sum;
 }
