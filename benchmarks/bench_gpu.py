@@ -23,7 +23,9 @@ Run from the repository root on a GPU machine after building the extension:
 Exit status: 0 after a run, 2 when there is no CUDA device or no CUDA build.
 """
 import argparse
+import contextlib
 import gc
+import os
 import sys
 import time
 
@@ -42,6 +44,18 @@ SM_COUNT = 132  # an H100's or H200's SMs: a wave of the tile kernels is 2 block
 
 def ceil_div(a, b):
     return -(-a // b)
+
+
+@contextlib.contextmanager
+def on_path(path):
+    """The CUDA walker's path ("chunks", the default, or "tiles") for the calls inside:
+    the ops read the switch per call, forward and backward."""
+    if path == "tiles":
+        os.environ[KERNELS_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(KERNELS_ENV, None)
 
 
 def finish_bytes(K, M, d, dtype):
@@ -74,7 +88,7 @@ def design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, kernels="c
     e = ELEM[dtype]
     g = 4 if dtype == "fp32" else e  # bytes of a stored G
     R = max(1, min(K, budget // (4 * M)))
-    n = -(-K // R)
+    n = ceil_div(K, R)
     KM = K * M
     parts = {
         "S write (GEMM)": 4 * KM,
@@ -100,7 +114,7 @@ def tile_design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, sms=S
     once); the two G GEMMs read G and their operands and accumulate as on the chunk path.
     A tile kernel reads A once and B once per wave of 2 blocks per SM: the blocks of a
     wave sweep the same tiles of B, which L2 serves to all of them. Then finish_bytes."""
-    if dtype not in ("bf16", "fp16"):
+    if "tiles" not in paths(dtype):
         raise ValueError(f"the tile path takes fp16/bf16 inputs, not {dtype}")
     e = ELEM[dtype]
     KM = K * M
@@ -125,6 +139,11 @@ def paths(dtype):
     return ("chunks", "tiles") if dtype in ("bf16", "fp16") else ("chunks",)
 
 
+def bw_bound_ms(K, d, dtype, path, bandwidth_tbs):
+    """The time the design bytes of K = M take at the device's bandwidth."""
+    return sum(design_bytes(K, K, d, dtype, kernels=path).values()) / (bandwidth_tbs * 1e12) * 1e3
+
+
 def design_table(sizes, dims, dtypes, peaks, bandwidth_tbs):
     """Lines of the design table: bytes moved, the bandwidth-bound time and the GEMM floor
     (3 GEMMs on the chunk path's one walk; 4 on the tile path, which makes S twice)."""
@@ -137,7 +156,7 @@ def design_table(sizes, dims, dtypes, peaks, bandwidth_tbs):
             for K in sizes:
                 for path in paths(name):
                     total = sum(design_bytes(K, K, d, name, kernels=path).values())
-                    bw_ms = total / (bandwidth_tbs * 1e12) * 1e3
+                    bw_ms = bw_bound_ms(K, d, name, path, bandwidth_tbs)
                     gemms = 4 if path == "tiles" else 3
                     gemm_ms = gemms * 2 * K * K * d / (peaks[name] * 1e12) * 1e3
                     lines.append(f"{name:<6} {K:>6} {d:>5} {path:<7} {total / 1e9:>9.1f} {bw_ms:>12.2f} "
@@ -213,12 +232,10 @@ def main(argv=None):
     if args.design_only:
         print("\n".join(design_table(args.sizes, args.dims, args.dtypes, *device_peaks(args))))
         return 0
-    import os
-
     import torch
 
     # NB: "fused" is the default (chunk) path whatever the caller's environment says;
-    # "fused-tile" sets the switch around its own calls (the ops read it per call).
+    # "fused-tile" sets the switch around its own calls (on_path).
     os.environ.pop(KERNELS_ENV, None)
 
     dev = torch.device(args.device)
@@ -254,15 +271,10 @@ def main(argv=None):
     def ref_loss(a, b):
         return -ref.infonce(ref.scores_dot(a, b, scale))
 
-    def fwd_bwd(loss_fn, a, b, tiles=False):
+    def fwd_bwd(loss_fn, a, b, path="chunks"):
         def run():
-            if tiles:
-                os.environ[KERNELS_ENV] = "1"
-            try:
-                loss = loss_fn(a, b)
-                torch.autograd.grad(loss, (a, b))
-            finally:
-                os.environ.pop(KERNELS_ENV, None)
+            with on_path(path):
+                torch.autograd.grad(loss_fn(a, b), (a, b))
         return run
 
     # Correctness once, before any timing, on a small case of each dtype and path.
@@ -278,12 +290,9 @@ def main(argv=None):
         lr = ref_loss(a_r, b_r)
         gr = torch.autograd.grad(lr, (a_r, b_r))
         for path in paths(name):
-            os.environ[KERNELS_ENV] = "1" if path == "tiles" else "0"
-            try:
+            with on_path(path):
                 lf = fused_loss(al, bl)
                 gf = torch.autograd.grad(lf, (al, bl))
-            finally:
-                os.environ.pop(KERNELS_ENV, None)
             err_v = abs(lf.item() - lr.item())
             err_g = max((x.float() - y).abs().max().item() / y.abs().max().item() for x, y in zip(gf, gr))
             log(f"check {name} {path} K=M=1024 d={d}: |loss - ref| = {err_v:.2e}, "
@@ -305,7 +314,7 @@ def main(argv=None):
         b.requires_grad_(True)
         fns = {"floor": lambda: bench.matmul_floor(a, b),  # the four GEMMs the op needs
                "fused": fwd_bwd(fused_loss, a, b),
-               "fused-tile": fwd_bwd(fused_loss, a, b, tiles=True),
+               "fused-tile": fwd_bwd(fused_loss, a, b, path="tiles"),
                "eager": fwd_bwd(ref_loss, a, b)}
         for impl in impls:
             if time.perf_counter() - t_start > args.time_budget:
@@ -359,9 +368,7 @@ def main(argv=None):
         ms_s = f"{ms:.2f}" if ms is not None else "-"
         peak_s = f"{peak / 2**20:.0f}" if peak is not None else "-"
         path = {"fused": "chunks", "fused-tile": "tiles"}.get(impl)
-        bw_s = ""
-        if path:
-            bw_s = f"{sum(design_bytes(K, K, d, name, kernels=path).values()) / (bandwidth * 1e12) * 1e3:.2f}"
+        bw_s = f"{bw_bound_ms(K, d, name, path, bandwidth):.2f}" if path else ""
         print(f"{name:<6} {K:>6} {d:>5} {impl:<10} {ms_s:>10} {peak_s:>10} {ratio:>9} {bw_s:>11}  {note}")
     print("floor = 4 GEMMs of K x M x d (2 x 4 K M d FLOP) in the input dtype; peak+ = max_memory_allocated "
           "during the call minus what was allocated before.")

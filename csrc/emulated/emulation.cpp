@@ -257,9 +257,14 @@ INFOMAX_EMU_RUNTIME void switch_out(Scheduler& s, Fiber* self) {
   switch_context(s, self, next);
 }
 
-INFOMAX_EMU_RUNTIME void fail(Scheduler& s, Fiber* self, std::string message) {
-  s.error = std::move(message);  // the first failure: the launch stops at it
+// The launch fails with this message (the first failure: the launch stops at it).
+INFOMAX_EMU_RUNTIME void set_failed(Scheduler& s, std::string message) {
+  s.error = std::move(message);
   s.failed = true;
+}
+
+INFOMAX_EMU_RUNTIME void fail(Scheduler& s, Fiber* self, std::string message) {
+  set_failed(s, std::move(message));
   self->state = State::kFailed;
   switch_context(s, self, nullptr);
   __builtin_unreachable();  // NB: never resumed: launch() restarts the pool
@@ -352,8 +357,8 @@ INFOMAX_EMU_RUNTIME void restart_pool(Scheduler& s) {
   }
 }
 
-// Releases the barriers that every participant has reached; returns false and sets
-// s.failed and s.error when the waiting fibers can never all be released.
+// Releases the barriers that every participant has reached; returns false, the launch
+// failed (set_failed), when the waiting fibers can never all be released.
 INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
   bool released = false;
   const unsigned n_warps = (s.n + kWarpSize - 1) / kWarpSize;
@@ -364,12 +369,11 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
     if (at_shuffle == 0) continue;
     if (at_shuffle < kWarpSize) {
       const unsigned lanes = std::min(s.n - w * kWarpSize, kWarpSize);
-      s.failed = true;
-      s.error = "__shfl_xor_sync with the full mask in warp " + std::to_string(w) + ": only " +
-                std::to_string(at_shuffle) + " of 32 lanes reached it (" +
-                (lanes < kWarpSize ? "a partial warp: the block has " + std::to_string(s.n) + " threads"
-                                   : std::string("the others exited or wait at __syncthreads")) +
-                "); undefined on a GPU";
+      set_failed(s, "__shfl_xor_sync with the full mask in warp " + std::to_string(w) + ": only " +
+                        std::to_string(at_shuffle) + " of 32 lanes reached it (" +
+                        (lanes < kWarpSize ? "a partial warp: the block has " + std::to_string(s.n) + " threads"
+                                           : std::string("the others exited or wait at __syncthreads")) +
+                        "); undefined on a GPU");
       return false;
     }
     // NB: no happens-before edge here: like a GPU's shuffle, it orders no memory.
@@ -384,9 +388,9 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
   }
   if (at_sync == 0) return true;  // nothing waits (the block is done)
   if (done > 0) {
-    s.failed = true;
-    s.error = "__syncthreads() reached by " + std::to_string(at_sync) + " threads after " + std::to_string(done) +
-              " of the block's " + std::to_string(s.n) + " threads returned; undefined on a GPU";
+    set_failed(s, "__syncthreads() reached by " + std::to_string(at_sync) + " threads after " +
+                      std::to_string(done) + " of the block's " + std::to_string(s.n) +
+                      " threads returned; undefined on a GPU");
     return false;
   }
   for (unsigned i = 0; i < s.n; ++i) s.pool[i]->state = State::kRunnable;
