@@ -40,6 +40,9 @@ CHUNK_BUDGET = 1 << 30  # cuda::workspace_bytes() on a large GPU: float32 scores
 KERNELS_ENV = "INFOMAX_EXT_CUDA_TILE_KERNELS"
 TILE_ROWS = 64  # rows (and columns) of one tile kernel block
 SM_COUNT = 132  # an H100's or H200's SMs: a wave of the tile kernels is 2 blocks per SM
+SMEM_PER_SM = 228 << 10  # an H100's or H200's shared memory per SM
+TILE_DEPTH = 32  # features per staged slab of the tile kernels
+TILE_STATIC_SMEM = 2 * TILE_ROWS * (TILE_DEPTH + 8) * 2 + TILE_ROWS * (TILE_ROWS + 4) * 4  # B's slabs, the tile
 
 
 def ceil_div(a, b):
@@ -134,6 +137,30 @@ def tile_design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, sms=S
     return {k: v for k, v in parts.items() if v}
 
 
+def tile_a_resident(d):
+    """Whether the tile kernels keep a block's 64 rows of A (all d features, padded to a
+    slab, 8 more elements a row) in shared memory: while two blocks still fit in an SM,
+    1 KiB of each the system's."""
+    resident = TILE_ROWS * (ceil_div(d, TILE_DEPTH) * TILE_DEPTH + 8) * 2
+    return 2 * (TILE_STATIC_SMEM + resident + 1024) <= SMEM_PER_SM
+
+
+def tile_l2_bytes(K, M, d, dtype, sms=SM_COUNT):
+    """Bytes the tile kernels of one training call stage from L2 into shared memory (not
+    HBM traffic: design_bytes counts that). The forward and the gradient walk each make
+    every 64 x 64 tile once and stage its 64 rows of B, features padded to a slab; A's 64
+    rows too, per tile, unless they are resident (tile_a_resident): then once per block.
+    A launch spreads the column tiles over splits until 2 blocks per SM are busy."""
+    if "tiles" not in paths(dtype):
+        raise ValueError(f"the tile path takes fp16/bf16 inputs, not {dtype}")
+    row_panel = TILE_ROWS * ceil_div(d, TILE_DEPTH) * TILE_DEPTH * ELEM[dtype]  # 64 staged rows
+    row_blocks, col_tiles = ceil_div(K, TILE_ROWS), ceil_div(M, TILE_ROWS)
+    per_split = ceil_div(col_tiles, max(1, min(ceil_div(2 * sms, row_blocks), col_tiles)))
+    blocks = row_blocks * ceil_div(col_tiles, per_split)
+    a_panels = blocks if tile_a_resident(d) else row_blocks * col_tiles
+    return 2 * (row_blocks * col_tiles + a_panels) * row_panel
+
+
 def paths(dtype):
     """The CUDA walker's paths for a dtype: the tile path takes fp16/bf16 only."""
     return ("chunks", "tiles") if dtype in ("bf16", "fp16") else ("chunks",)
@@ -146,11 +173,12 @@ def bw_bound_ms(K, d, dtype, path, bandwidth_tbs):
 
 def design_table(sizes, dims, dtypes, peaks, bandwidth_tbs):
     """Lines of the design table: bytes moved, the bandwidth-bound time and the GEMM floor
-    (3 GEMMs on the chunk path's one walk; 4 on the tile path, which makes S twice)."""
+    (3 GEMMs on the chunk path's one walk; 4 on the tile path, which makes S twice), and
+    for the tile path the bytes its kernels stage from L2 (cuBLAS's own are not counted)."""
     lines = [f"By design (InfoNCE fwd+bwd, workspace budget {CHUNK_BUDGET >> 20} MiB, no column bias; "
              f"{bandwidth_tbs:g} TB/s, peak TFLOP/s {peaks}):",
              f"{'dtype':<6} {'K=M':>6} {'d':>5} {'path':<7} {'GB moved':>9} {'bw-bound ms':>12} "
-             f"{'GEMMs':>6} {'GEMM ms':>8} {'bound by':>9}"]
+             f"{'GEMMs':>6} {'GEMM ms':>8} {'bound by':>9} {'L2 GB':>6}"]
     for name in dtypes:
         for d in dims:
             for K in sizes:
@@ -159,8 +187,9 @@ def design_table(sizes, dims, dtypes, peaks, bandwidth_tbs):
                     bw_ms = bw_bound_ms(K, d, name, path, bandwidth_tbs)
                     gemms = 4 if path == "tiles" else 3
                     gemm_ms = gemms * 2 * K * K * d / (peaks[name] * 1e12) * 1e3
+                    l2 = f"{tile_l2_bytes(K, K, d, name) / 1e9:.1f}" if path == "tiles" else "-"
                     lines.append(f"{name:<6} {K:>6} {d:>5} {path:<7} {total / 1e9:>9.1f} {bw_ms:>12.2f} "
-                                 f"{gemms:>6} {gemm_ms:>8.2f} {'memory' if bw_ms > gemm_ms else 'GEMM':>9}")
+                                 f"{gemms:>6} {gemm_ms:>8.2f} {'memory' if bw_ms > gemm_ms else 'GEMM':>9} {l2:>6}")
     return lines
 
 

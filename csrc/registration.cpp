@@ -118,6 +118,7 @@ namespace py = pybind11;
 namespace infomax_ext {
 namespace emu {
 int64_t launch_count();                                // csrc/emulated/emulation.cpp
+int64_t take_peak_smem();                              // csrc/emulated/emulation.cpp
 std::vector<int64_t> selftest(const std::string& name);  // csrc/emulated/emulation_selftest.cpp
 }
 }  // namespace infomax_ext
@@ -160,6 +161,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef INFOMAX_WITH_EMULATED_CUDA
   m.def("_emulated_launch_count", &infomax_ext::emu::launch_count,
         "Kernel launches run by the emulated CUDA backend so far (for tests).");
+  m.def("_emulated_take_peak_smem", &infomax_ext::emu::take_peak_smem,
+        "The most dynamic shared memory (bytes) one emulated launch had since the last call (for tests).");
   m.def("_emulation_selftest", &infomax_ext::emu::selftest,
         "Runs one of the emulation's own test kernels (tests/test_emulation.py).");
 #endif

@@ -90,9 +90,23 @@ def test_tile_operands_are_read_once_per_wave():
     assert two[key] - one[key] == 8 * 2 + 1000 * 8 * 2
 
 
+def test_tile_l2_staging_halves_when_a_stays_resident():
+    """K = M = 65536 (1024 x 1024 tiles, one split per row block), two walks: at d = 512
+    each tile stages B's 64 x 512 panel and each block A's once; at d = 673 (padded to
+    704, too big for two resident blocks per SM) each tile stages both."""
+    n = 1024
+    assert bench_gpu.tile_a_resident(672) and not bench_gpu.tile_a_resident(673)
+    assert bench_gpu.tile_l2_bytes(65536, 65536, 512, "bf16") == 2 * (n * n + n) * 64 * 512 * 2
+    assert bench_gpu.tile_l2_bytes(65536, 65536, 673, "bf16") == 2 * (2 * n * n) * 64 * 704 * 2
+    # one row block: its 100 column tiles go to 100 splits, each a block staging A once
+    assert bench_gpu.tile_l2_bytes(64, 6400, 32, "fp16") == 2 * (100 + 100) * 64 * 32 * 2
+
+
 def test_tile_path_takes_fp16_and_bf16_only():
     with pytest.raises(ValueError, match="fp16/bf16"):
         bench_gpu.design_bytes(64, 64, 8, "fp32", kernels="tiles")
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        bench_gpu.tile_l2_bytes(64, 64, 8, "fp32")
     assert bench_gpu.paths("fp32") == ("chunks",)
 
 

@@ -198,9 +198,11 @@ def test_awkward_sizes_every_op_matches_cpu_kernels(shape, tile, dtype, backend,
 
 # The tile kernels (fp16/bf16): one 64 x 64 tile or several, rows and columns past the
 # tiles' edges, d below, at and past the staged depth of 32, d % 8 == 0 (16-byte loads) or
-# not; with the default budget (one launch, several column splits) and small ones (several
-# row launches for the column statistics, backward chunks of a few rows).
-TILE_SHAPES = AWKWARD + [(64, 64, 16, 0), (70, 200, 64, 30), (130, 300, 40, 170)]
+# not, A's rows resident in shared memory (small d) or staged a slab at a time (d = 673,
+# 800); with the default budget (one launch, several column splits) and small ones
+# (several row launches for the column statistics, backward chunks of a few rows).
+TILE_SHAPES = AWKWARD + [(64, 64, 16, 0), (70, 200, 64, 30), (130, 300, 40, 170), (70, 130, 673, 5),
+                         (66, 100, 800, 0)]
 TILE_CASES = [(s, None) for s in TILE_SHAPES] + [(s, "16384") for s in TILE_SHAPES if s[0] > 33]
 
 

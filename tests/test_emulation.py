@@ -3,6 +3,7 @@ shuffles, errors for what a GPU leaves undefined), how the ops reach it, and tha
 walkers' multi-chunk paths really run (counted launches). The kernels' results on it are
 tested with the other backends in test_devices.py, test_devices_concat.py and the files
 that use the ``device`` fixture."""
+import math
 import os
 
 import pytest
@@ -45,6 +46,33 @@ def test_a_missing_barrier_is_visible():
     assert selftest("no_barrier") != NEIGHBOURS
 
 
+OTHER_WARP = [b * 1000 + (t + 32) % 64 + 1 for b in range(2) for t in range(64)]
+
+
+def test_barrier_orders_shared_memory_between_warps():
+    assert selftest("other_warp") == OTHER_WARP
+
+
+@pytest.mark.skipif(os.environ.get("INFOMAX_SANITIZER") == "thread",
+                    reason="a deliberate data race: tools/sanitize.sh checks that TSAN reports it")
+def test_a_missing_barrier_between_warps_is_visible():
+    """Each warp writes its slots between two shuffles and reads the other warp's. The
+    scheduler lets one warp run on past its shuffles while the other waits: without the
+    barrier, block 0's first warp and block 1's second read before the other warp wrote
+    (stale values), however alike the two warps' code."""
+    got = selftest("other_warp_no_barrier")
+    assert got[:32] != OTHER_WARP[:32] and got[64 + 32:] != OTHER_WARP[64 + 32:]
+
+
+def test_dynamic_shared_memory_is_the_blocks_own():
+    """A launch's dynamic shared memory: a barrier orders it like static shared memory,
+    and each block finds it full of set bits (as a GPU leaves it undefined), not the data
+    the previous block wrote."""
+    got = selftest("dynamic_smem")
+    assert got[:128] == NEIGHBOURS
+    assert got[128:] == [1, 1]
+
+
 def test_warp_shuffle_exchanges_lanes():
     assert selftest("warp_sum") == [496] * 64
 
@@ -56,6 +84,7 @@ def test_warp_shuffle_exchanges_lanes():
     ("divergent", r"__syncthreads\(\) reached by 32 threads"),
     ("too_many_threads", "invalid configuration argument: block"),
     ("grid_y", "invalid configuration argument: grid"),
+    ("too_much_smem", "too many resources requested: 232449 bytes of dynamic shared memory"),
 ])
 def test_undefined_behaviour_fails_the_launch(name, match):
     with pytest.raises(RuntimeError, match=match):
@@ -204,6 +233,45 @@ def test_tile_kernels_are_the_path_taken(kernels, forward, backward, col_sums, c
     torch.testing.assert_close(value.float(), value_c.float(), rtol=2e-3, atol=2e-3)
     for g, o in zip(grads, grads_c):
         torch.testing.assert_close(g.float(), o.float(), rtol=2e-2, atol=2e-2)
+
+
+def tile_dynamic_smem(d):
+    """The dynamic shared memory of a tile block, by the rule the kernels document: A's
+    64 rows of all d features (padded to 32, + 8 elements a row, 2 bytes each) when two
+    blocks still fit in an SM's 228 KiB beside the static 27 KiB (B's two 64 x 40 slabs
+    and the 64 x 68 float32 tile) and 1 KiB of the system's per block; else two 64 x 40
+    slabs of A."""
+    static = 2 * 64 * 40 * 2 + 64 * 68 * 4
+    resident = 64 * (math.ceil(d / 32) * 32 + 8) * 2
+    fits = 2 * (static + resident + 1024) <= 228 * 1024
+    return (resident if fits else 2 * 64 * 40 * 2), fits
+
+
+# d = 672: 2 x (27648 + 87040 + 1024) = 231424 bytes fit in 233472; d = 673 pads to 704.
+@pytest.mark.parametrize("d, resident", [(24, True), (672, True), (673, False), (800, False)])
+def test_tile_kernels_keep_a_resident_while_two_blocks_fit(d, resident, monkeypatch):
+    """bf16 ROW_LSE forward and backward on the tile kernels: the launches ask for A's
+    resident rows up to d = 672 and for two slabs past it, and the value and gradients
+    match the CPU kernels either way."""
+    set_kernels(monkeypatch, "tiles")
+    a, b = make_pair(70, 130, d, dtype=torch.bfloat16, seed=d)
+    take_peak = infomax_ext._backend._C._emulated_take_peak_smem
+
+    def run():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        value = ops.score_reduce(x, y, 0.05, None, None, 0, ops.ROW_LSE)[0].sum()
+        return value, torch.autograd.grad(value, [x, y])
+
+    with _backend.emulated_cuda():
+        take_peak()
+        value, grads = run()
+        assert take_peak() == tile_dynamic_smem(d)[0]
+    assert tile_dynamic_smem(d)[1] == resident
+    with cpu_kernels():
+        value_c, grads_c = run()
+    torch.testing.assert_close(value.float(), value_c.float(), rtol=2e-3, atol=2e-3)
+    for g, o in zip(grads, grads_c):
+        torch.testing.assert_close(g.float(), o.float(), rtol=2e-2, atol=2e-2 * o.abs().max().item())
 
 
 def test_symmetric_softmax_mean_walks_several_row_and_column_chunks(monkeypatch):

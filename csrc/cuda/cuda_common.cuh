@@ -76,17 +76,40 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 #endif
 
-// kernel<<<grid, block, 0, stream>>>(args...), checked: the one place a kernel is
-// launched, on the GPU or emulated.
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), checked: the one place a kernel
+// is launched, on the GPU or emulated. smem_bytes: the block's dynamic shared memory
+// (dynamic_smem()).
+// NB: the kernel is opted in to smem_bytes at every such launch (a host call of about a
+// microsecond): by default static plus dynamic shared memory may not pass 48 KiB, and
+// the setting is per device.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+void launch_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                 Args&&... args) {
 #ifdef INFOMAX_CUDA_EMULATED
   (void)stream;  // NB: emulated launches run synchronously, in call order (one stream)
   // NB: arguments are copied at the launch, as CUDA copies them into the kernel's parameters.
-  emu::launch(grid, block, [=] { kernel(args...); });
+  emu::launch(grid, block, [=] { kernel(args...); }, smem_bytes);
 #else
-  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  if (smem_bytes > 0)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+  launch_smem(kernel, grid, block, 0, stream, std::forward<Args>(args)...);
+}
+
+// The running block's dynamic shared memory (the launch's smem_bytes), 128-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef INFOMAX_CUDA_EMULATED
+  return emu::dynamic_smem();
+#else
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
 #endif
 }
 
@@ -184,6 +207,16 @@ inline int device_attribute(cudaDeviceAttr attr) {
 }
 inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 inline bool has_bf16_tensor_cores() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8; }
+#endif
+
+// Shared memory of the current device: the most one block may have (after opting in),
+// and what one SM holds. Emulated: an H100's / H200's.
+#ifdef INFOMAX_CUDA_EMULATED
+inline int64_t smem_per_block() { return emu::kMaxDynamicSmem; }
+inline int64_t smem_per_sm() { return emu::kSmemPerSm; }
+#else
+inline int64_t smem_per_block() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+inline int64_t smem_per_sm() { return device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); }
 #endif
 
 // 16 bytes from src to dst (both 16-byte aligned), or zeros when src is nullptr: one

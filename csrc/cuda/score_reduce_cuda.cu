@@ -432,16 +432,29 @@ bool use_tile_kernels(at::ScalarType t) {
 
 // The operands of a tile launch over rows [i0, i0 + rows); tiles_per_split spreads the
 // column tiles over enough blocks to fill the device (two per SM) when K is small.
+// NB: A's rows stay in shared memory for the whole column walk only when two blocks
+// still fit on an SM (1 KiB of each block's shared memory is the system's): fewer
+// warps per SM would leave the loads' latency uncovered.
+template <typename TIn>
 TileOperands tile_operands(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, int64_t i0,
                            int64_t rows) {
   const int64_t M = B.size(0), d = A.size(1);
   const int64_t row_blocks = ceil_div(rows, kTileRows), col_tiles = ceil_div(M, kTileRows);
   const int64_t want = std::clamp<int64_t>(ceil_div(2 * cuda::sm_count(), row_blocks), 1, std::min<int64_t>(col_tiles, 65535));
   const auto aligned = [](const Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
+  const int64_t resident_ld = ceil_div(d, kTileDepth) * kTileDepth + 8;  // + 8: as kTileLd, spreads banks
+  const int64_t block_bytes = int64_t(sizeof(TileSmem<TIn>)) + kTileRows * resident_ld * int64_t(sizeof(TIn));
+  const bool resident = block_bytes <= cuda::smem_per_block() && 2 * (block_bytes + 1024) <= cuda::smem_per_sm();
   return TileOperands{A.data_ptr(), B.data_ptr(),
                       A.size(0), M, d, i0, rows, ceil_div(col_tiles, want),
-                      d % 8 == 0 && aligned(A) && aligned(B),
+                      d % 8 == 0 && aligned(A) && aligned(B), resident,
+                      static_cast<int>(resident ? resident_ld : kTileLd),
                       sc.scale, sc.row_bias, sc.col_bias};
+}
+
+// Dynamic shared memory of a tile block: A's resident rows, or two of its slabs.
+int64_t tile_smem_bytes(const TileOperands& op) {
+  return kTileRows * int64_t(op.a_ld) * 2 * (op.a_resident ? 1 : 2);  // 16-bit elements
 }
 
 dim3 tile_grid(const TileOperands& op) {
@@ -466,7 +479,7 @@ void tile_forward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, 
   const bool col_red = red & kColLse;
   const int64_t launch_rows = col_red ? tile_launch_rows(K, M, sizeof(LseState<float>)) : K;
   const auto opts = A.options().dtype(at::kFloat);
-  const TileOperands first = tile_operands(A, B, sc, 0, launch_rows);
+  const TileOperands first = tile_operands<TIn>(A, B, sc, 0, launch_rows);
   const int64_t max_splits = tile_grid(first).y;
   const auto states = [&](bool on) { return on ? at::empty({max_splits * launch_rows, 2}, opts) : Tensor(); };
   const Tensor neg_part = states(red & (kRowLse | kNegLse)), clamp_part = states(red & kNegClampLse);
@@ -478,7 +491,7 @@ void tile_forward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, 
   for (int64_t i0 = 0; i0 < K; i0 += launch_rows) {
     const int64_t rows = std::min(launch_rows, K - i0);
     TileForwardArgs p{};
-    p.op = tile_operands(A, B, sc, i0, rows);
+    p.op = tile_operands<TIn>(A, B, sc, i0, rows);
     p.tau = tau;
     p.pos_offset = pos_offset;
     p.reductions = red;
@@ -488,7 +501,7 @@ void tile_forward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, 
     p.pos = ptr_or_null<float>(pos);
     p.col_part = as_states<float>(col_part);
     const dim3 grid = tile_grid(p.op);
-    cuda::launch(tile_forward_kernel<TIn>, grid, kTileThreads, stream, p);
+    cuda::launch_smem(tile_forward_kernel<TIn>, grid, kTileThreads, tile_smem_bytes(p.op), stream, p);
     if (row_red)
       cuda::launch(tile_row_finish_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p,
                    static_cast<int64_t>(grid.y), ptr_or_null<float>(std::get<0>(out)),
@@ -515,7 +528,7 @@ void tile_backward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc,
   if (need_dcol) chunk = std::min(chunk, tile_launch_rows(K, M, sizeof(float)));
   const auto opts = A.options().dtype(at::kFloat);
   Tensor gws = at::empty({chunk * M}, A.options());
-  const int64_t max_splits = tile_grid(tile_operands(A, B, sc, 0, chunk)).y;
+  const int64_t max_splits = tile_grid(tile_operands<TIn>(A, B, sc, 0, chunk)).y;
   Tensor drow_part = at::empty({max_splits * chunk}, opts);
   Tensor dcol_part = need_dcol ? at::empty({ceil_div(chunk, kTileRows) * M}, opts) : Tensor();
   TileGradArgs p{};
@@ -530,9 +543,9 @@ void tile_backward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc,
   const cudaStream_t stream = cuda::current_stream();
   for (int64_t i0 = 0; i0 < K; i0 += chunk) {
     const int64_t rows = std::min(chunk, K - i0);
-    p.op = tile_operands(A, B, sc, i0, rows);
+    p.op = tile_operands<TIn>(A, B, sc, i0, rows);
     const dim3 grid = tile_grid(p.op);
-    cuda::launch(tile_grad_kernel<TIn, TG>, grid, kTileThreads, stream, p);
+    cuda::launch_smem(tile_grad_kernel<TIn, TG>, grid, kTileThreads, tile_smem_bytes(p.op), stream, p);
     cuda::launch(tile_row_sums_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p.drow_part,
                  static_cast<int64_t>(grid.y), rows, i0, drow.data_ptr<float>());
     if (need_dcol)

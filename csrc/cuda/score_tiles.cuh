@@ -22,8 +22,15 @@
 //
 // Layout of a block (kTileThreads = 128 threads, 4 warps): warp w makes the 32 x 32
 // quarter (rows 32 (w / 2), columns 32 (w % 2)) of the 64 x 64 tile as 2 x 2 fragments
-// of 16 x 16, over the feature dimension in steps of kTileDepth staged in shared
-// memory (zero-padded past d and past the last row, so any d, K and M work). The
+// of 16 x 16, over the feature dimension in slabs of kTileDepth features staged in
+// shared memory (zero-padded past d and past the last row, so any d, K and M work).
+// B's slabs are double-buffered: slab s + 1 goes from device memory into registers
+// before slab s's products and into shared memory after them, so its loads' latency
+// hides behind the tensor-core work and one barrier per slab suffices. The block's 64
+// rows of A are staged once, all d features, in dynamic shared memory and kept for the
+// whole column walk when two blocks still fit on an SM (d up to about 670 on sm_90):
+// the tiles then read only B from L2, half the bytes. Past that, A is double-buffered
+// a slab at a time like B. The
 // epilogue reads the float32 tile from shared memory: thread t owns row t / 2, columns
 // [32 (t % 2), 32 (t % 2) + 32), and for column statistics column t / 2, rows
 // [32 (t % 2), ...); the two halves meet by a shuffle with lane t ^ 1.
@@ -52,6 +59,8 @@ struct TileOperands {
   int64_t i0, rows;          // the launch covers rows [i0, i0 + rows) of S
   int64_t tiles_per_split;   // column tiles per blockIdx.y
   bool vec;                  // 16-byte loads: d % 8 == 0 and 16-byte aligned bases
+  bool a_resident;           // A's 64 rows staged once per block (all d), else a slab at a time
+  int a_ld;                  // row stride of staged A (16-bit elements) in dynamic shared memory
   const float* scale;        // one element, on the device
   const float* row_bias;     // (K,) or nullptr
   const float* col_bias;     // (M,) or nullptr
@@ -82,63 +91,129 @@ struct TileGradArgs {
   float* dcol_part;         // (gridDim.x, M) column sums of G, or nullptr
 };
 
+// Static shared memory of a tile block; A's rows are in dynamic shared memory
+// (tile_smem_bytes: all d of them, or two slabs).
 template <typename TIn>
 struct alignas(32) TileSmem {
-  TIn a[kTileRows][kTileLd];
-  TIn b[kTileRows][kTileLd];
+  TIn b[2][kTileRows][kTileLd];  // B's slabs, double-buffered
   float c[kTileRows][kTileLdC];
 };
 
-// Rows [row0, row0 + 64) x features [k0, k0 + kTileDepth) of x (n x d) into dst, zeros
-// past n and d.
+// One thread's share of a 64 x kTileDepth slab: 16 elements (two 16-byte vectors).
+constexpr int kSlabShare = kTileRows * kTileDepth / kTileThreads;
 template <typename TIn>
-__device__ __forceinline__ void stage_tile(TIn (*dst)[kTileLd], const TIn* x, int64_t row0, int64_t n, int64_t d,
-                                           int64_t k0, bool vec) {
+struct alignas(16) Slab {
+  TIn v[kSlabShare];
+};
+
+// The thread's share of rows [row0, row0 + 64) x features [k0, k0 + kTileDepth) of x
+// (n x d) into registers, zeros past n and d. Vectors: v = t + 128 u is slab row v / 4,
+// features 8 (v % 4) on; elements: e = t + 128 u is row e / 32, feature e % 32 (a warp
+// reads 32 consecutive features).
+template <typename TIn>
+__device__ __forceinline__ void load_slab(Slab<TIn>& s, const TIn* x, int64_t row0, int64_t n, int64_t d,
+                                          int64_t k0, bool vec) {
+  constexpr int kVecs = kTileDepth / 8;  // 8 elements per 16-byte load
   if (vec) {
-    constexpr int kVecs = kTileDepth / 8;  // 8 elements per 16-byte load
-    for (int v = threadIdx.x; v < kTileRows * kVecs; v += kTileThreads) {
-      const int r = v / kVecs, q = v % kVecs;
-      const int64_t row = row0 + r, k = k0 + q * 8;
+#pragma unroll
+    for (int u = 0; u < kSlabShare / 8; ++u) {
+      const int v = static_cast<int>(threadIdx.x) + u * kTileThreads;
+      const int64_t row = row0 + v / kVecs, k = k0 + (v % kVecs) * 8;
       // NB: d % 8 == 0, so a vector is wholly inside the row or wholly past it.
-      cuda::copy16(&dst[r][q * 8], (row < n && k < d) ? x + row * d + k : nullptr);
+      cuda::copy16(&s.v[8 * u], (row < n && k < d) ? x + row * d + k : nullptr);
     }
   } else {
-    for (int e = threadIdx.x; e < kTileRows * kTileDepth; e += kTileThreads) {
-      const int r = e / kTileDepth, c = e % kTileDepth;
-      const int64_t row = row0 + r, k = k0 + c;
-      dst[r][c] = (row < n && k < d) ? x[row * d + k] : TIn{};  // NB: TIn{} is +0
+#pragma unroll
+    for (int u = 0; u < kSlabShare; ++u) {
+      const int e = static_cast<int>(threadIdx.x) + u * kTileThreads;
+      const int64_t row = row0 + e / kTileDepth, k = k0 + e % kTileDepth;
+      s.v[u] = (row < n && k < d) ? x[row * d + k] : TIn{};  // NB: TIn{} is +0
     }
   }
 }
 
+// The share load_slab read, to the same places of the slab at dst (row stride ld).
+template <typename TIn>
+__device__ __forceinline__ void store_slab(TIn* dst, int ld, const Slab<TIn>& s, bool vec) {
+  constexpr int kVecs = kTileDepth / 8;
+  if (vec) {
+#pragma unroll
+    for (int u = 0; u < kSlabShare / 8; ++u) {
+      const int v = static_cast<int>(threadIdx.x) + u * kTileThreads;
+      cuda::copy16(dst + (v / kVecs) * ld + (v % kVecs) * 8, &s.v[8 * u]);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kSlabShare; ++u) {
+      const int e = static_cast<int>(threadIdx.x) + u * kTileThreads;
+      dst[(e / kTileDepth) * ld + e % kTileDepth] = s.v[u];
+    }
+  }
+}
+
+// A's rows [arow0, arow0 + 64), all d features (zeros past K and d), into a_sm: once per
+// block when op.a_resident, before the walk (its first barrier orders it before the reads).
+template <typename TIn>
+__device__ void stage_resident_a(TIn* a_sm, const TileOperands& op, int64_t arow0) {
+  for (int64_t k0 = 0; k0 < op.d; k0 += kTileDepth) {
+    Slab<TIn> s;
+    load_slab(s, static_cast<const TIn*>(op.a), arow0, op.K, op.d, k0, op.vec);
+    store_slab(a_sm + k0, op.a_ld, s, op.vec);
+  }
+}
+
 // sm.c = <a_i, b_j> for rows [arow0, arow0 + 64) of A and [brow0, brow0 + 64) of B, in
-// float32 (zeros past K, M). Ends with a barrier: sm.c is complete for every thread.
+// float32 (zeros past K, M). a_sm: A's resident rows (op.a_resident), or room for two
+// of its slabs. Ends with a barrier: sm.c is complete for every thread.
 // NB: sm.c is written only after the first staging barrier of this call, so an
 // epilogue that read the previous tile's sm.c has finished by then.
 template <typename TIn>
-__device__ void tile_dots(TileSmem<TIn>& sm, const TileOperands& op, int64_t arow0, int64_t brow0) {
+__device__ void tile_dots(TileSmem<TIn>& sm, TIn* a_sm, const TileOperands& op, int64_t arow0, int64_t brow0) {
   using namespace nvcuda;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int wr = (warp >> 1) * 32, wc = (warp & 1) * 32;
+  const TIn* A = static_cast<const TIn*>(op.a);
+  const TIn* B = static_cast<const TIn*>(op.b);
+  const bool stream_a = !op.a_resident;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
   for (int fi = 0; fi < 2; ++fi)
     for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
-  for (int64_t k0 = 0; k0 < op.d; k0 += kTileDepth) {
-    stage_tile(sm.a, static_cast<const TIn*>(op.a), arow0, op.K, op.d, k0, op.vec);
-    stage_tile(sm.b, static_cast<const TIn*>(op.b), brow0, op.M, op.d, k0, op.vec);
-    __syncthreads();
+  Slab<TIn> sa, sb;
+  load_slab(sb, B, brow0, op.M, op.d, 0, op.vec);
+  store_slab(&sm.b[0][0][0], kTileLd, sb, op.vec);
+  if (stream_a) {
+    load_slab(sa, A, arow0, op.K, op.d, 0, op.vec);
+    store_slab(a_sm, kTileLd, sa, op.vec);
+  }
+  __syncthreads();
+  const int64_t slabs = (op.d + kTileDepth - 1) / kTileDepth;
+  for (int64_t s = 0; s < slabs; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    const bool more = s + 1 < slabs;
+    if (more) {  // slab s + 1 into registers; its loads are in flight during the products
+      load_slab(sb, B, brow0, op.M, op.d, (s + 1) * kTileDepth, op.vec);
+      if (stream_a) load_slab(sa, A, arow0, op.K, op.d, (s + 1) * kTileDepth, op.vec);
+    }
+    const TIn* a = stream_a ? a_sm + buf * kTileRows * kTileLd : a_sm + s * kTileDepth;
+    const int lda = stream_a ? kTileLd : op.a_ld;
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, TIn, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, TIn, wmma::col_major> fb[2];  // B^T: b's rows are its columns
       for (int f = 0; f < 2; ++f) {
-        wmma::load_matrix_sync(fa[f], &sm.a[wr + 16 * f][kk], kTileLd);
-        wmma::load_matrix_sync(fb[f], &sm.b[wc + 16 * f][kk], kTileLd);
+        wmma::load_matrix_sync(fa[f], a + (wr + 16 * f) * lda + kk, lda);
+        wmma::load_matrix_sync(fb[f], &sm.b[buf][wc + 16 * f][kk], kTileLd);
       }
       for (int fi = 0; fi < 2; ++fi)
         for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], fa[fi], fb[fj], acc[fi][fj]);
     }
-    __syncthreads();  // NB: the next step's staging overwrites what the fragments read
+    if (more) {
+      // NB: the other buffer was last read in slab s - 1, which every thread finished
+      // before the barrier that ended it.
+      store_slab(&sm.b[buf ^ 1][0][0], kTileLd, sb, op.vec);
+      if (stream_a) store_slab(a_sm + (buf ^ 1) * kTileRows * kTileLd, kTileLd, sa, op.vec);
+    }
+    __syncthreads();
   }
   for (int fi = 0; fi < 2; ++fi)
     for (int fj = 0; fj < 2; ++fj)
@@ -168,7 +243,8 @@ __device__ __forceinline__ float sum_pair(float x) {
   return (threadIdx.x & 1) ? o + x : x + o;
 }
 
-// The block's walk over its split's column tiles: each tile made (tile_dots), then
+// The block's walk over its split's column tiles (A's rows staged first when resident):
+// each tile made (tile_dots), then
 // row_score(j, c, s) for each of the thread's scores in it (row t / 2 of the block,
 // tile columns c in [32 (t % 2), 32 (t % 2) + 32) below M, in a fixed rotated order;
 // none when the row is past the launch's), then after_tile(j0) by every thread.
@@ -177,10 +253,12 @@ __device__ __forceinline__ void walk_tiles(TileSmem<TIn>& sm, const TileOperands
                                            float rb, RowScore row_score, AfterTile after_tile) {
   const int r = static_cast<int>(threadIdx.x) >> 1, h = static_cast<int>(threadIdx.x) & 1;
   const float scale = *op.scale;
+  TIn* a_sm = reinterpret_cast<TIn*>(cuda::dynamic_smem());
+  if (op.a_resident) stage_resident_a(a_sm, op, op.i0 + blk0);
   const TileRange tiles = split_tiles(op);
   for (int64_t jt = tiles.begin; jt < tiles.end; ++jt) {
     const int64_t j0 = jt * kTileRows;
-    tile_dots<TIn>(sm, op, op.i0 + blk0, j0);
+    tile_dots<TIn>(sm, a_sm, op, op.i0 + blk0, j0);
     if (row_ok) {
       // NB: each thread starts its 32 columns at its own offset (r + 16 h): the 32 lanes
       // of a warp then read 32 different banks of sm.c (a row is 68 floats, 4 banks on).

@@ -3,10 +3,10 @@
 // A block runs in passes. In a pass every runnable fiber runs, in thread order,
 // until it waits at a barrier (__syncthreads or a warp shuffle) or returns; a fiber
 // that stops hands over directly to the next runnable one, the last back to the
-// scheduler. Between passes the scheduler releases the barriers every participant
-// has reached (warp shuffles first, then the block barrier) and reports anything a
-// GPU would not do (see emulation.h) as an error. The order is fixed, so emulated
-// results are deterministic.
+// scheduler. Between passes the scheduler releases a barrier every participant has
+// reached (one warp's rendezvous, else the block barrier: see release_barriers) and
+// reports anything a GPU would not do (see emulation.h) as an error. The order is
+// fixed, so emulated results are deterministic.
 //
 // Fibers are kept in a pool across blocks and launches (one stack each, mmap'd with
 // a guard page) and each runs an endless loop: run the launch's body, mark itself
@@ -29,6 +29,7 @@
 
 #include <atomic>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -156,6 +157,9 @@ struct Scheduler {
   // Shuffle slots: [warp][shuffle parity][lane]. NB: two slots, so a lane may write
   // the next shuffle's value while slower lanes still read this one's.
   uint64_t exchange[kMaxThreads / kWarpSize][2][kWarpSize];
+  // The launch's dynamic shared memory (128-byte aligned, exactly the launch's size, so
+  // AddressSanitizer sees a read past its end), or nullptr.
+  unsigned char* smem = nullptr;
   // Objects whose addresses carry TSAN's happens-before edges.
   char sync_barrier, sync_start;
   Context main;  // the scheduler's
@@ -173,6 +177,7 @@ Scheduler& sched() {
 }
 
 std::atomic<int64_t> g_launches{0};
+std::atomic<int64_t> g_peak_smem{0};
 
 std::mutex& launch_mutex() {
   static std::mutex m;
@@ -357,10 +362,16 @@ INFOMAX_EMU_RUNTIME void restart_pool(Scheduler& s) {
   }
 }
 
-// Releases the barriers that every participant has reached; returns false, the launch
+// Releases a barrier that every participant has reached; returns false, the launch
 // failed (set_failed), when the waiting fibers can never all be released.
-INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
-  bool released = false;
+// NB: one warp's rendezvous at a time, so that warp runs on to its next wait while the
+// others stand still: a missing __syncthreads between warps then reads stale shared
+// memory. Releasing every warp at once would keep the warps in step, rendezvous by
+// rendezvous, and hide it wherever each warp makes the same warp-level calls. Blocks of
+// even linear index release the lowest waiting warp first, odd ones the highest, so both
+// a reader ahead of its writer and a writer ahead of its reader are seen.
+INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s, bool lowest_first) {
+  int release = -1;
   const unsigned n_warps = (s.n + kWarpSize - 1) / kWarpSize;
   for (unsigned w = 0; w < n_warps; ++w) {
     unsigned at_shuffle = 0;
@@ -376,11 +387,13 @@ INFOMAX_EMU_RUNTIME bool release_barriers(Scheduler& s) {
                         "); undefined on a GPU");
       return false;
     }
-    // NB: no happens-before edge here: like a GPU's shuffle, it orders no memory.
-    for (unsigned i = w * kWarpSize; i < (w + 1) * kWarpSize; ++i) s.pool[i]->state = State::kRunnable;
-    released = true;
+    if (release < 0 || !lowest_first) release = static_cast<int>(w);
   }
-  if (released) return true;
+  if (release >= 0) {
+    // NB: no happens-before edge here: like a GPU's shuffle, it orders no memory.
+    for (unsigned i = release * kWarpSize; i < (release + 1) * kWarpSize; ++i) s.pool[i]->state = State::kRunnable;
+    return true;
+  }
   unsigned at_sync = 0, done = 0;
   for (unsigned i = 0; i < s.n; ++i) {
     at_sync += s.pool[i]->state == State::kAtSync;
@@ -410,7 +423,7 @@ INFOMAX_EMU_RUNTIME void start_block(Scheduler& s, dim3 grid, dim3 block, dim3 b
   }
 }
 
-INFOMAX_EMU_RUNTIME void run_block(Scheduler& s) {
+INFOMAX_EMU_RUNTIME void run_block(Scheduler& s, bool lowest_first) {
   for (;;) {
     Fiber* first = nullptr;
     for (unsigned i = 0; i < s.n && !first; ++i)
@@ -420,7 +433,7 @@ INFOMAX_EMU_RUNTIME void run_block(Scheduler& s) {
     bool all_done = true;
     for (unsigned i = 0; i < s.n; ++i) all_done &= s.pool[i]->state == State::kDone;
     if (all_done) return;
-    if (!release_barriers(s)) return;
+    if (!release_barriers(s, lowest_first)) return;
   }
 }
 
@@ -469,7 +482,15 @@ INFOMAX_EMU_RUNTIME void fail_launch(const char* message) {
 
 int64_t launch_count() { return g_launches.load(); }
 
-void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+int64_t take_peak_smem() { return g_peak_smem.exchange(0); }
+
+INFOMAX_EMU_RUNTIME unsigned char* dynamic_smem() {
+  Scheduler& s = sched();
+  TORCH_INTERNAL_ASSERT(s.running, "dynamic shared memory outside an emulated kernel");
+  return s.smem;
+}
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& body, size_t smem_bytes) {
   const uint64_t n = uint64_t(block.x) * block.y * block.z;
   // NB: the limits of every CUDA GPU since sm_30: a launch past them fails on the device
   // ("invalid configuration argument"), so it fails here too.
@@ -480,6 +501,8 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
                   grid.z <= 65535,
               "emulated CUDA launch: invalid configuration argument: grid ", dims(grid),
               " (x in [1, 2^31 - 1], y and z in [1, 65535])");
+  TORCH_CHECK(smem_bytes <= kMaxDynamicSmem, "emulated CUDA launch: too many resources requested: ", smem_bytes,
+              " bytes of dynamic shared memory (at most ", kMaxDynamicSmem, ")");
   std::lock_guard<std::mutex> lock(launch_mutex());
   ++g_launches;
   Scheduler& s = sched();
@@ -491,15 +514,25 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   s.n = static_cast<unsigned>(n);
   s.failed = false;
   s.error.clear();
+  struct FreeSmem {
+    void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t(128)); }
+  };
+  const std::unique_ptr<unsigned char, FreeSmem> smem(
+      smem_bytes ? static_cast<unsigned char*>(::operator new(smem_bytes, std::align_val_t(128))) : nullptr);
+  s.smem = smem.get();
+  if (int64_t(smem_bytes) > g_peak_smem.load()) g_peak_smem.store(int64_t(smem_bytes));  // NB: under the launch lock
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         // Everything before this block (the host's code, the earlier blocks: each fiber
         // released its own object at its last switch) happens before it.
         for (unsigned i = 0; i < s.n; ++i) tsan_acquire(s.pool[i].get());
+        // NB: a block finds its dynamic shared memory full of NaN bytes, not the previous
+        // block's data: a kernel that reads what it did not write gets wrong numbers.
+        if (smem_bytes) std::memset(s.smem, 0xff, smem_bytes);
         tsan_release(&s.sync_start);
         start_block(s, grid, block, dim3(bx, by, bz));
-        run_block(s);
+        run_block(s, (bx + uint64_t(grid.x) * (by + uint64_t(grid.y) * bz)) % 2 == 0);
         if (s.failed) {
           restart_pool(s);
           TORCH_CHECK(false, "emulated CUDA kernel, block ", dims(dim3(bx, by, bz)), " of grid ", dims(grid),
@@ -509,6 +542,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   // The kernel's writes (and the scheduler's reads), for the host code after the launch:
   // every fiber released its own object at its last switch.
   for (unsigned i = 0; i < s.n; ++i) tsan_acquire(s.pool[i].get());
+  s.smem = nullptr;
 }
 
 }  // namespace emu

@@ -10,7 +10,10 @@
 //   - threadIdx / blockIdx / blockDim / gridDim of the running emulated thread;
 //   - __syncthreads(): a real barrier among the block's threads;
 //   - __shfl_xor_sync(): a real exchange among the 32 lanes of a warp;
-//   - launch(grid, block, body): runs body once per thread of every block.
+//   - dynamic shared memory: launch(..., smem_bytes) gives every block a buffer of that
+//     size (filled with 0xff bytes, a NaN in every float format, at each block's start:
+//     on a GPU it holds whatever was there), which dynamic_smem() returns;
+//   - launch(grid, block, body, smem_bytes): runs body once per thread of every block.
 //
 // Every CUDA thread of a block is a fiber (its own stack, switched cooperatively,
 // deterministic order), so code between two barriers really interleaves with the
@@ -68,7 +71,15 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask);
 // Runs body for every thread of every block of the grid (blocks in order x, y, z;
 // the threads of a block as fibers). Throws c10::Error on a bad configuration or on
 // undefined behaviour in the kernel (see the top of this file).
-void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+// smem_bytes: the block's dynamic shared memory, at most kMaxDynamicSmem.
+void launch(dim3 grid, dim3 block, const std::function<void()>& body, size_t smem_bytes = 0);
+
+// The shared memory of the GPUs the kernels are sized for (sm_90: H100, H200): what one
+// block may have after opting in, and what one SM holds.
+constexpr size_t kMaxDynamicSmem = 227 << 10;
+constexpr size_t kSmemPerSm = 228 << 10;
+// The running block's dynamic shared memory (128-byte aligned; valid inside a launch only).
+unsigned char* dynamic_smem();
 
 // Lane (0..31) of the running emulated thread in its warp.
 unsigned lane_id();
@@ -77,6 +88,8 @@ unsigned lane_id();
 
 // Kernel launches so far (all threads, all launches): tests check that a path ran.
 int64_t launch_count();
+// The most dynamic shared memory one launch had since the last call (then 0 again).
+int64_t take_peak_smem();
 
 template <typename T>
 T shfl_xor_sync(unsigned mask, T v, int lane_mask) {

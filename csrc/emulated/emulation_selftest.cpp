@@ -34,6 +34,19 @@ __global__ void warp_sum_kernel(int64_t* out) {
   out[threadIdx.x] = v;
 }
 
+// Two warps: each thread writes its shared slot between two shuffles, then reads the
+// other warp's slot (t + 32) % 64, after a barrier (with_barrier) or without one. The
+// shuffles make the warps wait for the emulated scheduler without ordering memory.
+__global__ void other_warp_kernel(int64_t* out, bool with_barrier) {
+  __shared__ int64_t slot[64];
+  const unsigned t = threadIdx.x;
+  int v = __shfl_xor_sync(0xffffffffu, static_cast<int>(t), 1);
+  slot[t] = int64_t(blockIdx.x) * 1000 + (v ^ 1) + 1;
+  v = __shfl_xor_sync(0xffffffffu, v, 1);
+  if (with_barrier) __syncthreads();
+  out[blockIdx.x * 64 + t] = slot[(t + 32) % 64];
+}
+
 // Lanes >= quit return first; the rest shuffle (with_shuffle) or meet at a barrier.
 __global__ void early_exit_kernel(int64_t* out, unsigned quit, bool with_shuffle) {
   if (threadIdx.x >= quit) return;
@@ -53,6 +66,19 @@ __global__ void divergent_kernel(int64_t* out) {
   } else {
     out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
   }
+}
+
+// Dynamic shared memory (n + 1 slots): out[b n + t] = thread (t + 1) % n's slot after a
+// barrier, as neighbour_kernel; out[2 n + b] = 1 when slot n, which no thread of block b
+// has written yet (thread 0 writes it last), holds the fill pattern (all bits set).
+__global__ void dynamic_smem_kernel(int64_t* out) {
+  int64_t* slot = reinterpret_cast<int64_t*>(dynamic_smem());
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  if (t == 0) out[2 * n + blockIdx.x] = slot[n] == -1 ? 1 : 0;
+  slot[t] = int64_t(blockIdx.x) * 1000 + t + 1;
+  __syncthreads();
+  out[blockIdx.x * n + t] = slot[(t + 1) % n];
+  if (t == 0) slot[n] = 7;
 }
 
 // One warp: out[16 i + j] = (A B)_ij for the 16 x 16 fp16 matrices A_ik = (i + 2k) % 7 - 3
@@ -98,6 +124,10 @@ std::vector<int64_t> selftest(const std::string& name) {
     const bool with = name == "barrier";
     launch(dim3(2), dim3(64), [=] { neighbour_kernel(p, with); });
     out.resize(128);
+  } else if (name == "other_warp" || name == "other_warp_no_barrier") {
+    const bool with = name == "other_warp";
+    launch(dim3(2), dim3(64), [=] { other_warp_kernel(p, with); });
+    out.resize(128);
   } else if (name == "warp_sum") {
     launch(dim3(1), dim3(64), [=] { warp_sum_kernel(p); });
     out.resize(64);
@@ -111,6 +141,11 @@ std::vector<int64_t> selftest(const std::string& name) {
     launch(dim3(1), dim3(64), [=] { divergent_kernel(p); });
   } else if (name == "too_many_threads") {
     launch(dim3(1), dim3(1025), [=] { warp_sum_kernel(p); });
+  } else if (name == "dynamic_smem") {
+    launch(dim3(2), dim3(64), [=] { dynamic_smem_kernel(p); }, 65 * sizeof(int64_t));
+    out.resize(130);
+  } else if (name == "too_much_smem") {
+    launch(dim3(1), dim3(32), [=] { warp_sum_kernel(p); }, kMaxDynamicSmem + 1);
   } else if (name == "grid_y") {
     launch(dim3(1, 65536), dim3(32), [=] { warp_sum_kernel(p); });
   } else if (name.rfind("wmma", 0) == 0) {
