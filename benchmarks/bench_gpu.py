@@ -11,7 +11,8 @@ For K = M in --sizes, d in --dims and each dtype, times one forward + backward o
 
 and prints the median time (synchronised, after a first call), the peak memory above
 what was allocated before the call (inputs and their gradients' owners excluded),
-and the ratio to the floor. A case that does not fit prints OOM. The floor and the fused
+and the ratio to the floor; then, for the largest K of each fp16/bf16 case, the kernels
+each fused path spends its time in (torch.profiler, one call). A case that does not fit prints OOM. The floor and the fused
 paths of every case run first, the references after them; nothing new starts once
 --time-budget seconds have passed.
 
@@ -256,6 +257,31 @@ def device_peaks(args, name=""):
     return flops, args.bandwidth_tbs or known[1]
 
 
+def kernel_breakdown(fn, cuda, top=6):
+    """[(name, calls, ms)] of the kernels one call of fn (after a first one) runs on the
+    GPU, most time first, from torch.profiler; on the CPU (the smoke mode), its ops' own
+    CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if cuda:
+        timed = [(e, e.self_device_time_total) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+        # NB: where a torch version files kernels under their launching op, take those.
+        timed = timed or [(e, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+    else:
+        timed = [(e, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    timed.sort(key=lambda x: -x[1])
+    return [(e.key, e.count, us / 1e3) for e, us in timed[:top]]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.design_only:
@@ -402,6 +428,33 @@ def main(argv=None):
     print("floor = 4 GEMMs of K x M x d (2 x 4 K M d FLOP) in the input dtype; peak+ = max_memory_allocated "
           "during the call minus what was allocated before.")
     print("bw-bound = the bytes the fused call moves by design on its path (below) at the device's bandwidth.")
+    print()
+
+    # Where the fused calls' time goes: per dtype and d, the largest K both paths ran.
+    for name in [n for n in args.dtypes if "tiles" in paths(n)]:
+        for d in args.dims:
+            done = [r[1] for r in rows if r[0] == name and r[2] == d and r[3] == "fused-tile" and r[4]]
+            if not done or time.perf_counter() - t_start > args.time_budget:
+                continue
+            K = max(done)
+            free_memory(cuda)
+            g = torch.Generator(device=dev).manual_seed(K)
+            dt = getattr(torch, DTYPES[name])
+            a, b = (torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
+                    .requires_grad_(True) for _ in range(2))
+            for path in paths(name):
+                impl = {"chunks": "fused", "tiles": "fused-tile"}[path]
+                try:
+                    top = kernel_breakdown(fwd_bwd(fused_loss, a, b, path), cuda)
+                except Exception as e:  # noqa: BLE001 - the breakdown is extra: report and go on
+                    print(f"kernel breakdown {name} K=M={K} d={d} {impl}: FAILED {type(e).__name__}: {e}")
+                    continue
+                total = sum(ms for _, _, ms in top)
+                print(f"Kernel breakdown, {name} K=M={K} d={d} {impl} (one call, profiler; top {len(top)}: "
+                      f"{total:.2f} ms):")
+                for key, calls, ms in top:
+                    print(f"    {ms:>9.2f} ms {calls:>6}x  {key[:100]}")
+            del a, b
     print()
     print("\n".join(design_table(args.sizes, args.dims, args.dtypes, peaks, bandwidth)))
     log(f"done in {time.perf_counter() - t_start:.0f} s")

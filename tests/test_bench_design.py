@@ -118,7 +118,7 @@ def test_design_table_shows_both_paths_for_half_precision(capsys):
 
 def test_cpu_smoke_run_times_both_paths(capsys):
     """The script's own run on the CPU (its smoke mode): the correctness check passes on
-    either path and the table has a row for each."""
+    either path, the table has a row for each, and each has its breakdown."""
     argv = ["--device", "cpu", "--sizes", "64", "--dims", "16", "--dtypes", "bf16", "--no-reference",
             "--min-reps", "1", "--max-reps", "1", "--target-s", "0.01"]
     assert bench_gpu.main(argv) == 0
@@ -126,3 +126,9 @@ def test_cpu_smoke_run_times_both_paths(capsys):
     assert "FAILED" not in out.out + out.err
     rows = [line.split() for line in out.out.splitlines() if line.startswith("bf16 ")]
     assert {r[3] for r in rows if len(r) > 4} >= {"floor", "fused", "fused-tile"}
+    # the breakdown of each path's call lists the op itself among its entries
+    for impl in ("fused", "fused-tile"):
+        head = f"Kernel breakdown, bf16 K=M=64 d=16 {impl} "
+        assert out.out.count(head) == 1
+        block = out.out.split(head)[1].split("\n\n")[0]
+        assert "infomax_ext::" in block
