@@ -28,7 +28,7 @@
 // before slab s's products and into shared memory after them, so its loads' latency
 // hides behind the tensor-core work and one barrier per slab suffices. The block's 64
 // rows of A are staged once, all d features, in dynamic shared memory and kept for the
-// whole column walk when two blocks still fit on an SM (d up to about 670 on sm_90):
+// whole column walk when two blocks still fit on an SM (d up to 672 on sm_90):
 // the tiles then read only B from L2, half the bytes. Past that, A is double-buffered
 // a slab at a time like B. The
 // epilogue reads the float32 tile from shared memory: thread t owns row t / 2, columns
