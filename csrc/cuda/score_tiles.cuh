@@ -213,7 +213,7 @@ __device__ void tile_dots(TileSmem<TIn>& sm, TIn* a_sm, const TileOperands& op, 
       store_slab(&sm.b[buf ^ 1][0][0], kTileLd, sb, op.vec);
       if (stream_a) store_slab(a_sm + (buf ^ 1) * kTileRows * kTileLd, kTileLd, sa, op.vec);
     }
-    __syncthreads();
+    __syncthreads();  // NB: slab s + 1 is whole for every warp; slab s is free to overwrite
   }
   for (int fi = 0; fi < 2; ++fi)
     for (int fj = 0; fj < 2; ++fj)
@@ -244,10 +244,10 @@ __device__ __forceinline__ float sum_pair(float x) {
 }
 
 // The block's walk over its split's column tiles (A's rows staged first when resident):
-// each tile made (tile_dots), then
-// row_score(j, c, s) for each of the thread's scores in it (row t / 2 of the block,
-// tile columns c in [32 (t % 2), 32 (t % 2) + 32) below M, in a fixed rotated order;
-// none when the row is past the launch's), then after_tile(j0) by every thread.
+// each tile made (tile_dots), then row_score(j, c, s) for each of the thread's scores
+// in it (row t / 2 of the block, tile columns c in [32 (t % 2), 32 (t % 2) + 32) below
+// M, in a fixed rotated order; none when the row is past the launch's), then
+// after_tile(j0) by every thread.
 template <typename TIn, typename RowScore, typename AfterTile>
 __device__ __forceinline__ void walk_tiles(TileSmem<TIn>& sm, const TileOperands& op, int64_t blk0, bool row_ok,
                                            float rb, RowScore row_score, AfterTile after_tile) {
