@@ -11,7 +11,9 @@
 # Each sanitizer builds in its own copy of the working tree (build/sanitize-<name>/, the
 # CPU and emulated sources only, -O1 -g), so the checkout's own build is left alone. The
 # instrumented module is loaded into an uninstrumented Python with LD_PRELOAD. The CPU
-# kernels run on one thread (OMP_NUM_THREADS=1): TSAN cannot see OpenMP's barriers.
+# kernels run on one thread (OMP_NUM_THREADS=1): TSAN cannot see OpenMP's barriers. With
+# both sanitizers, each one's tests start in the background as soon as its build is done
+# (one core each), and their logs are printed when both have finished.
 # Exit status: non-zero when a build fails, a test fails or a sanitizer reports.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,6 +34,11 @@ esac
 SKIP="K300 or K257 or 257- or 1100 or larger_problem or one-walk or tiny_g or fp16_zero or fp16_nan or keep_a_resident"
 [ -x "$PY" ] || { echo "sanitize: no Python at $PY (run ./setup.sh, or set PYTHON)" >&2; exit 2; }
 
+PARALLEL=0
+[ "$(wc -w <<<"$SANITIZERS")" -gt 1 ] && PARALLEL=1
+PIDS=() NAMES=() STARTS=()
+# NB: a failed build or self-check exits early: the tests already in the background go too.
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 for san in $SANITIZERS; do
   T0=$(date +%s)
   if [ $# -gt 0 ]; then
@@ -75,8 +82,24 @@ for san in $SANITIZERS; do
     echo "sanitize: TSAN reports the self-test kernel without its barrier (as it must)"
   fi
   echo "sanitize: pytest ${ARGS[*]} under $san"
-  # NB: -s: a sanitizer report must reach the terminal before it ends the process.
-  (cd "$dir" && INFOMAX_SANITIZER=$san OMP_NUM_THREADS=1 LD_PRELOAD="$lib" \
-     "$PY" -m pytest -q -s -p no:cacheprovider -p no:faulthandler "${ARGS[@]}")
-  echo "sanitize: $san passed in $(( $(date +%s) - T0 )) s"
+  # NB: -s: a sanitizer report must reach the terminal (or the log) before it ends the process.
+  run=(env INFOMAX_SANITIZER=$san OMP_NUM_THREADS=1 LD_PRELOAD="$lib"
+       "$PY" -m pytest -q -s -p no:cacheprovider -p no:faulthandler "${ARGS[@]}")
+  if [ "$PARALLEL" = 1 ]; then
+    (cd "$dir" && "${run[@]}") >"$dir/pytest.log" 2>&1 &
+    PIDS+=($!) NAMES+=("$san") STARTS+=("$T0")
+    echo "sanitize: $san tests running in the background (log: $dir/pytest.log)"
+  else
+    (cd "$dir" && "${run[@]}")
+    echo "sanitize: $san passed in $(( $(date +%s) - T0 )) s"
+  fi
 done
+
+status=0
+for i in "${!PIDS[@]}"; do
+  if wait "${PIDS[$i]}"; then result=passed; else result=FAILED; status=1; fi
+  echo "sanitize: --- ${NAMES[$i]} (build/sanitize-${NAMES[$i]}/pytest.log) ---"
+  cat "build/sanitize-${NAMES[$i]}/pytest.log"
+  echo "sanitize: ${NAMES[$i]} $result in $(( $(date +%s) - ${STARTS[$i]} )) s"
+done
+exit $status
