@@ -12,9 +12,9 @@ For K = M in --sizes, d in --dims and each dtype, times one forward + backward o
 and prints the median time (synchronised, after a first call), the peak memory above
 what was allocated before the call (inputs and their gradients' owners excluded),
 and the ratio to the floor; then, for the largest K of each fp16/bf16 case, the kernels
-each fused path spends its time in (torch.profiler, one call). A case that does not fit prints OOM. The floor and the fused
-paths of every case run first, the references after them; nothing new starts once
---time-budget seconds have passed.
+each fused path spends its time in (torch.profiler, one call). A case that does not fit
+prints OOM. The floor and the fused paths of every case run first, the references after
+them; nothing new starts once --time-budget seconds have passed.
 
 Run from the repository root on a GPU machine after building the extension:
 
@@ -138,11 +138,16 @@ def tile_design_bytes(K, M, d, dtype, col_bias=False, budget=CHUNK_BUDGET, sms=S
     return {k: v for k, v in parts.items() if v}
 
 
+def slab_padded(d):
+    """d rounded up to whole slabs: the features the tile kernels stage per row."""
+    return ceil_div(d, TILE_DEPTH) * TILE_DEPTH
+
+
 def tile_a_resident(d):
     """Whether the tile kernels keep a block's 64 rows of A (all d features, padded to a
     slab, 8 more elements a row) in shared memory: while two blocks still fit in an SM,
     1 KiB of each the system's."""
-    resident = TILE_ROWS * (ceil_div(d, TILE_DEPTH) * TILE_DEPTH + 8) * 2
+    resident = TILE_ROWS * (slab_padded(d) + 8) * 2
     return 2 * (TILE_STATIC_SMEM + resident + 1024) <= SMEM_PER_SM
 
 
@@ -154,12 +159,15 @@ def tile_l2_bytes(K, M, d, dtype, sms=SM_COUNT):
     A launch spreads the column tiles over splits until 2 blocks per SM are busy."""
     if "tiles" not in paths(dtype):
         raise ValueError(f"the tile path takes fp16/bf16 inputs, not {dtype}")
-    row_panel = TILE_ROWS * ceil_div(d, TILE_DEPTH) * TILE_DEPTH * ELEM[dtype]  # 64 staged rows
+    row_panel = TILE_ROWS * slab_padded(d) * ELEM[dtype]  # 64 staged rows
     row_blocks, col_tiles = ceil_div(K, TILE_ROWS), ceil_div(M, TILE_ROWS)
     per_split = ceil_div(col_tiles, max(1, min(ceil_div(2 * sms, row_blocks), col_tiles)))
     blocks = row_blocks * ceil_div(col_tiles, per_split)
     a_panels = blocks if tile_a_resident(d) else row_blocks * col_tiles
     return 2 * (row_blocks * col_tiles + a_panels) * row_panel
+
+
+PATH_OF_IMPL = {"fused": "chunks", "fused-tile": "tiles"}  # the CUDA walker's path of each fused line
 
 
 def paths(dtype):
@@ -356,17 +364,19 @@ def main(argv=None):
             if not (err_v <= tol * max(1.0, abs(lr.item())) and err_g <= tol):
                 log(f"FAILED correctness check for {name} {path}: the timings below are of a wrong result")
 
+    def case_inputs(name, d, K):
+        """Fresh unit-norm (K, d) inputs a, b of a case, in its dtype, requiring grad."""
+        free_memory(cuda)
+        g = torch.Generator(device=dev).manual_seed(K)
+        dt = getattr(torch, DTYPES[name])
+        return [torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
+                .requires_grad_(True) for _ in range(2)]
+
     def run_case(name, d, K, impls, rows):
         """Times impls on one case (fresh inputs), appending (dtype, K, d, impl, ms, peak,
         note) rows."""
-        dt = getattr(torch, DTYPES[name])
         tag = f"{name} K=M={K} d={d}"
-        free_memory(cuda)
-        g = torch.Generator(device=dev).manual_seed(K)
-        a = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
-        b = torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
-        a.requires_grad_(True)
-        b.requires_grad_(True)
+        a, b = case_inputs(name, d, K)
         fns = {"floor": lambda: bench.matmul_floor(a, b),  # the four GEMMs the op needs
                "fused": fwd_bwd(fused_loss, a, b),
                "fused-tile": fwd_bwd(fused_loss, a, b, path="tiles"),
@@ -422,7 +432,7 @@ def main(argv=None):
         ratio = f"{ms / fl:.2f}x" if (ms is not None and fl) else ""
         ms_s = f"{ms:.2f}" if ms is not None else "-"
         peak_s = f"{peak / 2**20:.0f}" if peak is not None else "-"
-        path = {"fused": "chunks", "fused-tile": "tiles"}.get(impl)
+        path = PATH_OF_IMPL.get(impl)
         bw_s = f"{bw_bound_ms(K, d, name, path, bandwidth):.2f}" if path else ""
         print(f"{name:<6} {K:>6} {d:>5} {impl:<10} {ms_s:>10} {peak_s:>10} {ratio:>9} {bw_s:>11}  {note}")
     print("floor = 4 GEMMs of K x M x d (2 x 4 K M d FLOP) in the input dtype; peak+ = max_memory_allocated "
@@ -437,13 +447,8 @@ def main(argv=None):
             if not done or time.perf_counter() - t_start > args.time_budget:
                 continue
             K = max(done)
-            free_memory(cuda)
-            g = torch.Generator(device=dev).manual_seed(K)
-            dt = getattr(torch, DTYPES[name])
-            a, b = (torch.nn.functional.normalize(torch.randn(K, d, device=dev, generator=g), dim=1).to(dt)
-                    .requires_grad_(True) for _ in range(2))
-            for path in paths(name):
-                impl = {"chunks": "fused", "tiles": "fused-tile"}[path]
+            a, b = case_inputs(name, d, K)
+            for impl, path in PATH_OF_IMPL.items():
                 try:
                     top = kernel_breakdown(fwd_bwd(fused_loss, a, b, path), cuda)
                 except Exception as e:  # noqa: BLE001 - the breakdown is extra: report and go on

@@ -430,6 +430,12 @@ bool use_tile_kernels(at::ScalarType t) {
   return env && env[0] == '1' && env[1] == '\0' && cuda::has_bf16_tensor_cores();
 }
 
+// Dynamic shared memory of a tile block: A's resident rows, or two of its slabs.
+template <typename TIn>
+int64_t tile_smem_bytes(const TileOperands& op) {
+  return kTileRows * int64_t(op.a_ld) * int64_t(sizeof(TIn)) * (op.a_resident ? 1 : 2);
+}
+
 // The operands of a tile launch over rows [i0, i0 + rows); tiles_per_split spreads the
 // column tiles over enough blocks to fill the device (two per SM) when K is small.
 // NB: A's rows stay in shared memory for the whole column walk only when two blocks
@@ -442,19 +448,17 @@ TileOperands tile_operands(const Tensor& A, const Tensor& B, const ScoreArgs<flo
   const int64_t row_blocks = ceil_div(rows, kTileRows), col_tiles = ceil_div(M, kTileRows);
   const int64_t want = std::clamp<int64_t>(ceil_div(2 * cuda::sm_count(), row_blocks), 1, std::min<int64_t>(col_tiles, 65535));
   const auto aligned = [](const Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
-  const int64_t resident_ld = ceil_div(d, kTileDepth) * kTileDepth + 8;  // + 8: as kTileLd, spreads banks
-  const int64_t block_bytes = int64_t(sizeof(TileSmem<TIn>)) + kTileRows * resident_ld * int64_t(sizeof(TIn));
-  const bool resident = block_bytes <= cuda::smem_per_block() && 2 * (block_bytes + 1024) <= cuda::smem_per_sm();
-  return TileOperands{A.data_ptr(), B.data_ptr(),
-                      A.size(0), M, d, i0, rows, ceil_div(col_tiles, want),
-                      d % 8 == 0 && aligned(A) && aligned(B), resident,
-                      static_cast<int>(resident ? resident_ld : kTileLd),
-                      sc.scale, sc.row_bias, sc.col_bias};
-}
-
-// Dynamic shared memory of a tile block: A's resident rows, or two of its slabs.
-int64_t tile_smem_bytes(const TileOperands& op) {
-  return kTileRows * int64_t(op.a_ld) * 2 * (op.a_resident ? 1 : 2);  // 16-bit elements
+  TileOperands op{A.data_ptr(), B.data_ptr(),
+                  A.size(0), M, d, i0, rows, ceil_div(col_tiles, want),
+                  d % 8 == 0 && aligned(A) && aligned(B),
+                  true, static_cast<int>(ceil_div(d, kTileDepth) * kTileDepth + 8),  // + 8: as kTileLd
+                  sc.scale, sc.row_bias, sc.col_bias};
+  const int64_t block_bytes = int64_t(sizeof(TileSmem<TIn>)) + tile_smem_bytes<TIn>(op);
+  if (block_bytes > cuda::smem_per_block() || 2 * (block_bytes + 1024) > cuda::smem_per_sm()) {
+    op.a_resident = false;
+    op.a_ld = kTileLd;
+  }
+  return op;
 }
 
 dim3 tile_grid(const TileOperands& op) {
@@ -501,7 +505,7 @@ void tile_forward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc, 
     p.pos = ptr_or_null<float>(pos);
     p.col_part = as_states<float>(col_part);
     const dim3 grid = tile_grid(p.op);
-    cuda::launch_smem(tile_forward_kernel<TIn>, grid, kTileThreads, tile_smem_bytes(p.op), stream, p);
+    cuda::launch_smem(tile_forward_kernel<TIn>, grid, kTileThreads, tile_smem_bytes<TIn>(p.op), stream, p);
     if (row_red)
       cuda::launch(tile_row_finish_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p,
                    static_cast<int64_t>(grid.y), ptr_or_null<float>(std::get<0>(out)),
@@ -545,7 +549,7 @@ void tile_backward(const Tensor& A, const Tensor& B, const ScoreArgs<float>& sc,
     const int64_t rows = std::min(chunk, K - i0);
     p.op = tile_operands<TIn>(A, B, sc, i0, rows);
     const dim3 grid = tile_grid(p.op);
-    cuda::launch_smem(tile_grad_kernel<TIn, TG>, grid, kTileThreads, tile_smem_bytes(p.op), stream, p);
+    cuda::launch_smem(tile_grad_kernel<TIn, TG>, grid, kTileThreads, tile_smem_bytes<TIn>(p.op), stream, p);
     cuda::launch(tile_row_sums_kernel, static_cast<unsigned>(ceil_div(rows, 256)), 256, stream, p.drow_part,
                  static_cast<int64_t>(grid.y), rows, i0, drow.data_ptr<float>());
     if (need_dcol)

@@ -106,27 +106,36 @@ struct alignas(16) Slab {
   TIn v[kSlabShare];
 };
 
+// Where part u of the thread's share sits in the slab (row r, feature c). Vectors: part
+// t + 128 u is row (t + 128 u) / 4, features 8 ((t + 128 u) % 4) on; elements: row
+// (t + 128 u) / 32, feature (t + 128 u) % 32 (a warp reads 32 consecutive features).
+struct SlabPlace {
+  int r, c;
+};
+__device__ __forceinline__ SlabPlace slab_place(int u, bool vec) {
+  constexpr int kVecs = kTileDepth / 8;  // 8 elements per 16-byte load
+  const int i = static_cast<int>(threadIdx.x) + u * kTileThreads;
+  return vec ? SlabPlace{i / kVecs, (i % kVecs) * 8} : SlabPlace{i / kTileDepth, i % kTileDepth};
+}
+
 // The thread's share of rows [row0, row0 + 64) x features [k0, k0 + kTileDepth) of x
-// (n x d) into registers, zeros past n and d. Vectors: v = t + 128 u is slab row v / 4,
-// features 8 (v % 4) on; elements: e = t + 128 u is row e / 32, feature e % 32 (a warp
-// reads 32 consecutive features).
+// (n x d) into registers, zeros past n and d.
 template <typename TIn>
 __device__ __forceinline__ void load_slab(Slab<TIn>& s, const TIn* x, int64_t row0, int64_t n, int64_t d,
                                           int64_t k0, bool vec) {
-  constexpr int kVecs = kTileDepth / 8;  // 8 elements per 16-byte load
   if (vec) {
 #pragma unroll
     for (int u = 0; u < kSlabShare / 8; ++u) {
-      const int v = static_cast<int>(threadIdx.x) + u * kTileThreads;
-      const int64_t row = row0 + v / kVecs, k = k0 + (v % kVecs) * 8;
+      const SlabPlace at = slab_place(u, true);
+      const int64_t row = row0 + at.r, k = k0 + at.c;
       // NB: d % 8 == 0, so a vector is wholly inside the row or wholly past it.
       cuda::copy16(&s.v[8 * u], (row < n && k < d) ? x + row * d + k : nullptr);
     }
   } else {
 #pragma unroll
     for (int u = 0; u < kSlabShare; ++u) {
-      const int e = static_cast<int>(threadIdx.x) + u * kTileThreads;
-      const int64_t row = row0 + e / kTileDepth, k = k0 + e % kTileDepth;
+      const SlabPlace at = slab_place(u, false);
+      const int64_t row = row0 + at.r, k = k0 + at.c;
       s.v[u] = (row < n && k < d) ? x[row * d + k] : TIn{};  // NB: TIn{} is +0
     }
   }
@@ -135,18 +144,17 @@ __device__ __forceinline__ void load_slab(Slab<TIn>& s, const TIn* x, int64_t ro
 // The share load_slab read, to the same places of the slab at dst (row stride ld).
 template <typename TIn>
 __device__ __forceinline__ void store_slab(TIn* dst, int ld, const Slab<TIn>& s, bool vec) {
-  constexpr int kVecs = kTileDepth / 8;
   if (vec) {
 #pragma unroll
     for (int u = 0; u < kSlabShare / 8; ++u) {
-      const int v = static_cast<int>(threadIdx.x) + u * kTileThreads;
-      cuda::copy16(dst + (v / kVecs) * ld + (v % kVecs) * 8, &s.v[8 * u]);
+      const SlabPlace at = slab_place(u, true);
+      cuda::copy16(dst + at.r * ld + at.c, &s.v[8 * u]);
     }
   } else {
 #pragma unroll
     for (int u = 0; u < kSlabShare; ++u) {
-      const int e = static_cast<int>(threadIdx.x) + u * kTileThreads;
-      dst[(e / kTileDepth) * ld + e % kTileDepth] = s.v[u];
+      const SlabPlace at = slab_place(u, false);
+      dst[at.r * ld + at.c] = s.v[u];
     }
   }
 }

@@ -29,8 +29,8 @@
 
 #include <atomic>
 #include <memory>
-#include <new>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
