@@ -44,9 +44,19 @@ for san in $SANITIZERS; do
   if [ $# -gt 0 ]; then
     ARGS=("$@")
   elif [ "$san" = thread ]; then
-    # NB: the wrong-argument cases stop at the host's checks, before any kernel runs:
-    # there is no concurrency for TSAN to see (the address run keeps them).
-    ARGS=(tests -k "(emulated or emulation) and not ($SKIP or wrong_argument)")
+    # NB: TSAN looks for a missing barrier: it needs every kernel, template instance and
+    # barrier path once, not every value. The device test files are written to reach all
+    # of them (every op, dtype, chunk and tile scheme, partial warps and tiles); beside
+    # them, every concat activation, every single reduction, and the float one-walk
+    # gradient. The wrong-argument cases stop at the host's checks, before any kernel
+    # runs. The address run keeps the whole selection; the whole of it under TSAN:
+    #   tools/sanitize.sh thread tests -k "(emulated or emulation) and not (...)"
+    ARGS=(tests/test_devices.py tests/test_devices_concat.py tests/test_emulation.py
+          tests/test_concat.py::test_float64_values_and_gradients_match_oracle
+          tests/test_concat.py::test_single_reduction_only_fills_its_output
+          tests/test_score_reduce.py::test_single_reduction_only_fills_its_output
+          tests/test_weighted.py::test_cuda_one_walk_and_fallback_match_reference
+          -k "(emulated or emulation) and not ($SKIP or wrong_argument)")
   else
     ARGS=(tests -k "(emulated or emulation) and not ($SKIP)")
   fi
