@@ -21,7 +21,6 @@ import numbers
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from . import reference as ref
@@ -277,14 +276,14 @@ def _js_terms(src, reductions, clamp_tau=CLAMP_TAU):
     term is a constant-weight sum (1/n_neg), so a source may make its gradient in the walk."""
     t = src.terms(reductions | NEG_SOFTPLUS, clamp_tau, walk=Walk(softplus=1.0 / src.n_neg))
     neg = t.walked if t.walked is not None else t.stats.neg_softplus.sum() / src.n_neg
-    return t, -F.softplus(-t.pos).mean() - neg
+    return t, -ref.softplus(-t.pos).mean() - neg
 
 
 def js_objective_from(src):
     """Jensen-Shannon objective ``-mean_pos softplus(-S) - mean_neg softplus(S)`` (not a bound)."""
     _need_negatives(src)
     t, obj = _js_terms(src, 0)
-    return Estimate(obj, -F.softplus(-t.pos) - t.stats.neg_softplus / (src.M - 1))
+    return Estimate(obj, -ref.softplus(-t.pos) - t.stats.neg_softplus / (src.M - 1))
 
 
 def js_from(src):

@@ -97,6 +97,23 @@ def test_uniformity_finite_where_pdist_underflows(seed):
     assert math.isclose(u.item(), expected, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_keeps_its_last_bits_past_torchs_threshold(dtype):
+    """reference.softplus (NEG_SOFTPLUS, JS's positive term, the concat activation) is
+    log(1 + e^x) to the dtype's resolution, also for 20 < x < 40 where F.softplus's
+    default threshold returns x itself; its gradient is sigmoid(x). Judged against
+    max(x, 0) + log1p(e^-|x|) in Python floats."""
+    xs = [-800.0, -50.0, -5.0, 0.0, 3.0, 20.5, 25.0, 33.0, 39.9, 40.5, 100.0, 800.0]
+    x = torch.tensor(xs, dtype=dtype, requires_grad=True)
+    y = ref.softplus(x)
+    exact = [max(v, 0.0) + math.log1p(math.exp(-abs(v))) for v in x.tolist()]
+    sig = [1 / (1 + math.exp(-v)) if v > -700 else 0.0 for v in x.tolist()]
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.double(), torch.tensor(exact, dtype=torch.float64), rtol=eps, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g.double(), torch.tensor(sig, dtype=torch.float64), rtol=eps, atol=1e-300)
+
+
 def test_alignment_by_hand():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     y = torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
@@ -271,7 +288,7 @@ def _loop_reductions(S, off, tau):
             t = torch.stack(negs)
             neg_lse.append(torch.logsumexp(t, 0))
             neg_clamp.append(torch.logsumexp(t.clamp(-tau, tau), 0))
-            neg_sp.append(sum(F.softplus(x) for x in negs))
+            neg_sp.append(sum(torch.logaddexp(x, x.new_zeros(())) for x in negs))
         else:
             neg_lse.append(S.new_tensor(-math.inf))
             neg_clamp.append(S.new_tensor(-math.inf))
