@@ -32,21 +32,27 @@ def problems(draw):
     )
 
 
-def fuzz_inputs(p, g, masks=True):
-    """(a, b, scale, row_bias, col_bias) of one drawn problem, all requiring grad."""
-    dt = p["dtype"]
-    a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
-    b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
-    scale = torch.tensor(p["scale"], dtype=dt, requires_grad=True)
+def fuzz_inputs(p, g, device, masks=True):
+    """(a, b, scale, row_bias, col_bias) of one drawn problem on ``device``, all requiring grad."""
+    dt = dict(device=device, dtype=p["dtype"])
+    a = torch.randn(p["K"], p["d"], generator=g, dtype=torch.float64).to(**dt).requires_grad_()
+    b = torch.randn(p["M"], p["d"], generator=g, dtype=torch.float64).to(**dt).requires_grad_()
+    scale = torch.tensor(p["scale"], **dt, requires_grad=True)
     rb = cb = None
     if p["biases"]:
-        rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(dt)
-        cb = torch.randn(p["M"], generator=g, dtype=torch.float64).to(dt)
+        rb = torch.randn(p["K"], generator=g, dtype=torch.float64).to(**dt)
+        cb = torch.randn(p["M"], generator=g, dtype=torch.float64)
         if masks and p["masked"]:  # mask about a fifth of the columns
-            cb = torch.where(torch.rand(p["M"], generator=g) < 0.2, -math.inf, cb.double()).to(dt)
+            cb = torch.where(torch.rand(p["M"], generator=g) < 0.2, -math.inf, cb)
+        cb = cb.to(**dt)
         rb.requires_grad_()
         cb.requires_grad_()
     return a, b, scale, rb, cb
+
+
+# NB: the fuzz tests take the ``device`` fixture (every backend: the CPU kernels, the
+# emulated CUDA kernels, a GPU), which stays the same over a test's examples.
+FIXTURE_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 
 def exact_copies(tensors):
@@ -82,12 +88,12 @@ def reference_grads(fn, inputs, weights):
     return torch.autograd.grad(loss, [t for t in inputs if t is not None], allow_unused=True)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(problems())
-def test_fuzz_fused_matches_reference(p):
+def test_fuzz_fused_matches_reference(device, p):
     g = torch.Generator().manual_seed(p["seed"])
     dt = p["dtype"]
-    inputs = fuzz_inputs(p, g)
+    inputs = fuzz_inputs(p, g, device)
     exact = exact_copies(inputs) if dt == torch.float32 else None
 
     def fn(fused):
@@ -99,7 +105,7 @@ def test_fuzz_fused_matches_reference(p):
     for f, o, t in zip(fused, oracle, truth):
         judge(f, o, None if t is None else t.detach(), **tol)
     # gradients through the finite outputs only
-    w = [torch.where(torch.isfinite(o), torch.rand(o.shape, generator=g, dtype=torch.float64).to(dt), 0)
+    w = [torch.where(torch.isfinite(o), torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device, dt), 0)
          for o in oracle]
     gf, go = reference_grads(fn(True), inputs, w), reference_grads(fn(False), inputs, w)
     gt = reference_grads(fn(False), exact, w) if exact else [None] * len(go)
@@ -119,9 +125,9 @@ def test_fuzz_fused_matches_reference(p):
         judge(x, y, t, ok=ok, **gtol)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(problems())
-def test_fuzz_weighted_sum_matches_reference(p):
+def test_fuzz_weighted_sum_matches_reference(device, p):
     """score_reduce_weighted (gradient made in the forward walk) over the same shapes:
     row statistics only, random weights on each and on the positives."""
     red = p["reductions"] & ~ops.COL_LSE or ops.ROW_LSE
@@ -129,12 +135,12 @@ def test_fuzz_weighted_sum_matches_reference(p):
         red = ops.ROW_LSE  # no negatives: their statistics are -inf
     g = torch.Generator().manual_seed(p["seed"])
     dt = p["dtype"]
-    inputs = fuzz_inputs(p, g, masks=False)
+    inputs = fuzz_inputs(p, g, device, masks=False)
     exact = exact_copies(inputs) if dt == torch.float32 else None
     acc = torch.float64 if dt == torch.float64 else torch.float32
-    w = [torch.randn(p["K"], generator=g, dtype=torch.float64).to(acc) if red & bit else None
+    w = [torch.randn(p["K"], generator=g, dtype=torch.float64).to(device, acc) if red & bit else None
          for bit in (ops.ROW_LSE, ops.NEG_LSE, ops.NEG_CLAMP_LSE, ops.NEG_SOFTPLUS)]
-    w_pos = torch.randn(p["K"], generator=g, dtype=torch.float64).to(acc)
+    w_pos = torch.randn(p["K"], generator=g, dtype=torch.float64).to(device, acc)
 
     def oracle_value(a, b, scale, rb, cb):
         stats = ref.score_reduce(a, b, scale, rb, cb, p["pos_offset"], red, p["tau"])
@@ -158,20 +164,20 @@ def test_fuzz_weighted_sum_matches_reference(p):
         judge(x, y, t, rtol=tol["rtol"], atol=max(tol["atol"], scaled * big))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(problems())
-def test_fuzz_symmetric_softmax_mean_matches_reference(p):
+def test_fuzz_symmetric_softmax_mean_matches_reference(device, p):
     """symmetric_softmax_mean over K in the same awkward sizes (and K + M - K from them,
     so several column tiles and 128-row blocks), masks, scales and dtypes."""
     K, dt = p["M"], p["dtype"]
     g = torch.Generator().manual_seed(p["seed"])
-    x = torch.randn(K, p["d"], generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    x = torch.randn(K, p["d"], generator=g, dtype=torch.float64).to(device, dt).requires_grad_()
     bias = None
     if p["biases"]:
         bias = torch.randn(K, generator=g, dtype=torch.float64)
         if p["masked"]:
             bias = torch.where(torch.rand(K, generator=g) < 0.2, -math.inf, bias)
-        bias = bias.to(dt)
+        bias = bias.to(device, dt)
     exact = exact_copies((x, bias)) if dt == torch.float32 else None
     lse, mean = ops.symmetric_softmax_mean(x, p["scale"], bias)
     lse_o, mean_o = ref.symmetric_softmax_mean(x, p["scale"], bias)
@@ -180,7 +186,7 @@ def test_fuzz_symmetric_softmax_mean_matches_reference(p):
     judge(lse, lse_o.detach(), None if lse_t is None else lse_t.detach(), **tol)
     judge(mean, mean_o.detach(), None if mean_t is None else mean_t.detach(), **tol)
     ok = torch.isfinite(lse_o)
-    wts = torch.rand(K, generator=g, dtype=torch.float64).to(lse.dtype) * ok
+    wts = torch.rand(K, generator=g, dtype=torch.float64).to(device, lse.dtype) * ok
     (gx,) = torch.autograd.grad((wts * torch.where(ok, lse, 0)).sum(), x)
     (go,) = torch.autograd.grad((wts * torch.where(ok, lse_o, 0)).sum(), x)
     gt = torch.autograd.grad((wts.double() * torch.where(ok, lse_t, 0)).sum(), exact[0])[0] if exact else None
