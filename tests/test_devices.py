@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import infomax_ext
 from infomax_ext import ops, reference as ref
@@ -229,6 +230,26 @@ def test_half_precision_large_logits_match_cpu_kernels(kernels, dtype, backend, 
     gradients finite and equal to the CPU kernels' on either fp16/bf16 path."""
     set_kernels(monkeypatch, kernels)
     _every_op_matches_cpu_kernels((70, 200, 16, 30), dtype, backend, device, scale=40.0)
+
+
+@needs_c
+@on_cuda_backends
+@on_both_kernels
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(K=st.sampled_from([1, 2, 3, 31, 63, 64, 65, 127, 128, 129]),
+       extra=st.sampled_from([0, 1, 2, 63, 64, 65, 130, 300]),
+       d=st.sampled_from([1, 2, 7, 8, 9, 15, 16, 24, 31, 32, 33, 40, 64, 65, 100]),
+       at=st.floats(0, 1), scale=st.sampled_from([0.3, 0.7, 3.0, 10.0]),
+       tile=st.sampled_from([None, "16384", "4096"]))
+def test_fuzz_half_precision_every_op_matches_cpu_kernels(kernels, dtype, backend, device, monkeypatch,
+                                                          K, extra, d, at, scale, tile):
+    """Random shapes, offsets, scales and workspace budgets on either fp16/bf16 path (the
+    fixed shapes above pick the edges; this draws the rest): every op against the CPU kernels."""
+    set_kernels(monkeypatch, kernels)
+    set_tile(monkeypatch, tile)
+    _every_op_matches_cpu_kernels((K, K + extra, d, int(at * extra)), dtype, backend, device, scale=scale)
 
 
 def _every_op_matches_cpu_kernels(shape, dtype, backend, device, scale=0.7):

@@ -49,14 +49,15 @@ for san in $SANITIZERS; do
     # of them (every op, dtype, chunk and tile scheme, partial warps and tiles); beside
     # them, every concat activation, every single reduction, and the float one-walk
     # gradient. The wrong-argument cases stop at the host's checks, before any kernel
-    # runs. The address run keeps the whole selection; the whole of it under TSAN:
+    # runs; the fuzz tests draw more values over the same paths. The address run keeps
+    # the whole selection (random shapes are what it looks for); the whole of it under TSAN:
     #   tools/sanitize.sh thread tests -k "(emulated or emulation) and not (...)"
     ARGS=(tests/test_devices.py tests/test_devices_concat.py tests/test_emulation.py
           tests/test_concat.py::test_float64_values_and_gradients_match_oracle
           tests/test_concat.py::test_single_reduction_only_fills_its_output
           tests/test_score_reduce.py::test_single_reduction_only_fills_its_output
           tests/test_weighted.py::test_cuda_one_walk_and_fallback_match_reference
-          -k "(emulated or emulation) and not ($SKIP or wrong_argument)")
+          -k "(emulated or emulation) and not ($SKIP or wrong_argument or fuzz)")
   else
     ARGS=(tests -k "(emulated or emulation) and not ($SKIP)")
   fi
