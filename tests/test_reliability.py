@@ -80,8 +80,8 @@ def judge(x, y, exact, rtol, atol, ok=None):
     torch.testing.assert_close(x.double()[ok], exact[ok], rtol=rtol, atol=max(atol, 8 * own))
 
 
-def reference_grads(fn, inputs, weights):
-    """Gradients of ``sum_k (w_k * fn(*inputs)[k]).sum()`` over the entries the reference
+def weighted_grads(fn, inputs, weights):
+    """Gradients of ``sum_k (w_k * fn(*inputs)[k]).sum()`` over the entries fn
     keeps finite (masked rows may be -inf), for the inputs that are not None."""
     outs = fn(*inputs)
     loss = sum((w.to(o.dtype) * torch.where(torch.isfinite(o), o, 0)).sum() for w, o in zip(weights, outs))
@@ -107,8 +107,8 @@ def test_fuzz_fused_matches_reference(device, p):
     # gradients through the finite outputs only
     w = [torch.where(torch.isfinite(o), torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device, dt), 0)
          for o in oracle]
-    gf, go = reference_grads(fn(True), inputs, w), reference_grads(fn(False), inputs, w)
-    gt = reference_grads(fn(False), exact, w) if exact else [None] * len(go)
+    gf, go = weighted_grads(fn(True), inputs, w), weighted_grads(fn(False), inputs, w)
+    gt = weighted_grads(fn(False), exact, w) if exact else [None] * len(go)
     for x, y, t in zip(gf, go, gt):
         if y is None:
             continue
