@@ -151,6 +151,14 @@ def softplus(x):
     return F.softplus(x, threshold=40.0)
 
 
+def clamp(x, tau):
+    """``clamp(x, -tau, tau)`` whose gradient passes on the open interval only: 0 at
+    ``x = +-tau`` (the minimum-norm subgradient), as in the fused kernels, whatever
+    torch's clamp does at its bounds (it passed the gradient there before torch 2.14)."""
+    inside = (x > -tau) & (x < tau)
+    return torch.where(inside, x, x.detach().clamp(-tau, tau))
+
+
 def _masked_lse(x, mask, dim=None):
     """logsumexp of ``x`` over entries where ``mask`` is True.
 
@@ -409,7 +417,7 @@ def reduce_scores(S, pos_offset=0, reductions=ALL_REDUCTIONS, clamp_tau=5.0):
     col_lse = logsumexp(S, dim=0) if reductions & COL_LSE else empty
     neg_lse = _masked_lse(S, mask, dim=1) if reductions & NEG_LSE else empty
     if reductions & NEG_CLAMP_LSE:
-        neg_clamp_lse = _masked_lse(S.clamp(-clamp_tau, clamp_tau), mask, dim=1)
+        neg_clamp_lse = _masked_lse(clamp(S, clamp_tau), mask, dim=1)
     else:
         neg_clamp_lse = empty
     neg_softplus = _masked_sum(softplus(S), mask, dim=1) if reductions & NEG_SOFTPLUS else empty
@@ -697,7 +705,7 @@ def smile(S, tau=5.0, pos_offset=0):
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     pos = positive_scores(S, pos_offset)
-    value = pos.mean() - _neg_log_mean_exp(S.clamp(-tau, tau), pos_offset)
+    value = pos.mean() - _neg_log_mean_exp(clamp(S, tau), pos_offset)
     obj = js_objective(S, pos_offset)
     return obj + (value - obj).detach()
 

@@ -173,6 +173,34 @@ def test_large_logits_do_not_overflow(M, off, bias, scale, seed, device):
 
 
 @needs_c
+@pytest.mark.parametrize("path", ["fused", "weighted", "reference"])
+def test_clamp_gradient_is_zero_at_the_bounds(path, device):
+    """Negatives scored exactly -tau, +tau and 1.5 (all exact in binary): NEG_CLAMP_LSE's
+    gradient passes the inside score only (0 at the bounds: the minimum-norm subgradient,
+    whatever torch's clamp does there). By hand, with w = exp(1.5 - lse) and lse =
+    log(e^-3 + e^3 + e^1.5): dL/da_0 = scale w b_3, dL/db_3 = scale w a_0, dL/dscale =
+    w <a_0, b_3>, and 0 for b_0 (the positive), b_1 and b_2 (the bounds)."""
+    tau, s = 3.0, 1.5
+    a = torch.tensor([[1.0]], dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.tensor([[0.25], [-2.0], [2.0], [1.0]], dtype=torch.float64, device=device, requires_grad=True)
+    scale = torch.tensor(s, dtype=torch.float64, device=device, requires_grad=True)
+    args = (a, b, scale, None, None, 0, ops.NEG_CLAMP_LSE, tau)
+    if path == "weighted":
+        value = ops.score_reduce_weighted(*args, weights=(None, None, torch.ones(1, dtype=torch.float64,
+                                                                                 device=device), None)).value
+    else:
+        value = (ops if path == "fused" else ref).score_reduce(*args)[3].sum()
+    lse = math.log(math.exp(-3.0) + math.exp(3.0) + math.exp(1.5))
+    w = math.exp(1.5 - lse)
+    torch.testing.assert_close(value.item(), lse, rtol=1e-15, atol=0)
+    ga, gb, gs = torch.autograd.grad(value, (a, b, scale))
+    torch.testing.assert_close(ga.cpu(), torch.tensor([[s * w]], dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(gb.cpu(), torch.tensor([[0.0], [0.0], [0.0], [s * w]], dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(gs.item(), w, rtol=1e-14, atol=0)
+
+
+@needs_c
 @pytest.mark.parametrize("tile", [None, "64"])
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2), (3, 5, 4, 1), (6, 11, 3, 4), (70, 520, 2, 7)], ids=str)
 def test_gradcheck_float64(shape, tile, device, monkeypatch):

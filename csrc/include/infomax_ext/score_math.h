@@ -206,10 +206,12 @@ INFOMAX_HOST_DEVICE T sigmoid(T x) {
 }
 
 // d clamp(x, -tau, tau) / dx * exp(clamp(x) - lse): the clamped softmax weight.
-// NB: like torch.clamp, the gradient passes on the closed interval [-tau, tau].
+// NB: the gradient passes on the open interval (-tau, tau) only: at x = +-tau it is 0,
+// the minimum-norm subgradient, as F.hardtanh's and torch 2.14's clamp (earlier
+// torch.clamp passed it at the bounds too; reference.py fixes the convention).
 template <typename T>
 INFOMAX_HOST_DEVICE T clamped_softmax_weight(T x, T tau, T lse) {
-  return select(x >= -tau && x <= tau, vexp(x - lse), T(0));
+  return select(x > -tau && x < tau, vexp(x - lse), T(0));
 }
 
 template <typename T>
