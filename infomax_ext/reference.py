@@ -735,7 +735,18 @@ def alignment(x, y, alpha=2.0):
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    return (x - y).norm(p=2, dim=1).pow(alpha).mean()
+    r = x - y
+    if alpha == 2:
+        # NB: the sum of squares itself, not norm() ** 2: the norm's derivative r / |r| is
+        # undefined where x_i = y_i, and the second derivative through it came out NaN.
+        return r.pow(2).sum(1).mean()
+    n = r.norm(p=2, dim=1)
+    # NB: where x_i = y_i, pow's derivative alpha n^(alpha - 1) is inf for alpha < 1 (times
+    # the norm's 0 there: NaN). The gradient of such a pair is 0 for every alpha: exact
+    # for alpha > 1, the norm's own choice at alpha = 1, the symmetric one at the cusp
+    # below it.
+    moved = n > 0
+    return torch.where(moved, torch.where(moved, n, torch.ones_like(n)).pow(alpha), torch.zeros_like(n)).mean()
 
 
 def uniformity(x, t=2.0):

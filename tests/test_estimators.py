@@ -107,6 +107,27 @@ def test_alignment_matches_wang_isola():
     torch.testing.assert_close(ie.alignment(x, y, 1.0), (x - y).norm(p=2, dim=1).mean())
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5, 2.0, 3.0])
+def test_alignment_of_a_pair_at_zero_distance_has_finite_exact_derivatives(alpha):
+    """Row 0 of x equals row 0 of y (a pair an augmentation left unchanged): value and
+    gradient finite, row 0's gradient 0, and the others' alpha |r|^(alpha - 2) r / K
+    (by hand). For alpha = 2, the Hessian is 2 I / K on every row, row 0 included."""
+    K = 3
+    y = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]], dtype=torch.float64)
+    r = torch.tensor([[0.0, 0.0], [1.0, -2.0], [0.25, 0.5]], dtype=torch.float64)
+    x = (y + r).requires_grad_()
+    value = ie.alignment(x, y, alpha)
+    n = r.norm(dim=1)
+    torch.testing.assert_close(value.item(), (n ** alpha).sum().item() / K, rtol=1e-15, atol=0)
+    (g,) = torch.autograd.grad(value, x)
+    want = torch.zeros_like(r)
+    want[1:] = alpha * n[1:, None] ** (alpha - 2) * r[1:] / K
+    torch.testing.assert_close(g, want, rtol=1e-14, atol=0)
+    if alpha == 2.0:
+        H = torch.autograd.functional.hessian(lambda t: ie.alignment(t, y, alpha), x.detach())
+        torch.testing.assert_close(H.reshape(6, 6), 2 * torch.eye(6, dtype=torch.float64) / K)
+
+
 def test_infonce_equals_log_m_minus_cross_entropy_at_scale():
     a, b = make_pair(700, 900, 16, dtype=torch.float32, seed=8)
     targets = torch.arange(700) + 150
