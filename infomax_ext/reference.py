@@ -35,7 +35,7 @@ __all__ = [
     "scores_concat", "score_reduce", "positive_scores", "negative_mask", "infonce",
     "infonce_symmetric", "nwj", "tuba", "dv", "mine", "js_objective", "js", "smile", "alignment",
     "uniformity", "uniformity_terms", "uniformity_pdist", "logsumexp", "reduce_scores",
-    "scores_concat_hidden",
+    "scores_concat_hidden", "softplus", "clamp",
 ]
 
 # Bits of the ``reductions`` mask of :func:`score_reduce`.
