@@ -62,7 +62,8 @@ def exact_copies(tensors):
 
 
 def judge(x, y, exact, rtol, atol, ok=None):
-    """Fused x against the reference y on the same inputs, where ``ok`` (default: all).
+    """Fused x against the reference y on the same inputs, where ``ok`` (default: all);
+    ``exact`` (or None) may carry a graph, it is detached here.
 
     NB: a float32 problem (``exact`` given: the reference in float64 on the same
     values) is judged against that truth, allowing 8 times the float32 reference's own
@@ -75,6 +76,7 @@ def judge(x, y, exact, rtol, atol, ok=None):
     if exact is None:
         torch.testing.assert_close(x[ok], y[ok], rtol=rtol, atol=atol)
         return
+    exact = exact.detach()
     fin = ok & torch.isfinite(exact)
     own = (y.double() - exact)[fin].abs().max().item() if fin.any() else 0.0
     torch.testing.assert_close(x.double()[ok], exact[ok], rtol=rtol, atol=max(atol, 8 * own))
@@ -103,7 +105,7 @@ def test_fuzz_fused_matches_reference(device, p):
     truth = fn(False)(*exact) if exact else [None] * 5
     tol = dict(rtol=1e-7, atol=1e-7) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for f, o, t in zip(fused, oracle, truth):
-        judge(f, o, None if t is None else t.detach(), **tol)
+        judge(f, o, t, **tol)
     # gradients through the finite outputs only
     w = [torch.where(torch.isfinite(o), torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device, dt), 0)
          for o in oracle]
@@ -153,7 +155,7 @@ def test_fuzz_weighted_sum_matches_reference(device, p):
     value_o = oracle_value(*inputs).to(acc)
     value_t = oracle_value(*exact) if exact else None
     tol = dict(rtol=1e-7, atol=1e-7) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    judge(value, value_o, None if value_t is None else value_t.detach(), **tol)
+    judge(value, value_o, value_t, **tol)
     leaves = [t for t in inputs if t is not None]
     gt = torch.autograd.grad(value_t, [t for t in exact if t is not None]) if exact else [None] * len(leaves)
     for x, y, t in zip(torch.autograd.grad(value, leaves), torch.autograd.grad(value_o, leaves), gt):
@@ -183,8 +185,8 @@ def test_fuzz_symmetric_softmax_mean_matches_reference(device, p):
     lse_o, mean_o = ref.symmetric_softmax_mean(x, p["scale"], bias)
     lse_t, mean_t = ref.symmetric_softmax_mean(exact[0], p["scale"], exact[1]) if exact else (None, None)
     tol = dict(rtol=1e-7, atol=1e-7) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    judge(lse, lse_o.detach(), None if lse_t is None else lse_t.detach(), **tol)
-    judge(mean, mean_o.detach(), None if mean_t is None else mean_t.detach(), **tol)
+    judge(lse, lse_o.detach(), lse_t, **tol)
+    judge(mean, mean_o.detach(), mean_t, **tol)
     ok = torch.isfinite(lse_o)
     wts = torch.rand(K, generator=g, dtype=torch.float64).to(device, lse.dtype) * ok
     (gx,) = torch.autograd.grad((wts * torch.where(ok, lse, 0)).sum(), x)
